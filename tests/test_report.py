@@ -1,0 +1,248 @@
+"""Tests of smp_cbam.report on a small hand-made results table."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.image import imread
+from scipy import stats
+
+from smp_cbam import report
+
+# t_{0.975, 2}: the 95% two-sided quantile of Student's t with 2 degrees of freedom (3 seeds)
+T_975_DF2 = 4.302652729749462
+
+# test mIoU per (arch, attention) for seeds 0, 1, 2; unet cbam - none = [0.01, 0.03, 0.02]
+TEST_MIOU = {
+    ("unet", "none"): [0.70, 0.72, 0.68],
+    ("unet", "scse"): [0.70, 0.73, 0.70],
+    ("unet", "cbam"): [0.71, 0.75, 0.70],
+    ("unetplusplus", "none"): [0.60, 0.62, 0.64],
+    ("unetplusplus", "scse"): [0.61, 0.64, 0.66],
+    ("unetplusplus", "cbam"): [0.62, 0.61, np.nan],  # seed 2 failed
+}
+PARAMS = {"none": 14_300_000, "scse": 14_400_000, "cbam": 14_500_000}
+FAILURE = "CUDA out of memory while allocating 2.00 GiB"
+
+
+def make_results() -> pd.DataFrame:
+    rows = []
+    for (arch, attention), values in TEST_MIOU.items():
+        for seed, test in enumerate(values):
+            failed = np.isnan(test)
+            rows.append(
+                {
+                    "dataset": "toy",
+                    "arch": arch,
+                    "encoder": "resnet18",
+                    "attention": attention,
+                    "seed": seed,
+                    "status": "failed" if failed else "ok",
+                    "epochs": np.nan if failed else 10,
+                    "best_epoch": np.nan if failed else 7,
+                    "val_miou": np.nan if failed else test + 0.01,
+                    "test_miou": test,
+                    "params": np.nan if failed else PARAMS[attention],
+                    "latency_ms": np.nan if failed else 10.0 + seed,
+                    "train_seconds": np.nan if failed else 60.0,
+                    "failure": FAILURE if failed else "",
+                    "run_dir": f"runs/{arch}-{attention}-s{seed}",
+                    "iou_background": test + 0.1,
+                    "iou_road": test - 0.1,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def row_of(df: pd.DataFrame, arch: str, attention: str) -> pd.Series:
+    rows = df[(df["arch"] == arch) & (df["attention"] == attention)]
+    assert len(rows) == 1
+    return rows.iloc[0]
+
+
+def test_paired_differences_match_hand_computation() -> None:
+    diffs = np.array([0.01, 0.03, 0.02])
+    row = row_of(report.paired_differences(make_results(), "none", "test_miou"), "unet", "cbam")
+    half = T_975_DF2 * diffs.std(ddof=1) / np.sqrt(3)
+    assert row["baseline"] == "none"
+    assert row["n_pairs"] == 3
+    assert row["mean_diff"] == pytest.approx(0.02)
+    assert row["ci_low"] == pytest.approx(0.02 - half)
+    assert row["ci_high"] == pytest.approx(0.02 + half)
+    assert row["ci_low"] == pytest.approx(-0.0048414, abs=1e-6)
+    cbam, none = np.array(TEST_MIOU["unet", "cbam"]), np.array(TEST_MIOU["unet", "none"])
+    assert row["p_value"] == pytest.approx(stats.ttest_rel(cbam, none).pvalue)
+
+
+def test_pairs_by_seed_not_by_row_order() -> None:
+    results = make_results()
+    shuffled = results.sample(frac=1.0, random_state=0)
+    expected = report.paired_differences(results, "scse")
+    pd.testing.assert_frame_equal(report.paired_differences(shuffled, "scse"), expected)
+    row = row_of(expected, "unetplusplus", "none")
+    assert row["mean_diff"] == pytest.approx(np.mean([-0.01, -0.02, -0.02]))
+
+
+def test_failed_runs_are_excluded_from_pairs() -> None:
+    row = row_of(report.paired_differences(make_results(), "none"), "unetplusplus", "cbam")
+    assert row["n_pairs"] == 2
+    assert row["mean_diff"] == pytest.approx(np.mean([0.02, -0.01]))
+    half = stats.t.ppf(0.975, 1) * np.std([0.02, -0.01], ddof=1) / np.sqrt(2)
+    assert row["ci_high"] == pytest.approx(0.005 + half)
+
+
+def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() -> None:
+    results = make_results()
+    drop = (results["arch"] == "unetplusplus") & (results["attention"] == "none") & (results["seed"] > 0)
+    diff = report.paired_differences(results[~drop], "none")
+    one = row_of(diff, "unetplusplus", "cbam")
+    assert one["n_pairs"] == 1
+    assert one["mean_diff"] == pytest.approx(0.02)
+    assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
+
+    no_scse = results[results["attention"] != "scse"]
+    diff = report.paired_differences(no_scse, "scse")
+    assert (diff["n_pairs"] == 0).all() and diff["mean_diff"].isna().all()
+    assert set(diff["attention"]) == {"none", "cbam"}
+
+
+def test_summarize_against_numpy() -> None:
+    summary = report.summarize(make_results())
+    assert summary.attrs["metric"] == "test_miou"
+    assert list(summary["attention"][:3]) == ["none", "scse", "cbam"]
+    for (arch, attention), values in TEST_MIOU.items():
+        row = row_of(summary, arch, attention)
+        ok = np.array([v for v in values if not np.isnan(v)])
+        assert row["n_ok"] == len(ok) and row["n"] == len(ok)
+        assert row["n_failed"] == len(values) - len(ok)
+        assert row["mean"] == pytest.approx(ok.mean())
+        assert row["std"] == pytest.approx(ok.std(ddof=1))
+        assert row["val_miou_mean"] == pytest.approx(ok.mean() + 0.01)
+        assert row["params"] == PARAMS[attention]
+        assert row["latency_ms"] == pytest.approx(10.0 + np.arange(len(ok)).mean())
+    cbam = row_of(summary, "unet", "cbam")
+    assert cbam["diff_vs_none"] == pytest.approx(0.02)
+    assert cbam["diff_vs_scse"] == pytest.approx(np.mean([0.01, 0.02, 0.0]))
+    assert cbam["diff_vs_none_n"] == 3
+    assert np.isnan(row_of(summary, "unet", "none")["diff_vs_none"])
+    assert row_of(summary, "unet", "none")["diff_vs_scse"] == pytest.approx(-0.01)
+
+
+def test_summarize_single_run_has_nan_std() -> None:
+    results = make_results()
+    single = results[~((results["attention"] == "cbam") & (results["seed"] > 0))]
+    row = row_of(report.summarize(single), "unet", "cbam")
+    assert row["n"] == 1 and np.isnan(row["std"])
+
+
+def test_markdown_contents() -> None:
+    text = report.summary_markdown(make_results(), title="Toy comparison")
+    assert text.startswith("# Toy comparison\n")
+    assert "**test mIoU**" in text
+    assert "## unet · encoder resnet18 · dataset toy" in text
+    # unet cbam: mean 72.00, std 2.65; Δ vs none +2.00 with CI ±2.48; Δ vs scse +1.00
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M | 11.0 |" in text
+    assert "| `none` | 3 | 70.00 ± 2.00 | baseline |" in text
+    # unet++ scse vs none: differences [0.01, 0.02, 0.02] -> CI excludes 0 -> bold
+    assert "| `scse` | 3 | 63.67 ± 2.52 | **+1.67 [+0.23, +3.10]** | baseline |" in text
+    assert "| `cbam` | 2 (1 failed) |" in text
+    assert f"- unetplusplus / cbam / seed 2 (resnet18, toy): {FAILURE}" in text
+    assert "CI excludes 0" in text and "with few seeds the CI is wide" in text
+
+
+def test_markdown_uses_val_miou_without_test_split() -> None:
+    results = make_results().assign(test_miou=np.nan)
+    text = report.summary_markdown(results)
+    assert "**validation mIoU** (`val_miou`)" in text
+    assert "| `cbam` | 3 | 73.00 ± 2.65 |" in text
+
+
+def write_history(run_dir: Path, val: float, empty: bool = False) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "history.csv"
+    if empty:
+        path.write_text("")
+        return
+    epochs = np.arange(5)
+    pd.DataFrame(
+        {
+            "epoch": epochs,
+            "train_loss": 1.0 / (epochs + 1),
+            "val_loss": 1.2 / (epochs + 1),
+            "val_miou": val * (1 - 0.5 ** (epochs + 1)),
+            "val_dice": val,
+            "lr": 1e-3,
+        }
+    ).to_csv(path, index=False)
+
+
+def test_write_report(tmp_path: Path) -> None:
+    results = make_results()
+    results.to_csv(tmp_path / "results.csv", index=False)
+    for i, row in results.iterrows():
+        if i == 0:
+            continue  # a run without a history file
+        write_history(tmp_path / row["run_dir"], row["val_miou"], empty=i == 1)
+    text = report.write_report(tmp_path, title="Toy")
+    assert (tmp_path / "summary.md").read_text() == text
+    assert "72.00 ± 2.65" in text and FAILURE in text
+    summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False, na_values=[""])
+    assert len(summary) == 6
+    for name in ("miou", "learning_curves", "per_class_iou"):
+        png = tmp_path / "plots" / f"{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert 1_000 < png.stat().st_size < 200_000
+        image = imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_plots_tolerate_no_successful_runs(tmp_path: Path) -> None:
+    results = make_results().assign(status="failed")
+    report.plot_miou(results, tmp_path / "miou.png")
+    report.plot_learning_curves(tmp_path, results, tmp_path / "curves.png")
+    report.plot_per_class_iou(results, tmp_path / "classes.png")
+    for name in ("miou.png", "curves.png", "classes.png"):
+        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "summary.md"
+    path.write_text("old")
+    report.atomic_write_text(path, "new ±")
+    assert path.read_text(encoding="utf-8") == "new ±"
+    csv = tmp_path / "results.csv"
+    report.atomic_write_csv(pd.DataFrame({"a": [1, 2]}), csv)
+    report.atomic_write_csv(pd.DataFrame({"b": [3]}), csv)
+    assert csv.read_text() == "b\n3\n"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(csv.stat().st_mode) == 0o666 & ~umask  # not mkstemp's 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "summary.md"]
+
+    def broken_replace(src: str, dst: str) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError, match="disk full"):
+        report.atomic_write_text(path, "partial")
+    assert path.read_text(encoding="utf-8") == "new ±"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.csv", "summary.md"]
+
+
+def test_primary_metric(tmp_path: Path) -> None:
+    results = make_results()
+    assert report.primary_metric(results) == "test_miou"
+    no_test = results.assign(test_miou=np.nan)
+    assert report.primary_metric(no_test) == "val_miou"
+    only_failed_has_test = no_test.assign(test_miou=np.where(no_test["status"] == "failed", 0.5, np.nan))
+    assert report.primary_metric(only_failed_has_test) == "val_miou"
+    no_test.to_csv(tmp_path / "results.csv", index=False)
+    read = report.read_results(tmp_path / "results.csv")
+    assert report.primary_metric(read) == "val_miou"
+    assert set(read["attention"]) == {"none", "scse", "cbam"}
