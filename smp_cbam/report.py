@@ -25,6 +25,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from PIL import Image
 from scipy import stats
 
 GROUP_COLUMNS = ("dataset", "arch", "encoder")
@@ -42,7 +43,8 @@ HISTORY_COLUMNS = ("epoch", "train_loss", "val_loss", "val_miou", "val_dice", "l
 ATTENTION_ORDER = ("none", "scse", "se", "eca", "cbam_channel", "cbam_spatial", "cbam")
 BASELINES = ("none", "scse")
 CONFIDENCE = 0.95
-PLOT_DPI = 100
+PLOT_DPIS = (100, 80, 64, 50)
+MAX_PNG_BYTES = 200_000
 MISSING = "—"
 
 
@@ -63,7 +65,7 @@ def _atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 
@@ -88,7 +90,10 @@ def read_results(path: str | os.PathLike) -> pd.DataFrame:
 
 
 def _normalize(results: pd.DataFrame) -> pd.DataFrame:
-    """Copy of ``results`` with string group keys, lower-case status and numeric metric columns."""
+    """Copy of ``results`` with string group keys, lower-case status and numeric metric columns.
+
+    A (dataset, arch, encoder, attention, seed) listed more than once (a rerun) keeps its last row.
+    """
     df = results.copy()
     for col in (*GROUP_COLUMNS, "attention"):
         if col in df:
@@ -98,7 +103,7 @@ def _normalize(results: pd.DataFrame) -> pd.DataFrame:
         df["failure"] = df["failure"].fillna("").astype(str)
     numeric = [c for c in df.columns if c in NUMERIC_COLUMNS or c.startswith("iou_")]
     df[numeric] = df[numeric].apply(pd.to_numeric, errors="coerce")
-    return df
+    return df.drop_duplicates([*_group_keys(df), "attention", "seed"], keep="last")
 
 
 def _group_keys(results: pd.DataFrame) -> list[str]:
@@ -124,10 +129,8 @@ def _sort_rows(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
 
 
 def _ok_runs(results: pd.DataFrame, metric: str) -> pd.DataFrame:
-    """Successful runs with a value for ``metric``; a repeated (group, attention, seed) keeps the last row."""
-    keys = _group_keys(results)
-    ok = results[(results["status"] == "ok") & results[metric].notna()]
-    return ok.drop_duplicates([*keys, "attention", "seed"], keep="last")
+    """The successful runs of normalised ``results`` that have a value for ``metric``."""
+    return results[(results["status"] == "ok") & results[metric].notna()]
 
 
 def primary_metric(results: pd.DataFrame) -> str:
@@ -178,12 +181,12 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
     base = ok.loc[ok["attention"] == baseline, [*keys, "seed", metric]]
     other = ok.loc[ok["attention"] != baseline, [*cols, "seed", metric]]
     pairs = other.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
-    diffs = (pairs[metric] - pairs[f"{metric}_base"]).rename("diff")
+    pairs["diff"] = pairs[metric] - pairs[f"{metric}_base"]
     columns = ["n_pairs", "mean_diff", "ci_low", "ci_high", "p_value"]
     if pairs.empty:
         stats_df = pd.DataFrame(columns=[*cols, *columns])
     else:
-        stats_df = diffs.groupby([pairs[c] for c in cols]).apply(_paired_stats).unstack().reset_index()
+        stats_df = pairs.groupby(cols)["diff"].apply(_paired_stats).unstack().reset_index()
     wanted = df.loc[df["attention"] != baseline, cols].drop_duplicates()
     out = wanted.merge(stats_df, on=cols, how="left")
     out["n_pairs"] = out["n_pairs"].fillna(0).astype(int)
@@ -388,9 +391,16 @@ def _new_figure(width: float, height: float) -> Figure:
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=PLOT_DPI)
-    _atomic_write_bytes(path, buf.getvalue())
+    """Save ``fig`` as a 256-colour PNG, lowering the resolution until it is under ``MAX_PNG_BYTES``."""
+    for dpi in PLOT_DPIS:
+        rendered = io.BytesIO()
+        fig.savefig(rendered, format="png", dpi=dpi)
+        palette = Image.open(rendered).convert("RGB").quantize(colors=256)
+        png = io.BytesIO()
+        palette.save(png, format="png", optimize=True)
+        if png.tell() <= MAX_PNG_BYTES:
+            break
+    _atomic_write_bytes(path, png.getvalue())
 
 
 def _save_placeholder(path: str | os.PathLike, message: str) -> None:
@@ -408,7 +418,7 @@ def _colors(attentions: Sequence[str]) -> dict[str, tuple]:
 def _panels(fig: Figure, n: int, ncols: int | None = None) -> list[Axes]:
     ncols = ncols or min(n, 3)
     nrows = -(-n // ncols)
-    axes = np.atleast_1d(fig.subplots(nrows, ncols, squeeze=False)).ravel()
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
     return list(axes[:n])
@@ -465,7 +475,7 @@ def _read_history(path: Path) -> pd.DataFrame | None:
 
 
 def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Validation mIoU (%) and train loss per epoch of every run, coloured by attention, one column per arch.
+    """Validation mIoU (%) above train loss per epoch of every run, coloured by attention, one panel pair per arch.
 
     Missing, empty or unreadable ``history.csv`` files are skipped; failed runs are drawn dashed.
     """
@@ -482,17 +492,22 @@ def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, p
         return
     colors = _colors(df["attention"])
     groups = _groups(df.loc[list(histories)])
-    fig = _new_figure(4.2 * len(groups), 6)
-    axes = fig.subplots(2, len(groups), squeeze=False, sharex="col")
-    for col, (name, rows) in enumerate(groups):
-        top, bottom = axes[0, col], axes[1, col]
+    ncols = min(len(groups), 3)
+    nrows = -(-len(groups) // ncols)
+    fig = _new_figure(4.2 * ncols, 5.5 * nrows)
+    axes = fig.subplots(2 * nrows, ncols, squeeze=False, sharex="col")
+    for i in range(len(groups), nrows * ncols):
+        axes[2 * (i // ncols), i % ncols].set_visible(False)
+        axes[2 * (i // ncols) + 1, i % ncols].set_visible(False)
+    for i, (name, rows) in enumerate(groups):
+        top, bottom = axes[2 * (i // ncols), i % ncols], axes[2 * (i // ncols) + 1, i % ncols]
         labelled = set()
         for idx, row in _sort_rows(rows, []).iterrows():
             history = histories[idx]
             style = {
                 "color": colors[row["attention"]],
                 "alpha": 0.8,
-                "linewidth": 1.2,
+                "linewidth": 1.0,
                 "linestyle": "-" if row["status"] == "ok" else "--",
                 "label": None if row["attention"] in labelled else row["attention"],
             }
@@ -559,8 +574,7 @@ def write_report(output_dir: str | os.PathLike, title: str | None = None) -> str
     metric = primary_metric(results)
     text = summary_markdown(results, metric, title)
     atomic_write_text(out / "summary.md", text)
-    if not results.empty:
-        atomic_write_csv(summarize(results, metric), out / "summary.csv")
+    atomic_write_csv(summarize(results, metric), out / "summary.csv")
     plots = out / "plots"
     plot_miou(results, plots / "miou.png", metric)
     plot_learning_curves(out, results, plots / "learning_curves.png")

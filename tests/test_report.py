@@ -89,7 +89,10 @@ def test_pairs_by_seed_not_by_row_order() -> None:
 
 
 def test_failed_runs_are_excluded_from_pairs() -> None:
-    row = row_of(report.paired_differences(make_results(), "none"), "unetplusplus", "cbam")
+    results = make_results()
+    # a run may fail after it was evaluated (e.g. while measuring latency): its metric must not count
+    results.loc[results["status"] == "failed", "test_miou"] = 0.99
+    row = row_of(report.paired_differences(results, "none"), "unetplusplus", "cbam")
     assert row["n_pairs"] == 2
     assert row["mean_diff"] == pytest.approx(np.mean([0.02, -0.01]))
     half = stats.t.ppf(0.975, 1) * np.std([0.02, -0.01], ddof=1) / np.sqrt(2)
@@ -104,11 +107,13 @@ def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() 
     assert one["n_pairs"] == 1
     assert one["mean_diff"] == pytest.approx(0.02)
     assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
+    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 pair, no CI) |" in report.summary_markdown(results[~drop])
 
     no_scse = results[results["attention"] != "scse"]
     diff = report.paired_differences(no_scse, "scse")
     assert (diff["n_pairs"] == 0).all() and diff["mean_diff"].isna().all()
     assert set(diff["attention"]) == {"none", "cbam"}
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | — | 14.50M |" in report.summary_markdown(no_scse)
 
 
 def test_summarize_against_numpy() -> None:
@@ -246,3 +251,13 @@ def test_primary_metric(tmp_path: Path) -> None:
     read = report.read_results(tmp_path / "results.csv")
     assert report.primary_metric(read) == "val_miou"
     assert set(read["attention"]) == {"none", "scse", "cbam"}
+
+
+def test_a_rerun_replaces_the_earlier_row() -> None:
+    results = make_results()
+    failed = (results["status"] == "failed").to_numpy()
+    rerun = results[failed].assign(status="ok", test_miou=0.63, val_miou=0.64, failure="")
+    summary = report.summarize(pd.concat([results, rerun], ignore_index=True))
+    row = row_of(summary, "unetplusplus", "cbam")
+    assert (row["n_ok"], row["n_failed"], row["diff_vs_none_n"]) == (3, 0, 3)
+    assert row["mean"] == pytest.approx(np.mean([0.62, 0.61, 0.63]))
