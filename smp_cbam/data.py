@@ -516,13 +516,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             self.class_names = ["background", "foreground"] if self.num_classes == 2 else [f"class_{i}" for i in range(self.num_classes)]
         self.void = CAMVID_VOID if dataset == "camvid" else ignore_index  # stored value of void pixels
         self.ignore_index = ignore_index if ignore_index is not None else (self.void if self.void is not None else PAD_INDEX)
-        self.in_channels = 3 if dataset != "folder" else in_channels
+        self.in_channels = in_channels or (None if dataset == "folder" else 3)
 
         self.dataset, self.root = dataset, None if root is None else Path(root)
         self.resize, self.crop, self.scale, self.eval_mode = resize, crop, tuple(scale), eval_mode
         self.batch_size, self.num_workers, self.seed, self.split_seed = batch_size, num_workers, seed, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.has_test = False
+        self.lut: np.ndarray | None = None  # stored mask value -> class index, for file datasets
         self.datasets: dict[str, SegmentationDataset] = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -537,7 +538,8 @@ class SegmentationDataModule(pl.LightningDataModule):
             raw, size = self._setup_files()
         for split in ("train", "val"):
             if split not in raw:
-                raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: add data, or raise {split}_fraction / n_{split}.")
+                fix = f"set synthetic n_{split} > 0" if self.dataset == "synthetic" else f"add a {split} folder or set {split}_fraction > 0"
+                raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: {fix}.")
         self.has_test = "test" in raw
         size = self.resize or size
         crop = self.crop or _round_up(size)
@@ -552,9 +554,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             else:
                 self.datasets[split] = FileDataset(data, self.lut, self.in_channels, transform)
 
-    def _setup_files(self) -> tuple[dict[str, list[Pair]], tuple[int, int] | None]:
+    def _setup_files(self) -> tuple[dict[str, list[Pair]], tuple[int, int]]:
         """Find, pair, read and validate the files; set ``lut`` and ``in_channels``. Returns the
-        non-empty splits and the common image size (None when sizes vary and ``resize`` is set)."""
+        splits and the size of the first training image."""
         root = self.root
         if self.dataset == "camvid":
             pairs = camvid_pairs(root)
@@ -585,14 +587,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.lut = mask_lut(mapping)
         validate(pairs, infos, self.lut, valid)
 
-        first = next(iter(infos.values()))[0].image_shape
+        first = infos["train"][0].image_shape
         if self.in_channels is None:
             self.in_channels = 1 if len(first) == 2 or first[2] == 1 else 3
-        sizes = {(str(p.image), i.image_shape[:2]) for s in pairs for p, i in zip(pairs[s], infos[s])}
-        if self.resize is None and len({size for _, size in sizes}) > 1:
-            examples = {}
-            for path, size in sorted(sizes):
-                examples.setdefault(size, path)
+        examples: dict[tuple[int, int], str] = {}  # one image per size
+        for split in pairs:
+            for pair, info in zip(pairs[split], infos[split]):
+                examples.setdefault(info.image_shape[:2], str(pair.image))
+        if self.resize is None and len(examples) > 1:
             raise DatasetError(
                 f"images under {root} differ in size, so they cannot be batched:\n"
                 f"{_listing([f'{p}: {h}x{w}' for (h, w), p in examples.items()])}\nFix: pass resize=(H, W)."

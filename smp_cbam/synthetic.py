@@ -111,9 +111,13 @@ def _render(rng: np.random.Generator, size: int, noise: float) -> tuple[np.ndarr
 def generate(n: int, size: int = DEFAULTS["size"], seed: int = DEFAULTS["seed"], noise: float = DEFAULTS["noise"]) -> SyntheticSet:
     """``n`` images of ``size`` x ``size``, deterministic for ``seed``."""
     rng = np.random.default_rng(seed)
-    rendered = [_render(rng, size, noise) for _ in range(n)]
-    images, masks, cues, shapes = (np.stack(parts) for parts in zip(*rendered))
-    return SyntheticSet(images, masks, cues, shapes)
+    data = SyntheticSet(
+        np.empty((n, size, size, 3), np.uint8), np.empty((n, size, size), np.uint8),
+        np.empty(n, np.int64), np.empty((n, size, size), np.uint8),
+    )  # fmt: skip
+    for i in range(n):
+        data.images[i], data.masks[i], data.cues[i], data.shapes[i] = _render(rng, size, noise)
+    return data
 
 
 def generate_splits(

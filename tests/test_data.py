@@ -1,0 +1,481 @@
+"""Tests for smp_cbam.data and smp_cbam.synthetic on tiny generated data."""
+
+import random
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+
+from smp_cbam.data import IMAGENET_MEAN, IMAGENET_STD, PAD_INDEX, DatasetError, SegmentationDataModule, seeded_split
+from smp_cbam.synthetic import CLASS_NAMES, generate, generate_splits
+
+SMALL = {"n_train": 24, "n_val": 8, "n_test": 8}
+
+
+def write_image(path: Path, height: int, width: int, channels: int = 3, seed: int = 0) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    assert cv2.imwrite(str(path), np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8))
+
+
+def write_mask(path: Path, mask: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), mask.astype(np.uint8))
+
+
+def class_mask(height: int, width: int, values: list[int], seed: int = 0) -> np.ndarray:
+    """A mask that holds every value in ``values`` (in stripes) and random ones from them elsewhere."""
+    mask = np.random.default_rng(seed).choice(values, (height, width))
+    mask[0, : len(values)] = values
+    return mask
+
+
+def make_folder(
+    root: Path, names: list[str], ext: str = ".png", channels: int = 3, size: tuple[int, int] = (40, 50),
+    values: tuple[int, ...] = (0, 1, 2),
+) -> Path:  # fmt: skip
+    for i, name in enumerate(names):
+        write_image(root / "images" / f"{name}{ext}", *size, channels, seed=i)
+        write_mask(root / "masks" / f"{name}.png", class_mask(*size, list(values), seed=i))
+    return root
+
+
+def make_camvid(root: Path, counts: dict[str, int] | None = None, size: tuple[int, int] = (40, 50)) -> Path:
+    counts = counts or {"train": 4, "val": 2, "test": 2}
+    for split, n in counts.items():
+        for i in range(n):
+            write_image(root / split / f"{split}_{i:03d}.png", *size, seed=i)
+            write_mask(root / f"{split}annot" / f"{split}_{i:03d}.png", class_mask(*size, list(range(12)), seed=i))
+    return root
+
+
+def make_pets(root: Path, trainval: int = 10, test: int = 3) -> Path:
+    names = [f"Abyssinian_{i}" for i in range(trainval + test)]
+    rng = np.random.default_rng(0)
+    for i, name in enumerate(names):
+        height, width = rng.integers(30, 70, 2)
+        write_image(root / "images" / f"{name}.jpg", height, width, seed=i)
+        write_mask(root / "annotations" / "trimaps" / f"{name}.png", class_mask(height, width, [1, 2, 3], seed=i))
+    (root / "annotations" / "trainval.txt").write_text("".join(f"{n} 1 1 1\n" for n in names[:trainval]))
+    if test:
+        (root / "annotations" / "test.txt").write_text("".join(f"{n} 1 1 1\n" for n in names[trainval:]))
+    return root
+
+
+def batches(loader, epoch: int | None = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    if epoch is not None:
+        loader.sampler.set_epoch(epoch)
+    return list(loader)
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def differs(a: list, b: list) -> bool:
+    return any(not torch.equal(xa, xb) for (xa, _), (xb, _) in zip(a, b))
+
+
+def split_images(dm: SegmentationDataModule) -> dict[str, list[str]]:
+    return {split: [p.image.name for p in ds.pairs] for split, ds in dm.datasets.items()}
+
+
+# synthetic generator
+
+
+def test_synthetic_is_deterministic_and_has_every_class():
+    start = time.perf_counter()
+    splits = generate_splits()
+    assert time.perf_counter() - start < 4.0  # < 2 s on an idle core; slack for a shared CPU
+    assert [len(splits[s].images) for s in ("train", "val", "test")] == [384, 64, 64]
+    for data in splits.values():
+        assert data.images.shape[1:] == (64, 64, 3) and data.images.dtype == np.uint8
+        assert set(np.unique(data.masks)) == set(range(len(CLASS_NAMES)))
+        assert 0.3 < data.cues.mean() < 0.7
+    again = generate_splits(n_train=10)  # one split's size does not change another split
+    assert np.array_equal(again["val"].images, splits["val"].images)
+    assert np.array_equal(again["test"].masks, splits["test"].masks)
+    assert np.array_equal(again["train"].images, splits["train"].images[:10])
+    assert not np.array_equal(generate(4, seed=1).images, generate(4, seed=2).images)
+
+
+def test_synthetic_labels_depend_on_the_global_cue():
+    data = generate(200, seed=3)
+    objects = data.shapes > 0
+    # labelled pixels are objects labelled by their shape; every image also has distractor objects
+    assert np.array_equal(data.masks[data.masks > 0], data.shapes[data.masks > 0])
+    assert all((objects[i] & (data.masks[i] == 0)).any() and (data.masks[i] > 0).any() for i in range(200))
+    # the tint of the background encodes the cue: red minus blue, averaged over the image
+    background = (~objects)[..., None]
+    mean = (data.images * background).sum((1, 2)) / background.sum((1, 2))
+    assert ((mean[:, 0] > mean[:, 2]) == (data.cues == 0)).mean() > 0.97
+    # a cue-blind model labels every object by its shape at best: its mIoU is capped well below 1
+    ious = []
+    for c in range(len(CLASS_NAMES)):
+        pred, true = data.shapes == c, data.masks == c
+        ious.append((pred & true).sum() / (pred | true).sum())
+    assert 0.45 < np.mean(ious) < 0.7
+
+
+# datamodule: synthetic
+
+
+def test_synthetic_datamodule_batches():
+    dm = SegmentationDataModule(batch_size=4, synthetic=SMALL)
+    assert (dm.num_classes, dm.in_channels, dm.ignore_index, dm.class_names) == (4, 3, PAD_INDEX, list(CLASS_NAMES))
+    dm.setup("fit")
+    assert dm.has_test
+    batch = next(iter(dm.train_dataloader()))
+    assert isinstance(batch, tuple)
+    image, mask = batch
+    assert image.shape == (4, 3, 64, 64) and image.dtype == torch.float32
+    assert mask.shape == (4, 64, 64) and mask.dtype == torch.int64
+    assert set(mask.unique().tolist()) <= {0, 1, 2, 3, PAD_INDEX}
+    assert -2.2 < image.min() and image.max() < 2.7 and abs(image.mean()) < 0.6
+    val = list(dm.val_dataloader())
+    assert len(val) == 2 and set(torch.cat([m for _, m in val]).unique().tolist()) == {0, 1, 2, 3}
+    assert len(list(dm.test_dataloader())) == 2
+    with pytest.raises(ValueError, match="unknown synthetic options"):
+        SegmentationDataModule(synthetic={"n_trian": 3})
+
+
+def test_no_test_split():
+    dm = SegmentationDataModule(synthetic={**SMALL, "n_test": 0})
+    dm.setup()
+    assert not dm.has_test
+    with pytest.raises(DatasetError, match="no test split"):
+        dm.test_dataloader()
+
+
+# datamodule: file layouts
+
+
+def test_camvid_layout_and_eval_padding(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    dm = SegmentationDataModule("camvid", str(root), batch_size=2, crop=(32, 32))
+    assert (dm.num_classes, dm.ignore_index, dm.in_channels, dm.class_names[0]) == (11, 11, 3, "sky")
+    dm.setup()
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 4, "val": 2, "test": 2}
+    image, mask = next(iter(dm.train_dataloader()))
+    assert image.shape == (2, 3, 32, 32) and mask.shape == (2, 32, 32)
+    image, mask = next(iter(dm.val_dataloader()))
+    assert image.shape == (2, 3, 64, 64)  # 40x50 padded to multiples of 32, bottom and right
+    stored = cv2.imread(str(root / "valannot" / "val_000.png"), cv2.IMREAD_UNCHANGED)
+    assert torch.equal(mask[0, :40, :50], torch.from_numpy(stored).long())
+    assert (mask[:, 40:] == 11).all() and (mask[:, :, 50:] == 11).all()
+    black = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    assert torch.allclose(image[:, :, 40:], black[None, :, None, None].expand(2, 3, 24, 64))
+
+    dm = SegmentationDataModule("camvid", str(root), ignore_index=255, eval_mode="resize", resize=(32, 64))
+    dm.setup()
+    image, mask = next(iter(dm.val_dataloader()))
+    assert image.shape == (2, 3, 32, 64) and set(mask.unique().tolist()) == set(range(11)) | {255}
+
+
+def test_pets_layout(tmp_path):
+    root = make_pets(tmp_path / "pets")
+    dm = SegmentationDataModule("pets", str(root), batch_size=2, resize=(32, 32), val_fraction=0.2)
+    assert (dm.num_classes, dm.class_names, dm.ignore_index) == (2, ["background", "pet"], PAD_INDEX)
+    dm.setup()
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 8, "val": 2, "test": 3}
+    image, mask = dm.datasets["test"][0]
+    assert image.shape == (3, 32, 32)
+    name = dm.datasets["test"].pairs[0].mask
+    trimap = cv2.resize(cv2.imread(str(name), cv2.IMREAD_UNCHANGED), (32, 32), interpolation=cv2.INTER_NEAREST)
+    assert torch.equal(mask, torch.from_numpy(np.where(trimap == 2, 0, 1)).long())  # border counts as pet
+
+    dm = SegmentationDataModule("pets", str(root), ignore_index=255, resize=(32, 32))
+    dm.setup()
+    _, mask = dm.datasets["test"][0]
+    assert torch.equal(mask, torch.from_numpy(np.select([trimap == 1, trimap == 2], [1, 0], 255)).long())
+
+    dm = SegmentationDataModule("pets", str(make_pets(tmp_path / "no_test", test=0)), resize=(32, 32))
+    dm.setup()
+    assert not dm.has_test and set(dm.datasets) == {"train", "val"}
+
+
+@pytest.mark.parametrize(("ext", "channels"), [(".png", 3), (".jpg", 3), (".tif", 1), (".bmp", 1)])
+def test_folder_flat_formats(tmp_path, ext, channels):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(10)], ext=ext, channels=channels)
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, batch_size=3, val_fraction=0.2, test_fraction=0.1)
+    assert dm.in_channels is None
+    dm.setup()
+    assert dm.in_channels == channels
+    assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 7, "val": 2, "test": 1}
+    image, mask = next(iter(dm.train_dataloader()))
+    assert image.shape == (3, channels, 64, 64) and mask.shape == (3, 64, 64)
+    image, mask = next(iter(dm.val_dataloader()))
+    assert image.shape == (2, channels, 64, 64)
+    assert set(mask[:, :40, :50].unique().tolist()) == {0, 1, 2} and (mask[:, 40:] == PAD_INDEX).all()
+
+
+def test_folder_in_channels_override(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)], channels=3)
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, in_channels=1)
+    assert dm.in_channels == 1
+    dm.setup()
+    assert dm.datasets["train"][0][0].shape == (1, 64, 64)
+
+
+def test_folder_binary_0_255_masks(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)], values=(0, 255))
+    dm = SegmentationDataModule("folder", str(root), num_classes=2)
+    dm.setup()
+    stored = cv2.imread(str(dm.datasets["val"].pairs[0].mask), cv2.IMREAD_UNCHANGED)
+    _, mask = dm.datasets["val"][0]
+    assert torch.equal(mask[:40, :50], torch.from_numpy(stored // 255).long())
+    assert (mask[40:] == PAD_INDEX).all()
+
+
+def test_folder_multiclass_with_ignore_index(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)], values=(0, 1, 2, 255))
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, ignore_index=255)
+    dm.setup()
+    assert set(torch.cat([m for _, m in dm.val_dataloader()]).unique().tolist()) == {0, 1, 2, 255}
+    with pytest.raises(DatasetError, match=r"not valid.*\n.*: \[255\]"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+
+
+def test_folder_split_folders(tmp_path):
+    root = tmp_path / "data"
+    make_folder(root / "train", [f"a{i}" for i in range(10)])
+    make_folder(root / "val", ["v0", "v1"])
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, test_fraction=0.2)
+    dm.setup()
+    names = split_images(dm)
+    assert names["val"] == ["v0.png", "v1.png"]
+    assert len(names["test"]) == 2 and len(names["train"]) == 8 and not set(names["test"]) & set(names["train"])
+    make_folder(root / "test", ["t0"])
+    dm = SegmentationDataModule("folder", str(root), num_classes=3)
+    dm.setup()
+    assert split_images(dm)["test"] == ["t0.png"] and len(dm.datasets["train"]) == 10
+
+
+def test_seeded_split_is_deterministic_and_disjoint(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i:02d}" for i in range(20)], size=(8, 8))
+    runs = []
+    for split_seed in (0, 0, 1):
+        dm = SegmentationDataModule("folder", str(root), num_classes=3, split_seed=split_seed, seed=split_seed + 5)
+        dm.setup()
+        runs.append(split_images(dm))
+    assert runs[0] == runs[1] and runs[0] != runs[2]
+    for names in runs:
+        assert sorted(sum(names.values(), [])) == [f"img{i:02d}.png" for i in range(20)]
+        assert [len(names[s]) for s in ("train", "val", "test")] == [14, 3, 3]
+    assert seeded_split(list(range(5)), {"val": 0.0, "test": 0.5}, 0).keys() == {"test", "train"}
+
+
+# validation
+
+
+def test_unreadable_files_are_listed(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)])
+    (root / "images" / "img1.png").write_bytes(b"not a png")
+    (root / "masks" / "img4.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(DatasetError, match="could not be read") as error:
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    assert str(root / "images" / "img1.png") in str(error.value) and str(root / "masks" / "img4.png") in str(error.value)
+
+
+def test_size_mismatch(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)])
+    write_mask(root / "masks" / "img2.png", np.zeros((39, 50)))
+    with pytest.raises(DatasetError, match=r"differ in size:\n.*img2.png \(40x50\) vs .*img2.png \(39x50\)"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+
+
+def test_bad_mask_values_report_values_and_files(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i:02d}" for i in range(14)])
+    for i in range(12):
+        write_mask(root / "masks" / f"img{i:02d}.png", class_mask(40, 50, [0, 3, 7], seed=i))
+    with pytest.raises(DatasetError) as error:
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    message = str(error.value)
+    assert message.startswith("12 masks hold values that are not valid (class indices 0..2)")
+    assert f"{root / 'masks' / 'img00.png'}: [3, 7]" in message and "... and 2 more" in message
+    assert "num_classes" in message  # the fix
+
+
+def test_camvid_void_label_is_only_valid_for_camvid(tmp_path):
+    root = make_camvid(tmp_path / "camvid")
+    write_mask(root / "testannot" / "test_001.png", class_mask(40, 50, [0, 12], seed=1))
+    with pytest.raises(DatasetError, match=r"or the void label 11\)[^\n]*\n.*test_001.png: \[12\]"):
+        SegmentationDataModule("camvid", str(root)).setup()
+
+
+def test_colour_mask(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(4)])
+    colour = np.zeros((40, 50, 3), np.uint8)
+    colour[..., 2] = 1
+    assert cv2.imwrite(str(root / "masks" / "img3.png"), colour)
+    with pytest.raises(DatasetError, match=r"single-channel[^\n]*\n.*img3.png: 3 channels"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+
+
+def test_image_without_mask_and_mask_without_image(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)])
+    (root / "masks" / "img2.png").unlink()
+    (root / "masks" / "img5.png").rename(root / "masks" / "orphan.png")
+    with pytest.raises(DatasetError, match=r"2 images have no mask.*\n.*img2.png\n.*img5.png"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    write_mask(root / "masks" / "img2.png", np.zeros((40, 50)))
+    write_mask(root / "masks" / "img5.png", np.zeros((40, 50)))
+    with pytest.warns(UserWarning, match=r"1 masks have no image.*\n.*orphan.png"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+
+
+def test_pets_missing_files(tmp_path):
+    root = make_pets(tmp_path / "pets")
+    (root / "annotations" / "trimaps" / "Abyssinian_3.png").unlink()
+    with pytest.raises(DatasetError, match=r"trainval.txt have no trimap.*\n.*Abyssinian_3.png"):
+        SegmentationDataModule("pets", str(root)).setup()
+    write_mask(root / "annotations" / "trimaps" / "Abyssinian_3.png", np.ones((30, 30)))
+    (root / "images" / "Abyssinian_11.jpg").unlink()
+    with pytest.raises(DatasetError, match=r"test.txt have no image.*\n.*Abyssinian_11.jpg"):
+        SegmentationDataModule("pets", str(root)).setup()
+
+
+def test_missing_root_and_folders(tmp_path):
+    with pytest.raises(DatasetError, match=r"nowhere does not exist.*ROOT/images"):
+        SegmentationDataModule("folder", str(tmp_path / "nowhere"), num_classes=2).setup()
+    root = make_camvid(tmp_path / "camvid")
+    for path in (root / "valannot").iterdir():
+        path.unlink()
+    (root / "valannot").rmdir()
+    with pytest.raises(DatasetError, match=r"folders are missing.*\n.*valannot\nFix: .*testannot"):
+        SegmentationDataModule("camvid", str(root)).setup()
+    (root / "images").mkdir()
+    with pytest.raises(DatasetError, match="folders are missing.*\n.*masks"):
+        SegmentationDataModule("folder", str(root), num_classes=2).setup()
+    with pytest.raises(DatasetError, match=r"train/images"):
+        SegmentationDataModule("folder", str(tmp_path), num_classes=2).setup()
+    (root / "annotations" / "trimaps").mkdir(parents=True)
+    with pytest.raises(DatasetError, match=r"annotations/trainval.txt is missing"):
+        SegmentationDataModule("pets", str(root)).setup()
+
+
+def test_empty_dataset_and_empty_split(tmp_path):
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    (tmp_path / "data" / "masks").mkdir()
+    with pytest.raises(DatasetError, match=r"no images .* in .*data/images"):
+        SegmentationDataModule("folder", str(tmp_path / "data"), num_classes=2).setup()
+    root = make_folder(tmp_path / "two", ["a", "b"])
+    with pytest.raises(DatasetError, match=r"empty after splitting:\n  train"):
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    with pytest.raises(DatasetError, match="val split .* is empty"):
+        SegmentationDataModule(synthetic={**SMALL, "n_val": 0}).setup()
+
+
+def test_images_of_different_sizes_need_resize(tmp_path):
+    root = make_folder(tmp_path / "data", [f"img{i}" for i in range(4)])
+    make_folder(root, ["big"], size=(60, 70))
+    with pytest.raises(DatasetError, match=r"cannot be batched:\n(  .*\n){2}Fix: pass resize") as error:
+        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    assert "big.png: 60x70" in str(error.value) and ".png: 40x50" in str(error.value)
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, resize=(32, 32), test_fraction=0)
+    dm.setup()
+    assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (32, 32)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="needs num_classes"):
+        SegmentationDataModule("folder", "somewhere")
+    with pytest.raises(ValueError, match="camvid has 11 classes"):
+        SegmentationDataModule("camvid", "somewhere", num_classes=12)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        SegmentationDataModule(crop=(48, 48))
+    with pytest.raises(ValueError, match="eval_mode='resize' needs resize"):
+        SegmentationDataModule(eval_mode="resize")
+    with pytest.raises(ValueError, match="is a class index"):
+        SegmentationDataModule("folder", "somewhere", num_classes=3, ignore_index=2)
+
+
+# determinism and the paired design
+
+
+def test_same_seed_same_batches_whatever_the_global_rng():
+    first = SegmentationDataModule(batch_size=4, seed=7, synthetic=SMALL)
+    first.setup()
+    expected = batches(first.train_dataloader())
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)
+    torch.rand(1000), np.random.rand(1000)
+    second = SegmentationDataModule(batch_size=4, seed=7, synthetic=SMALL)
+    second.setup()
+    assert_same(batches(second.train_dataloader()), expected)
+    assert differs(batches(second.train_dataloader(), epoch=1), expected)
+    other = SegmentationDataModule(batch_size=4, seed=8, synthetic=SMALL)
+    other.setup()
+    assert differs(batches(other.train_dataloader()), expected)
+
+
+def test_augmentations_change_the_samples():
+    dm = SegmentationDataModule(batch_size=4, synthetic=SMALL)
+    dm.setup()
+    train, val = dm.datasets["train"], dm.datasets["val"]
+    assert not torch.equal(train[(0, 1)][0], train[(0, 2)][0])
+    assert torch.equal(train[(0, 1)][0], train[(0, 1)][0])
+    assert torch.equal(val[(0, 1)][0], val[(0, 2)][0])  # evaluation is not random
+
+
+def test_num_workers_do_not_change_batches():
+    dms = [SegmentationDataModule(batch_size=4, num_workers=w, synthetic=SMALL) for w in (0, 2)]
+    for dm in dms:
+        dm.setup()
+    assert_same(batches(dms[0].train_dataloader(), epoch=2), batches(dms[1].train_dataloader(), epoch=2))
+    assert_same(list(dms[0].val_dataloader()), list(dms[1].val_dataloader()))
+
+
+def test_resumed_epoch_matches_uninterrupted_run():
+    through = SegmentationDataModule(batch_size=4, seed=3, synthetic=SMALL)
+    through.setup()
+    loader = through.train_dataloader()
+    for epoch in range(3):
+        batches(loader, epoch)
+    fresh = SegmentationDataModule(batch_size=4, seed=3, synthetic=SMALL)
+    fresh.setup()
+    assert_same(batches(fresh.train_dataloader(), epoch=3), batches(loader, epoch=3))
+
+
+class Recorder(pl.LightningModule):
+    """A 1x1 conv that records a fingerprint of every training batch per epoch."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 4, 1)
+        self.seen: dict[int, list[float]] = {}
+
+    def training_step(self, batch, batch_idx):
+        image, mask = batch
+        self.seen.setdefault(self.current_epoch, []).append(float(image.sum() + mask.sum()))
+        torch.rand(17)  # the model consuming RNG must not matter
+        return nn.functional.cross_entropy(self.head(image), mask, ignore_index=PAD_INDEX)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def fit(max_epochs: int, root: Path, ckpt_path: str | None = None) -> Recorder:
+    model = Recorder()
+    trainer = pl.Trainer(
+        max_epochs=max_epochs, accelerator="cpu", logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=root,
+    )  # fmt: skip
+    trainer.fit(model, SegmentationDataModule(batch_size=8, seed=5, synthetic=SMALL), ckpt_path=ckpt_path)
+    trainer.save_checkpoint(root / "last.ckpt")
+    return model
+
+
+def test_lightning_resume_sees_the_same_batches(tmp_path):
+    uninterrupted = fit(3, tmp_path / "a")
+    fit(1, tmp_path / "b")
+    resumed = fit(3, tmp_path / "c", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert set(resumed.seen) == {1, 2}
+    assert resumed.seen[1] == uninterrupted.seen[1] and resumed.seen[2] == uninterrupted.seen[2]
+    assert uninterrupted.seen[0] != uninterrupted.seen[1]
