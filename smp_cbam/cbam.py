@@ -13,6 +13,7 @@ found in published implementations.
 """
 
 import torch
+from torch.autograd.function import FunctionCtx, once_differentiable
 from torch import nn
 
 
@@ -27,6 +28,19 @@ def _check_channels(x: torch.Tensor, in_channels: int) -> None:
             f"expected an input with {in_channels} channels, got {x.shape[1]} "
             f"(input shape {list(x.shape)})"
         )
+
+
+def _channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean and max over H*W, both ``(N, C, 1, 1)``, and the flat argmax, ``(N, C, 1)``."""
+    flat = x.flatten(2)
+    mx = flat.max(dim=2, keepdim=True)
+    return flat.mean(dim=2, keepdim=True).unsqueeze(3), mx[0].unsqueeze(3), mx[1]
+
+
+def _spatial_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Channel mean and max stacked as ``(N, 2, H, W)``, and the channel argmax, ``(N, 1, H, W)``."""
+    mx = x.max(dim=1, keepdim=True)
+    return torch.cat([x.mean(dim=1, keepdim=True), mx[0]], dim=1), mx[1]
 
 
 class ChannelAttention(nn.Module):
@@ -47,8 +61,10 @@ class ChannelAttention(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, shape ``(N, C, 1, 1)``."""
         _check_channels(x, self.in_channels)
-        avg = x.mean(dim=(2, 3), keepdim=True)
-        mx = x.amax(dim=(2, 3), keepdim=True)
+        avg, mx, _ = _channel_pool(x)
+        return self._mlp_gate(avg, mx)
+
+    def _mlp_gate(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +84,9 @@ class SpatialAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial map, shape ``(N, 1, H, W)``."""
-        pooled = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return self._conv_gate(_spatial_pool(x)[0])
+
+    def _conv_gate(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.bn(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,11 @@ class SpatialAttention(nn.Module):
 
 class CBAM(nn.Module):
     """Channel attention followed by spatial attention, called like smp's ``SCSEModule``.
+
+    The forward runs a fused implementation (see ``_FastCBAM``) that gives the plain formula's
+    outputs and gradients with fewer full-size temporaries; it falls back to the plain formula
+    (``forward_plain``) under TorchScript, tracing, ``torch.compile``/``torch.export``, autocast,
+    tensor subclasses, hooks on ``channel``/``spatial``, or when ``fast`` is set to False.
 
     Args:
         in_channels: channels of the input.
@@ -100,7 +123,142 @@ class CBAM(nn.Module):
         self.channel = ChannelAttention(in_channels, reduction, mlp_bias)
         self.spatial = SpatialAttention(kernel_size, spatial_bn)
         self.residual = residual
+        self.fast = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fast and not torch.jit.is_scripting() and not torch.jit.is_tracing():
+            return self._forward_fast(x)
+        return self.forward_plain(x)
+
+    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+        """The paper's formula with ordinary autograd."""
         out = self.spatial(self.channel(x))
         return out + x if self.residual else out
+
+    @torch.jit.unused
+    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._fast_applies(x):
+            return self.forward_plain(x)
+        _check_channels(x, self.channel.in_channels)
+        params = tuple(self.parameters())
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
+            return _FastCBAM.apply(x, self, *params)
+        with torch.no_grad():
+            return _fused_forward(self, x, track=False)[0]
+
+    @torch.jit.unused
+    def _fast_applies(self, x: torch.Tensor) -> bool:
+        return (
+            not torch.compiler.is_compiling()
+            and type(x) is torch.Tensor
+            and x.dim() == 4
+            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and not torch.is_autocast_enabled(x.device.type)
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.channel, self.spatial))
+        )
+
+
+# Fast path. With g = sigmoid(MLP(mean_hw x) + MLP(max_hw x)) of shape (N,C,1,1), y = x*g,
+# P = [mean_c y; max_c y], s = sigmoid(bn(conv(P))) of shape (N,1,H,W) and out = y*s (+ x):
+# the forward allocates one full-size tensor, y, and scales it by s in place. The backward, with
+# G = dL/dout and T = G*x its one full-size temporary, uses
+#   dL/ds = sum_c T g                                   (a batched matmul)
+#   dL/dP = autograd through sigmoid, bn and conv        (small)
+#   dL/dg = sum_hw T s + sum_hw x dP_avg / C + x[argmax_c] dP_max
+#   dL/dy = G s + dP_avg / C + dP_max scattered to argmax_c                (written into T)
+#   dL/dx = g dL/dy + d_avg / HW + d_max scattered to argmax_hw (+ G)      (in place in T)
+# where d_avg, d_max come from autograd through the MLP and sigmoid (small). The MLP and the
+# conv/bn keep ordinary autograd graphs over small leaf tensors made in the forward, so their
+# parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
+# Both paths pool with torch.max(dim), so a tied max sends its gradient to the same element.
+
+
+def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_channel_pool``'s max and flat argmax without its slow indexed reduction over H*W.
+
+    The max over W, then the first row holding the maximum, then the first column in that row:
+    the first maximal element in H*W order, which is what ``torch.max(dim)`` returns.
+    """
+    n, c, h, w = x.shape
+    mx, row = x.amax(dim=3).max(dim=2, keepdim=True)
+    cols = x.gather(2, row.unsqueeze(3).expand(n, c, 1, w)).view(n, c, w)
+    return mx.unsqueeze(3), row * w + cols.argmax(dim=2, keepdim=True)
+
+
+def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
+    """Run under no_grad; with ``track`` the indices and small gate graphs for the backward."""
+    avg = x.flatten(2).mean(dim=2, keepdim=True).unsqueeze(3)
+    if track:
+        mx, idx_c = _channel_max_indexed(x)
+    else:
+        mx, idx_c = x.amax(dim=(2, 3), keepdim=True), None
+    avg.requires_grad_(track)
+    mx.requires_grad_(track)
+    with torch.set_grad_enabled(track):
+        g_c = cbam.channel._mlp_gate(avg, mx)
+    out = x * g_c
+    if track:
+        pooled, idx_s = _spatial_pool(out)
+    else:
+        pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
+        idx_s = None
+    # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
+    pooled = pooled.contiguous(memory_format=torch.channels_last).requires_grad_(track)
+    with torch.set_grad_enabled(track):
+        g_s = cbam.spatial._conv_gate(pooled)
+    out.mul_(g_s)
+    if cbam.residual:
+        out.add_(x)
+    return out, (avg, mx, g_c, pooled, g_s, idx_c, idx_s)
+
+
+class _FastCBAM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
+        out, (avg, mx, g_c, pooled, g_s, idx_c, idx_s) = _fused_forward(cbam, x, track=True)
+        ctx.save_for_backward(x, idx_c, idx_s, *params)
+        ctx.graph = (avg, mx, g_c, pooled, g_s)
+        ctx.n_channel_params = len(list(cbam.channel.parameters()))
+        ctx.residual = cbam.residual
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
+        x, idx_c, idx_s, *params = ctx.saved_tensors
+        avg, mx, g_c, pooled, g_s = ctx.graph
+        needs = ctx.needs_input_grad[2:]
+        k = ctx.n_channel_params
+        n, c, h, w = x.shape
+        hw = h * w
+        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
+        grad = grad.contiguous(memory_format=fmt)
+        gc, gs = g_c.detach(), g_s.detach()
+
+        t = grad * x
+        d_gs = torch.bmm(gc.view(n, 1, c), t.view(n, c, hw))
+        d_gc = torch.bmm(t.view(n, c, hw), gs.reshape(n, hw, 1))
+        sp_params = [p for p, need in zip(params[k:], needs[k:]) if need]
+        d_pooled, *d_sp = torch.autograd.grad(
+            g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True
+        )
+        d_avg_c, d_max_c = d_pooled[:, :1], d_pooled[:, 1:]
+        d_gc += torch.bmm(x.view(n, c, hw), d_avg_c.reshape(n, hw, 1)) / c
+        d_gc.view(n, c).scatter_add_(
+            1, idx_s.reshape(n, hw), (x.gather(1, idx_s) * d_max_c).reshape(n, hw)
+        )
+        ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
+        d_avg, d_max, *d_ch = torch.autograd.grad(
+            g_c, [avg, mx, *ch_params], d_gc.view_as(g_c), retain_graph=True
+        )
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
+            dx.scatter_add_(1, idx_s, d_max_c)
+            torch.addcmul(d_avg / hw, dx, gc, out=dx)
+            dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
+            if ctx.residual:
+                dx.add_(grad)
+        d_params = iter([*d_ch, *d_sp])
+        return (dx, None, *(next(d_params) if need else None for need in needs))

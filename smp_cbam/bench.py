@@ -1,0 +1,293 @@
+"""Benchmark of the fast CBAM: module cost, training-step overhead, peak memory, params and MACs.
+
+Every timing is interleaved (one call of each contender per round, in one process) and reported
+as a median over rounds, so that a noisy machine moves all contenders alike.
+``python experiments/bench_cbam.py --help`` lists the options.
+"""
+
+import argparse
+import ctypes
+import gc
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from segmentation_models_pytorch.base.modules import SCSEModule
+from timm.layers.cbam import CbamModule
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
+
+from .cbam import CBAM
+
+MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
+STEP_TYPES = ("none", "scse", "cbam", "cbam_plain")
+TABLE_TYPES = ("none", "scse", "cbam", "cbam_channel", "cbam_spatial", "se", "eca")
+ARCHS = {"Unet": smp.Unet, "UnetPlusPlus": smp.UnetPlusPlus}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved_medians(
+    fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1
+) -> dict[str, float]:
+    """Median seconds per call of each function, calling them in turn ``rounds`` times."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _geomean(values: Sequence[float]) -> float:
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
+    """A resnet18 ``arch`` with random weights; ``cbam_plain`` is CBAM without the fast path."""
+    name = "cbam" if attention == "cbam_plain" else attention
+    model = ARCHS[arch](
+        encoder_name="resnet18",
+        encoder_weights=None,
+        decoder_attention_type=None if name == "none" else name,
+        **kwargs,
+    )
+    if attention == "cbam_plain":
+        for module in model.modules():
+            if isinstance(module, CBAM):
+                module.fast = False
+    return model
+
+
+def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: torch.device) -> str:
+    """Forward + backward of one attention module per shape, against timm, SCSE and a copy."""
+    lines = [
+        "## 1. module forward+backward (median ms; ratios of fast CBAM to each)",
+        f"{'shape':<20}{'cbam':>9}{'plain':>9}{'timm':>9}{'scse':>9}{'copy':>8}"
+        f"{'/timm':>8}{'/scse':>8}{'/plain':>8}{'/copy':>8}",
+    ]
+    ratios: dict[str, list[float]] = {"timm": [], "scse": [], "plain": [], "copy": []}
+    for shape in shapes:
+        channels = shape[1]
+        torch.manual_seed(0)
+        plain = CBAM(channels)
+        plain.fast = False
+        modules = {
+            "cbam": CBAM(channels),
+            "plain": plain,
+            "timm": CbamModule(channels),
+            "scse": SCSEModule(channels),
+        }
+        x = torch.randn(shape, device=device, requires_grad=True)
+        grad = torch.randn(shape, device=device)
+        buffer = torch.empty(shape, device=device)
+
+        def step(module: nn.Module) -> None:
+            module(x).backward(grad)
+            x.grad = None
+
+        fns: dict[str, Callable[[], object]] = {
+            name: (lambda m=module.to(device): step(m)) for name, module in modules.items()
+        }
+        fns["copy"] = lambda: buffer.copy_(x.detach())
+        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds, device).items()}
+        for name in ratios:
+            ratios[name].append(ms["cbam"] / ms[name])
+        lines.append(
+            f"{str(shape):<20}{ms['cbam']:9.2f}{ms['plain']:9.2f}{ms['timm']:9.2f}"
+            f"{ms['scse']:9.2f}{ms['copy']:8.2f}"
+            + "".join(f"{ms['cbam'] / ms[n]:8.2f}" for n in ratios)
+        )
+    lines.append(f"{'geometric mean':<64}" + "".join(f"{_geomean(r):8.2f}" for r in ratios.values()))
+    return "\n".join(lines)
+
+
+def _train_step_fn(
+    model: nn.Module, batch: int, size: int, device: torch.device
+) -> Callable[[], object]:
+    model.to(device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    image = torch.randn(batch, 3, size, size, device=device)
+    target = torch.randint(0, 2, (batch, 1, size, size), device=device).float()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(model(image), target).backward()
+        optimizer.step()
+
+    return step
+
+
+def _infer_fn(model: nn.Module, batch: int, size: int, device: torch.device) -> Callable[[], object]:
+    model.to(device).eval()
+    image = torch.randn(batch, 3, size, size, device=device)
+
+    def infer() -> None:
+        with torch.no_grad():
+            model(image)
+
+    return infer
+
+
+def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int = 160) -> str:
+    """Training-step and inference overhead of each attention type over none."""
+    lines = [
+        f"## 2. step overhead over none (resnet18, batch {batch}, 3x{size}x{size}, SGD; "
+        f"median of {rounds} interleaved rounds)",
+        f"{'setting':<22}{'none ms':>9}" + "".join(f"{t:>12}" for t in STEP_TYPES[1:]),
+    ]
+    settings = [(f"{arch} train", arch, _train_step_fn) for arch in ARCHS]
+    settings.append(("Unet inference", "Unet", _infer_fn))
+    for label, arch, make in settings:
+        fns = {}
+        for attention in STEP_TYPES:
+            torch.manual_seed(0)
+            fns[attention] = make(build_model(arch, attention), batch, size, device)
+        med = interleaved_medians(fns, rounds, device, warmup=2)
+        lines.append(
+            f"{label:<22}{med['none'] * 1e3:9.1f}"
+            + "".join(f"{100 * (med[t] / med['none'] - 1):+11.1f}%" for t in STEP_TYPES[1:])
+        )
+    return "\n".join(lines)
+
+
+class _MallocPeak(TorchDispatchMode):
+    """Peak of glibc's in-use heap bytes (``mallinfo2``), sampled after every dispatched op."""
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in (
+            "arena", "ordblks", "smblks", "hblks", "hblkhd",
+            "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost",
+        )]  # fmt: skip
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._mallinfo2 = ctypes.CDLL(None).mallinfo2
+        self._mallinfo2.restype = self._MallInfo2
+        self.start = self.peak = self.in_use()
+
+    def in_use(self) -> int:
+        info = self._mallinfo2()
+        return info.uordblks + info.hblkhd
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        self.peak = max(self.peak, self.in_use())
+        return out
+
+
+def peak_memory_of_step(
+    arch: str, attention: str, device: torch.device, batch: int = 4, size: int = 160
+) -> float:
+    """MiB a training step needs above what is live before it (after a warm-up step).
+
+    CUDA: ``torch.cuda.max_memory_allocated``; CPU: glibc's in-use bytes sampled after each op.
+    """
+    torch.manual_seed(0)
+    step = _train_step_fn(build_model(arch, attention), batch, size, device)
+    step()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        step()
+        return (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    with _MallocPeak() as tracker:
+        step()
+    return (tracker.peak - tracker.start) / 2**20
+
+
+def memory_benchmark(device: torch.device) -> str:
+    """Peak memory of a training step per attention type."""
+    how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "glibc mallinfo2, per op"
+    lines = [f"## 3. peak memory of a training step above its start, MiB ({how})"]
+    lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in STEP_TYPES))
+    for arch in ARCHS:
+        peaks = [peak_memory_of_step(arch, attention, device) for attention in STEP_TYPES]
+        lines.append(f"{arch:<14}" + "".join(f"{p:12.1f}" for p in peaks))
+    return "\n".join(lines)
+
+
+def params_and_macs(arch: str, attention: str, size: int = 256) -> tuple[int, float]:
+    """Parameters and forward multiply-accumulates (FlopCounterMode flops / 2) of one model."""
+    model = build_model(arch, attention).eval()
+    params = sum(p.numel() for p in model.parameters())
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, size, size))
+    return params, counter.get_total_flops() / 2
+
+
+def table(size: int = 256) -> str:
+    """Parameters and GMACs of each attention type in Unet and Unet++ (resnet18)."""
+    lines = [
+        f"## 4. parameters and MACs (resnet18, 1x3x{size}x{size}; MACs = FlopCounterMode / 2)",
+        f"{'attention':<14}" + "".join(f"{a + ' params':>22}{'GMACs':>9}" for a in ARCHS),
+    ]
+    for attention in TABLE_TYPES:
+        cells = ""
+        for arch in ARCHS:
+            params, macs = params_and_macs(arch, attention, size)
+            cells += f"{params:22,d}{macs / 1e9:9.3f}"
+        lines.append(f"{attention:<14}{cells}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the benchmark and print its report."""
+    parser = argparse.ArgumentParser(prog="smp-cbam bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per timing")
+    parser.add_argument("--quick", action="store_true", help="few rounds, small shapes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--sections",
+        default="module,step,memory,table",
+        help="comma-separated subset of module,step,memory,table",
+    )
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    device = torch.device(args.device)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    sections = set(args.sections.split(","))
+    unknown = sections - {"module", "step", "memory", "table"}
+    if unknown:
+        parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
+
+    module_rounds = args.repeats or (3 if args.quick else 15)
+    step_rounds = args.repeats or (3 if args.quick else 12)
+    shapes = [(s[0] // 4, *s[1:]) for s in MODULE_SHAPES] if args.quick else MODULE_SHAPES
+    print(
+        f"# smp-cbam bench: torch {torch.__version__}, smp {smp.__version__}, device {device}, "
+        f"{torch.get_num_threads()} threads{', quick' if args.quick else ''}",
+        flush=True,
+    )
+    if "module" in sections:
+        print(module_benchmark(shapes, module_rounds, device), flush=True)
+    if "step" in sections:
+        print(step_benchmark(step_rounds, device), flush=True)
+    if "memory" in sections:
+        print(memory_benchmark(device), flush=True)
+    if "table" in sections:
+        print(table(), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,189 @@
+"""The fast CBAM path against the plain formula: outputs, gradients, ties, variants, fallbacks."""
+
+import copy
+
+import pytest
+import torch
+
+from smp_cbam import CBAM
+from smp_cbam.bench import params_and_macs
+from smp_cbam.cbam import _FastCBAM
+
+VARIANTS = [
+    {},
+    {"mlp_bias": True},
+    {"spatial_bn": True},
+    {"residual": True},
+    {"kernel_size": 3},
+    {"kernel_size": 1, "mlp_bias": True, "spatial_bn": True, "residual": True},
+]
+
+
+def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -> tuple[CBAM, CBAM]:
+    torch.manual_seed(0)
+    fast = CBAM(channels, reduction=4, **kwargs).to(dtype)
+    plain = copy.deepcopy(fast)
+    plain.fast = False
+    return fast, plain
+
+
+def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    params = [p for p in module.parameters() if p.requires_grad]
+    return [out.detach(), *torch.autograd.grad(out, [x, *params], grad)]
+
+
+def _assert_close(fast: list[torch.Tensor], plain: list[torch.Tensor], rtol: float = 1e-5) -> None:
+    assert len(fast) == len(plain)
+    for a, b in zip(fast, plain, strict=True):
+        assert a.shape == b.shape
+        scale = b.abs().max().clamp_min(1e-12)
+        assert ((a - b).abs().max() / scale).item() <= rtol
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bool) -> None:
+    fast, plain = _pair(32, **kwargs)
+    fast.train(train)
+    plain.train(train)
+    x = torch.randn(3, 32, 9, 13)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(3, 32, 9, 13)
+    _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+    for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
+        assert torch.equal(a, b)  # BatchNorm statistics updated exactly once, the same way
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "fast_mode"),
+    [({"kernel_size": 3}, False), ({}, True), (VARIANTS[-1], True), ({"spatial_bn": True}, True)],
+)
+def test_gradcheck_float64(kwargs: dict, fast_mode: bool) -> None:
+    channels = 8 if fast_mode else 4  # the full check perturbs every element one by one
+    module, _ = _pair(channels, torch.float64, **kwargs)
+    x = torch.randn(2, channels, 4, 3, dtype=torch.float64, requires_grad=True)
+    params = tuple(module.parameters())
+    assert torch.autograd.gradcheck(
+        lambda x, *p: _FastCBAM.apply(x, module, *p), (x, *params), fast_mode=fast_mode
+    )
+
+
+def test_float64_matches_plain() -> None:
+    fast, plain = _pair(16, torch.float64, spatial_bn=True, mlp_bias=True)
+    x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
+    grad = torch.randn_like(x)
+    _assert_close(_run(fast, x, grad), _run(plain, x, grad), rtol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_ties_route_gradients_like_plain(channels_last: bool) -> None:
+    fast, plain = _pair(8, torch.float64)
+    for module in (fast, plain):  # equal channel weights make y = x * g tie where x ties
+        torch.nn.init.zeros_(module.channel.mlp[2].weight)
+    x = torch.randn(2, 8, 6, 5, dtype=torch.float64).round()  # many ties within channels
+    x[:, :, 2:4] = 1.5  # channel max attained in several places
+    x[0, :, 0, 0] = 4.0  # every channel ties at this pixel and holds its channel's maximum
+    x[1, 3:6, 1, 1] = 7.0  # ties across some channels
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 8, 6, 5, dtype=torch.float64)
+    _assert_close(_run(fast, x, grad), _run(plain, x, grad), rtol=1e-12)
+
+
+def test_ties_from_all_equal_input() -> None:
+    fast, plain = _pair(4)
+    x = torch.ones(2, 4, 5, 5)
+    grad = torch.randn(2, 4, 5, 5)
+    _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+
+
+def test_only_parameters_need_grad() -> None:
+    fast, plain = _pair(16, mlp_bias=True)
+    x = torch.randn(2, 16, 8, 8)
+    grads = []
+    for module in (fast, plain):
+        out = module(x)
+        grads.append(torch.autograd.grad(out, list(module.parameters()), torch.ones_like(out)))
+    _assert_close(list(grads[0]), list(grads[1]))
+
+
+def test_frozen_parameters_and_backward_into_grad() -> None:
+    fast, plain = _pair(16, spatial_bn=True)
+    for module in (fast, plain):
+        module.spatial.conv.weight.requires_grad_(False)
+        x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1), requires_grad=True)
+        module(x).square().sum().backward()
+        module.x_grad = x.grad
+    assert fast.spatial.conv.weight.grad is None
+    _assert_close(
+        [fast.x_grad, *(p.grad for p in fast.parameters() if p.requires_grad)],
+        [plain.x_grad, *(p.grad for p in plain.parameters() if p.requires_grad)],
+    )
+
+
+@pytest.mark.parametrize("kwargs", [{}, VARIANTS[-1]], ids=["default", "all"])
+def test_inference_path(kwargs: dict) -> None:
+    fast, plain = _pair(16, **kwargs)
+    fast.eval()
+    plain.eval()
+    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = fast(x)
+        assert torch.allclose(out, plain(x), rtol=1e-5, atol=1e-6)
+    with torch.inference_mode():
+        assert torch.allclose(fast(x), out, rtol=1e-5, atol=1e-6)
+    assert not fast(x).requires_grad or any(p.requires_grad for p in fast.parameters())
+
+
+def test_fallbacks_still_match() -> None:
+    fast, plain = _pair(8)
+    x = torch.randn(2, 8, 6, 6)
+    grad = torch.randn(2, 8, 6, 6)
+    expected = _run(plain, x, grad)
+    _assert_close(_run(fast, x[:, :, :, :6].transpose(2, 3).transpose(2, 3), grad), expected)
+    _assert_close(_run(fast, x.transpose(2, 3).contiguous().transpose(2, 3), grad), expected)
+    maps = []
+    handle = fast.spatial.register_forward_hook(lambda m, i, o: maps.append(o))
+    _assert_close(_run(fast, x, grad), expected)  # a hook on a part falls back to the parts
+    handle.remove()
+    assert len(maps) == 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast(x).shape == x.shape
+    with pytest.raises(ValueError, match="channels"):
+        fast(torch.randn(1, 4, 6, 6))
+
+
+def test_torchscript_falls_back_to_plain() -> None:
+    fast, plain = _pair(8, spatial_bn=True)
+    scripted = torch.jit.script(fast)
+    x = torch.randn(2, 8, 6, 6)
+    assert torch.allclose(scripted(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+def test_compile_fullgraph_train() -> None:
+    fast, plain = _pair(8)
+    compiled = torch.compile(fast, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 8, 6, 6)
+    grad = torch.randn(2, 8, 6, 6)
+    _assert_close(_run(compiled, x, grad), _run(plain, x, grad))
+
+
+def test_table_params_and_macs() -> None:
+    none_params, none_macs = params_and_macs("Unet", "none", size=64)
+    scse_params, _ = params_and_macs("Unet", "scse", size=64)
+    cbam_params, cbam_macs = params_and_macs("Unet", "cbam", size=64)
+    assert none_params < scse_params and none_params < cbam_params
+    assert none_macs < cbam_macs
+    from smp_cbam.bench import build_model
+
+    model = build_model("Unet", "cbam")
+    expected = 0
+    for module in model.modules():
+        if isinstance(module, CBAM):
+            c = module.channel.in_channels
+            expected += 2 * c * max(c // 16, 1) + 2 * 7 * 7 + 1  # shared MLP, 2 -> 1 conv + bias
+    assert cbam_params - none_params == expected
