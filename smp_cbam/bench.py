@@ -157,7 +157,7 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
         for attention in STEP_TYPES:
             torch.manual_seed(0)
             fns[attention] = make(build_model(arch, attention), batch, size, device)
-        med = interleaved_medians(fns, rounds, device, warmup=2)
+        med = interleaved_medians(fns, rounds, device, warmup=1)
         lines.append(
             f"{label:<22}{med['none'] * 1e3:9.1f}"
             + "".join(f"{100 * (med[t] / med['none'] - 1):+11.1f}%" for t in STEP_TYPES[1:])
@@ -212,13 +212,18 @@ def peak_memory_of_step(
     return (tracker.peak - tracker.start) / 2**20
 
 
-def memory_benchmark(device: torch.device) -> str:
+def memory_benchmark(device: torch.device, batch: int = 4, size: int = 160) -> str:
     """Peak memory of a training step per attention type."""
     how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "glibc mallinfo2, per op"
-    lines = [f"## 3. peak memory of a training step above its start, MiB ({how})"]
+    lines = [
+        f"## 3. peak memory of a training step above its start, MiB ({how}; "
+        f"batch {batch}, 3x{size}x{size})"
+    ]
     lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in STEP_TYPES))
     for arch in ARCHS:
-        peaks = [peak_memory_of_step(arch, attention, device) for attention in STEP_TYPES]
+        peaks = [
+            peak_memory_of_step(arch, attention, device, batch, size) for attention in STEP_TYPES
+        ]
         lines.append(f"{arch:<14}" + "".join(f"{p:12.1f}" for p in peaks))
     return "\n".join(lines)
 
@@ -270,9 +275,10 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
-    module_rounds = args.repeats or (3 if args.quick else 15)
-    step_rounds = args.repeats or (3 if args.quick else 12)
+    module_rounds = args.repeats or (3 if args.quick else 11)
+    step_rounds = args.repeats or (2 if args.quick else 8)
     shapes = [(s[0] // 4, *s[1:]) for s in MODULE_SHAPES] if args.quick else MODULE_SHAPES
+    batch, size = (2, 96) if args.quick else (4, 160)
     print(
         f"# smp-cbam bench: torch {torch.__version__}, smp {smp.__version__}, device {device}, "
         f"{torch.get_num_threads()} threads{', quick' if args.quick else ''}",
@@ -281,11 +287,11 @@ def main(argv: list[str] | None = None) -> int:
     if "module" in sections:
         print(module_benchmark(shapes, module_rounds, device), flush=True)
     if "step" in sections:
-        print(step_benchmark(step_rounds, device), flush=True)
+        print(step_benchmark(step_rounds, device, batch, size), flush=True)
     if "memory" in sections:
-        print(memory_benchmark(device), flush=True)
+        print(memory_benchmark(device, batch, size), flush=True)
     if "table" in sections:
-        print(table(), flush=True)
+        print(table(128 if args.quick else 256), flush=True)
     return 0
 
 
