@@ -55,7 +55,9 @@ def install() -> None:
             smp_init(self, name, **params)
         elif isinstance(name, str) and name in _FACTORIES:
             nn.Module.__init__(self)
-            self.attention = _FACTORIES[name](**params)
+            # smp passes in_channels=C; factories are called as factory(C) (AttentionFactory)
+            in_channels = params.pop("in_channels")
+            self.attention = _FACTORIES[name](in_channels, **params)
         else:
             names = ", ".join(repr(n) for n in available_attentions())
             raise ValueError(f"unknown decoder attention type {name!r}; available: {names}")
