@@ -17,7 +17,8 @@ Layout of the output directory::
         checkpoints/       best.ckpt and last.ckpt
 
 Running the same command again skips finished runs and resumes an unfinished one from its last
-epoch checkpoint.
+epoch checkpoint. ``results.csv`` holds every finished run in the directory, so grids that share
+the configuration (another seed, another arch, or a second process on another arch) add up.
 """
 
 import copy
@@ -51,6 +52,12 @@ DEFAULT_CONFIG: dict[str, Any] = {
 # Keys that may change between a run and its resumption: they do not change any single run.
 _RESUMABLE_KEYS = ("output", "grid", "data.num_workers")
 _RUNNER_TRAINER_KEYS = ("max_epochs", "callbacks", "logger", "default_root_dir")
+
+
+RESULT_COLUMNS = [
+    "dataset", "arch", "encoder", "attention", "seed", "status", "epochs", "best_epoch", "val_miou",
+    "test_miou", "params", "latency_ms", "train_seconds", "failure", "run_dir",
+]  # fmt: skip
 
 
 class ConfigError(ValueError):
@@ -358,21 +365,13 @@ def compare(config: dict) -> pd.DataFrame:
     runs = grid_runs(config)
     eta = Eta(runs, config["train"]["epochs"])
     log = _Log()
-    rows = []
     for i, run in enumerate(runs, 1):
         run_dir = output / "runs" / run.name
         result_path = run_dir / "result.json"
-        ident = {
-            "dataset": config["data"]["dataset"],
-            "arch": run.arch,
-            "encoder": config["model"]["encoder"],
-            "attention": run.attention,
-            "seed": run.seed,
-        }
         if result_path.exists():
-            rows.append(json.loads(result_path.read_text()))
             eta.run_done(run)
-            log(f"[run {i}/{len(runs)}] {run.name}: finished earlier ({rows[-1]['status']}), skipped")
+            status = json.loads(result_path.read_text())["status"]
+            log(f"[run {i}/{len(runs)}] {run.name}: finished earlier ({status}), skipped")
             continue
         run_dir.mkdir(parents=True, exist_ok=True)
         log(f"[run {i}/{len(runs)}] {run.name}  (grid time left ~{_format_seconds(eta.seconds_left())})")
@@ -381,13 +380,35 @@ def compare(config: dict) -> pd.DataFrame:
         except Exception as err:  # a failed run is recorded and the grid goes on
             row = {"status": "failed", "failure": f"{type(err).__name__}: {err}"}
             log(f"  run failed: {row['failure']}")
+        ident = {
+            "dataset": config["data"]["dataset"],
+            "arch": run.arch,
+            "encoder": config["model"]["encoder"],
+            "attention": run.attention,
+            "seed": run.seed,
+        }
         row = {**ident, **row, "run_dir": str(run_dir.relative_to(output))}
         atomic_write_text(result_path, json.dumps(row, indent=1))
         eta.run_done(run)
-        rows.append(row)
-        atomic_write_csv(pd.DataFrame(rows), output / "results.csv")
+        collect_results(output, config)
         write_report(output)
-    results = pd.DataFrame(rows)
-    atomic_write_csv(results, output / "results.csv")
+    results = collect_results(output, config)
     write_report(output)
     return results
+
+
+def collect_results(output: Path, config: dict) -> pd.DataFrame:
+    """Every finished run in ``output`` (also those of other grids or processes sharing it), in
+    grid order, written to ``results.csv``."""
+    rows = [json.loads(p.read_text()) for p in (output / "runs").glob("*/result.json")]
+    order = {run: i for i, run in enumerate(grid_runs(config))}
+    rows.sort(key=lambda r: (order.get(RunSpec(r["arch"], r["attention"], r["seed"]), len(order)), r["run_dir"]))
+    results = results_frame(rows)
+    atomic_write_csv(results, output / "results.csv")
+    return results
+
+
+def results_frame(rows: list[dict]) -> pd.DataFrame:
+    """The rows with every column of ``results.csv``, per-class IoU columns last."""
+    per_class = list(dict.fromkeys(k for row in rows for k in row if k.startswith("iou_")))
+    return pd.DataFrame(rows).reindex(columns=RESULT_COLUMNS + per_class)

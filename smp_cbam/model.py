@@ -103,8 +103,12 @@ class SegmentationModule(pl.LightningModule):
             self.ce_loss = nn.CrossEntropyLoss(
                 ignore_index=-100 if ignore_index is None else ignore_index
             )
-        iou = MulticlassJaccardIndex(
-            num_classes, average="none", ignore_index=ignore_index, zero_division=float("nan")
+        iou = MulticlassJaccardIndex(  # masks are validated by the data module, not per batch
+            num_classes,
+            average="none",
+            ignore_index=ignore_index,
+            zero_division=float("nan"),
+            validate_args=False,
         )
         self.val_iou = iou.clone()
         self.test_iou = iou.clone()
