@@ -62,10 +62,11 @@ def _overrides(args: argparse.Namespace) -> dict:
 
 
 def _quiet_lightning() -> None:
-    """The runner prints its own progress: drop Lightning's banners and a deprecation warning
-    that Lightning itself triggers."""
+    """The runner prints its own progress: drop Lightning's banners, a deprecation warning that
+    Lightning itself triggers, and the warning about checkpoints that a resumed run expects."""
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
 def _run(config: dict) -> int:
