@@ -6,6 +6,7 @@
 
 from .cbam import CBAM, ChannelAttention, SpatialAttention
 from .eca import ECA
+from .maps import AttentionMaps, capture_attention
 from .registry import available_attentions, build_attention, install, register_attention
 from .se import SqueezeExcite
 
@@ -15,10 +16,12 @@ __version__ = "0.1.0"
 __all__ = [
     "CBAM",
     "ECA",
+    "AttentionMaps",
     "ChannelAttention",
     "SpatialAttention",
     "SqueezeExcite",
     "available_attentions",
     "build_attention",
+    "capture_attention",
     "register_attention",
 ]
