@@ -8,7 +8,6 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from . import registry  # noqa: F401  (registers the attention types with smp)
 
 
 class NonFiniteLossError(RuntimeError):

@@ -22,14 +22,6 @@ from smp_cbam import CBAM
 SMALL_DECODER = (64, 32, 16, 16, 16)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small inputs: one intra-op thread avoids OpenMP spin contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _model(arch: str, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)

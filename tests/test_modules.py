@@ -6,7 +6,6 @@ they do not depend on how a module names or stores its parameters.
 """
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -17,14 +16,6 @@ from smp_cbam import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcit
 from smp_cbam.eca import eca_kernel_size
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread avoids OpenMP spin contention on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -130,14 +129,6 @@ def _isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test are dropped after it."""
     monkeypatch.setattr(smp_cbam.registry, "_FACTORIES", dict(smp_cbam.registry._FACTORIES))
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """One intra-op thread, as in the subprocesses, for bit-identical outputs (and speed)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _decoder_modules(model: nn.Module, cls: type) -> list[nn.Module]:
