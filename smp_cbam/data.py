@@ -301,8 +301,7 @@ def pets_pairs(root: Path, val_fraction: float, split_seed: int) -> dict[str, li
 def folder_pairs(root: Path, val_fraction: float, test_fraction: float, split_seed: int) -> dict[str, list[Pair]]:
     """Pairs of a user folder, flat (seeded split) or with split folders (missing val/test split
     off train)."""
-    if not root.is_dir():
-        _require_dirs(root, [], FOLDER_LAYOUT)
+    _require_dirs(root, [], FOLDER_LAYOUT)
     if (root / "images").is_dir():
         _require_dirs(root, ["masks"], FOLDER_LAYOUT)
         pool = pair_folder(root / "images", root / "masks")
