@@ -56,7 +56,7 @@ _RUNNER_TRAINER_KEYS = ("max_epochs", "callbacks", "logger", "default_root_dir")
 
 RESULT_COLUMNS = [
     "dataset", "arch", "encoder", "attention", "seed", "status", "epochs", "best_epoch", "val_miou",
-    "test_miou", "params", "latency_ms", "train_seconds", "failure", "run_dir",
+    "test_miou", "untrained_miou", "params", "latency_ms", "train_seconds", "failure", "run_dir",
 ]  # fmt: skip
 
 
@@ -268,6 +268,18 @@ def measure_latency(model: torch.nn.Module, image_shape: tuple[int, ...], repeat
     return 1000 * statistics.median(times)
 
 
+def _evaluate(
+    trainer: pl.Trainer,
+    stage: str,
+    module: SegmentationModule,
+    datamodule: SegmentationDataModule,
+    ckpt_path: str | None = None,
+) -> dict[str, float]:
+    """The ``stage`` ("test" or "val") metrics of ``module`` (or of the checkpoint)."""
+    evaluate = trainer.test if stage == "test" else trainer.validate
+    return evaluate(module, datamodule=datamodule, ckpt_path=ckpt_path, verbose=False)[0]
+
+
 def make_datamodule(config: dict, seed: int) -> SegmentationDataModule:
     try:
         return SegmentationDataModule(**config["data"], seed=seed)
@@ -282,7 +294,7 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
     pl.seed_everything(run.seed, verbose=False)
     datamodule = make_datamodule(config, run.seed)
     datamodule.setup("fit")
-    module = SegmentationModule(
+    module_args = dict(
         arch=run.arch,
         encoder=config["model"]["encoder"],
         attention=None if run.attention == "none" else run.attention,
@@ -297,6 +309,7 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
         scheduler=config["train"]["scheduler"],
         init_seed=run.seed,
     )
+    module = SegmentationModule(**module_args)
     epochs = config["train"]["epochs"]
 
     def on_epoch(row: dict) -> None:
@@ -333,8 +346,9 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
 
     best = history.rows[max(range(len(history.rows)), key=lambda i: history.rows[i]["val_miou"])]
     stage = "test" if datamodule.has_test else "val"
-    evaluate = trainer.test if stage == "test" else trainer.validate
-    metrics = evaluate(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)[0]
+    metrics = _evaluate(trainer, stage, module, datamodule, checkpoint.best_model_path)
+    untrained = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **config["trainer"])
+    untrained_miou = _evaluate(untrained, stage, SegmentationModule(**module_args), datamodule)[f"{stage}_miou"]
     image_shape = next(iter(datamodule.val_dataloader()))[0].shape[1:]
     row = {
         "status": "ok",
@@ -342,6 +356,7 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
         "best_epoch": best["epoch"],
         "val_miou": best["val_miou"],
         "test_miou": metrics["test_miou"] if stage == "test" else math.nan,
+        "untrained_miou": untrained_miou,
         "params": sum(p.numel() for p in module.model.parameters()),
         "latency_ms": measure_latency(module.model, tuple(image_shape)),
         "train_seconds": sum(r["seconds"] for r in history.rows),

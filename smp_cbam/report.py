@@ -35,6 +35,7 @@ NUMERIC_COLUMNS = (
     "best_epoch",
     "val_miou",
     "test_miou",
+    "untrained_miou",
     "params",
     "latency_ms",
     "train_seconds",
@@ -202,8 +203,8 @@ def summarize(results: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     ``metric``), ``mean``/``std`` of ``metric`` (std with ddof=1, NaN for one run),
     ``val_miou_mean``/``val_miou_std``, for each baseline ``b`` in ("none", "scse")
     ``diff_vs_b``, ``diff_vs_b_ci_low``, ``diff_vs_b_ci_high``, ``diff_vs_b_n``, ``diff_vs_b_p``
-    (NaN when the baseline is absent or is the row itself), ``params`` and ``latency_ms`` (means
-    over ok runs). ``attrs["metric"]`` holds the metric used.
+    (NaN when the baseline is absent or is the row itself), ``untrained_miou`` (when recorded),
+    ``params`` and ``latency_ms`` (means over ok runs). ``attrs["metric"]`` holds the metric used.
     """
     df = _normalize(results)
     metric = metric or primary_metric(df)
@@ -220,7 +221,7 @@ def summarize(results: pd.DataFrame, metric: str | None = None) -> pd.DataFrame:
     metric_stats = ok.groupby(cols)[metric].agg(n="count", mean="mean", std="std")
     val_ok = df[(df["status"] == "ok") & df["val_miou"].notna()]
     val_stats = val_ok.groupby(cols)["val_miou"].agg(val_miou_mean="mean", val_miou_std="std")
-    cost_cols = [c for c in ("params", "latency_ms") if c in df]
+    cost_cols = [c for c in ("untrained_miou", "params", "latency_ms") if c in df and df[c].notna().any()]
     cost = df[df["status"] == "ok"].groupby(cols)[cost_cols].mean()
     out = counts.join([metric_stats, val_stats, cost]).reset_index()
     out["n"] = out["n"].fillna(0).astype(int)
@@ -341,9 +342,12 @@ def summary_markdown(results: pd.DataFrame, metric: str | None = None, title: st
     if df.empty:
         return "\n".join([*lines, "No runs in results.csv.", ""])
     summary = summarize(df, metric)
+    untrained = "untrained_miou" in summary
     header = [
-        "| attention | n | mIoU mean ± std | Δ vs none [95% CI] | Δ vs scse [95% CI] | params | latency ms/img |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| attention | n | mIoU mean ± std | Δ vs none [95% CI] | Δ vs scse [95% CI] |"
+        + (" untrained mIoU |" if untrained else "")
+        + " params | latency ms/img |",
+        "|---|---:|---:|---:|---:|" + ("---:|" if untrained else "") + "---:|---:|",
     ]
     for group, rows in summary.groupby(keys, sort=False) if keys else [((), summary)]:
         group = group if isinstance(group, tuple) else (group,)
@@ -356,6 +360,7 @@ def summary_markdown(results: pd.DataFrame, metric: str | None = None, title: st
                 _fmt_mean_std(row["mean"], row["std"]),
                 _fmt_diff(row, "none"),
                 _fmt_diff(row, "scse"),
+                *([_pp(row["untrained_miou"])] if untrained else []),
                 _fmt_params(row.get("params", np.nan)),
                 _fmt_latency(row.get("latency_ms", np.nan)),
             ]
@@ -367,6 +372,8 @@ def summary_markdown(results: pd.DataFrame, metric: str | None = None, title: st
         "not no difference.",
         "",
     ]
+    if untrained:
+        lines += ["Untrained mIoU: the same metric for each run's initial weights, before any training.", ""]
     failed = df[df["status"] != "ok"]
     if not failed.empty:
         lines += ["## Failed runs", ""]

@@ -46,9 +46,9 @@ def test_compare_writes_results_summary_plots_and_run_files(finished: Path) -> N
         assert column in results
     assert (results["epochs"] == 2).all()
     assert results["params"].iloc[1] > results["params"].iloc[0]
-    assert results[["val_miou", "test_miou"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert results[["val_miou", "test_miou", "untrained_miou"]].apply(lambda c: c.between(0, 1)).all().all()
     summary = (finished / "summary.md").read_text()
-    assert "`cbam`" in summary and "Δ vs none" in summary
+    assert "`cbam`" in summary and "Δ vs none" in summary and "untrained mIoU" in summary
     for plot in ["miou", "learning_curves", "per_class_iou"]:
         assert (finished / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for name in ["unet-none-s0", "unet-cbam-s0"]:

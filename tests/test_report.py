@@ -160,6 +160,15 @@ def test_markdown_contents() -> None:
     assert "CI excludes 0" in text and "with few seeds the CI is wide" in text
 
 
+def test_markdown_shows_untrained_miou_when_recorded() -> None:
+    assert "untrained" not in report.summary_markdown(make_results())
+    results = make_results().assign(untrained_miou=lambda d: 0.05 + 0.01 * d["seed"])
+    text = report.summary_markdown(results)
+    # unet none: untrained mean of 0.05, 0.06, 0.07 = 6.00 percentage points
+    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M | 11.0 |" in text
+    assert "Untrained mIoU: the same metric" in text
+
+
 def test_markdown_uses_val_miou_without_test_split() -> None:
     results = make_results().assign(test_miou=np.nan)
     text = report.summary_markdown(results)
