@@ -44,14 +44,16 @@ from .report import atomic_write_csv, atomic_write_text, write_report
 DEFAULT_CONFIG: dict[str, Any] = {
     "output": "runs/synthetic",
     "grid": {"archs": ["unet", "unetplusplus"], "attentions": ["none", "scse", "cbam"], "seeds": [0, 1]},
-    "data": {"dataset": "synthetic", "batch_size": 16},
-    "model": {"encoder": "resnet18", "decoder_channels": [64, 48, 32, 24, 16], "encoder_weights": None},
+    "data": {"dataset": "synthetic", "batch_size": 16, "synthetic": {"n_train": 256}},
+    "model": {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [64, 32, 16], "encoder_weights": None},
     "train": {"epochs": 8, "lr": 2e-3, "weight_decay": 1e-4, "scheduler": "cosine"},
     "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true"},
 }
 # Keys that may change between a run and its resumption: they do not change any single run.
 _RESUMABLE_KEYS = ("output", "grid", "data.num_workers")
 _RUNNER_TRAINER_KEYS = ("max_epochs", "callbacks", "logger", "default_root_dir")
+# Keys added after some output directories were written, with the value those runs used.
+_IMPLICIT_KEYS = {"model.encoder_depth": 5}
 
 
 RESULT_COLUMNS = [
@@ -152,7 +154,7 @@ def _flatten(config: dict, prefix: str = "") -> Iterator[tuple[str, Any]]:
 
 def _check_resumable(saved: dict, config: dict, output: Path) -> None:
     def run_defining(c: dict) -> dict:
-        return {k: v for k, v in _flatten(c) if not k.startswith(_RESUMABLE_KEYS)}
+        return {**_IMPLICIT_KEYS, **{k: v for k, v in _flatten(c) if not k.startswith(_RESUMABLE_KEYS)}}
 
     old, new = run_defining(saved), run_defining(config)
     changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
@@ -303,6 +305,7 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
         ignore_index=datamodule.ignore_index,
         class_names=datamodule.class_names,
         decoder_channels=config["model"]["decoder_channels"],
+        encoder_depth=config["model"]["encoder_depth"],
         encoder_weights=config["model"]["encoder_weights"],
         lr=config["train"]["lr"],
         weight_decay=config["train"]["weight_decay"],

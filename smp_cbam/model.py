@@ -23,12 +23,14 @@ def build_model(
     decoder_channels: Sequence[int] | None = None,
     encoder_weights: str | None = None,
     seed: int | None = None,
+    encoder_depth: int = 5,
 ) -> nn.Module:
     """An smp model; with ``seed``, every weight outside the attention modules is initialised
     exactly as in the same model without attention, so runs that differ only in the attention
     type start from the same encoder and decoder."""
     kwargs = dict(
         encoder_name=encoder,
+        encoder_depth=encoder_depth,
         encoder_weights=encoder_weights,
         in_channels=in_channels,
         classes=classes,
@@ -71,6 +73,7 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = 1e-4,
         scheduler: str = "cosine",
         init_seed: int | None = None,
+        encoder_depth: int = 5,
     ):
         super().__init__()
         if num_classes < 2:
@@ -93,6 +96,7 @@ class SegmentationModule(pl.LightningModule):
             decoder_channels,
             encoder_weights,
             init_seed,
+            encoder_depth,
         )
         mode = "binary" if self.binary else "multiclass"
         self.dice_loss = smp.losses.DiceLoss(mode, ignore_index=ignore_index)

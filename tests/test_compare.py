@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0]},
     "data": {"dataset": "synthetic", "batch_size": 8, "synthetic": {"size": 32, "n_train": 16, "n_val": 8, "n_test": 8}},
-    "model": {"decoder_channels": [32, 16, 16, 16, 16]},
+    "model": {"encoder_depth": 3, "decoder_channels": [32, 16, 16]},
     "train": {"epochs": 2},
 }
 METRICS = ["val_miou", "test_miou", "best_epoch", "epochs"]

@@ -12,7 +12,7 @@ NAMES = ["compare_results.ipynb", "attention_maps.ipynb"]
 TINY = {
     "grid": {"archs": ["unet"], "attentions": ["none", "scse", "cbam"], "seeds": [0, 1]},
     "data": {"dataset": "synthetic", "batch_size": 8, "synthetic": {"size": 32, "n_train": 8, "n_val": 8, "n_test": 8}},
-    "model": {"encoder": "mobilenet_v2", "decoder_channels": [32, 16, 16, 16, 16]},
+    "model": {"encoder": "mobilenet_v2", "encoder_depth": 5, "decoder_channels": [32, 16, 16, 16, 16]},
     "train": {"epochs": 2},
 }
 
