@@ -184,7 +184,7 @@ class EpochHistory(pl.Callback):
         self._losses.append(float(outputs["loss"]))
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or not self._losses:
+        if trainer.state.fn != "fit" or trainer.sanity_checking:
             return
         metrics = trainer.callback_metrics
         row = {
@@ -347,7 +347,7 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
         log(f"  resuming from {resume}")
     trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
 
-    best = history.rows[max(range(len(history.rows)), key=lambda i: history.rows[i]["val_miou"])]
+    best = max(history.rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
     stage = "test" if datamodule.has_test else "val"
     metrics = _evaluate(trainer, stage, module, datamodule, checkpoint.best_model_path)
     untrained = pl.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, **config["trainer"])
@@ -355,14 +355,12 @@ def run_one(config: dict, run: RunSpec, run_dir: Path, eta: Eta, log: _Log) -> d
     image_shape = next(iter(datamodule.val_dataloader()))[0].shape[1:]
     row = {
         "status": "ok",
-        "epochs": len(history.rows),
         "best_epoch": best["epoch"],
         "val_miou": best["val_miou"],
         "test_miou": metrics["test_miou"] if stage == "test" else math.nan,
         "untrained_miou": untrained_miou,
         "params": sum(p.numel() for p in module.model.parameters()),
         "latency_ms": measure_latency(module.model, tuple(image_shape)),
-        "train_seconds": sum(r["seconds"] for r in history.rows),
         "failure": "",
     }
     for name in module.class_names:
@@ -415,10 +413,19 @@ def compare(config: dict) -> pd.DataFrame:
     return results
 
 
+def _with_history(row: dict, output: Path) -> dict:
+    """``epochs`` and ``train_seconds`` of a run, from its ``history.csv``."""
+    history = output / row["run_dir"] / "history.csv"
+    if not history.exists():
+        return row
+    epochs = pd.read_csv(history)
+    return {**row, "epochs": len(epochs), "train_seconds": float(epochs["seconds"].sum())}
+
+
 def collect_results(output: Path, config: dict) -> pd.DataFrame:
     """Every finished run in ``output`` (also those of other grids or processes sharing it), in
     grid order, written to ``results.csv``."""
-    rows = [json.loads(p.read_text()) for p in (output / "runs").glob("*/result.json")]
+    rows = [_with_history(json.loads(p.read_text()), output) for p in (output / "runs").glob("*/result.json")]
     order = {run: i for i, run in enumerate(grid_runs(config))}
     rows.sort(key=lambda r: (order.get(RunSpec(r["arch"], r["attention"], r["seed"]), len(order)), r["run_dir"]))
     results = results_frame(rows)

@@ -60,6 +60,7 @@ def test_compare_writes_results_summary_plots_and_run_files(finished: Path) -> N
         best = history.loc[history["val_miou"].idxmax()]
         row = results[results["run_dir"] == f"runs/{name}"].iloc[0]
         assert row["best_epoch"] == best["epoch"] and row["val_miou"] == pytest.approx(best["val_miou"])
+        assert row["train_seconds"] == pytest.approx(history["seconds"].sum())
 
 
 def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tmp_path: Path) -> None:
@@ -139,6 +140,18 @@ def test_folder_dataset_runs_from_the_command_line(tmp_path: Path, capsys) -> No
     assert "| `cbam` |" in printed and str((tmp_path / "out").resolve()) in printed
     results = pd.read_csv(tmp_path / "out" / "results.csv")
     assert set(results["status"]) == {"ok"} and {"iou_background", "iou_foreground"} <= set(results)
+    assert (results["epochs"] == 1).all()
+
+
+def test_without_a_test_split_the_best_checkpoint_is_validated_and_history_kept(tmp_path: Path) -> None:
+    data = {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "n_test": 0}}
+    results = compare(tiny_config(tmp_path, data=data, train={"epochs": 3}))
+    assert results["test_miou"].isna().all() and (results["epochs"] == 3).all()
+    for _, row in results.iterrows():
+        history = pd.read_csv(tmp_path / row["run_dir"] / "history.csv")
+        assert list(history["epoch"]) == [0, 1, 2]
+        assert row["val_miou"] == pytest.approx(history["val_miou"].max())
+        assert row["iou_disc"] >= 0
 
 
 def test_bad_data_stops_before_training_naming_the_file(tmp_path: Path, capsys) -> None:
