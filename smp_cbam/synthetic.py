@@ -1,23 +1,26 @@
 """A small synthetic segmentation task in which image-level context decides the labels.
 
 Every image (64x64 RGB by default) shows 4 to 6 objects (discs, squares, triangles of random size,
-rotation and colour) on a noisy background. An object's *texture* is stripes, checks, dots or
-plain. The classes are ``background``, ``stripes``, ``checks`` and ``dots``, and a global cue, the
-**tint** of the background, decides which texture means which class:
+rotation and colour) on a noisy background. An object's *texture* is horizontal stripes, vertical
+stripes, dots or plain. The classes are ``background``, ``hstripes``, ``vstripes`` and ``dots``,
+and a global cue, the **tint** of the background, decides which texture means which class:
 
 - warm images (background shifted towards red): each textured object's class is its texture;
-- cool images (background shifted towards blue): the textures rotate, so stripes are labelled
-  ``checks``, checks ``dots`` and dots ``stripes``;
-- plain objects, thin lines and dots are clutter: always background.
+- cool images (background shifted towards blue): the textures rotate, so horizontal stripes are
+  labelled ``vstripes``, vertical stripes ``dots`` and dots ``hstripes``;
+- plain objects, thin lines and small dots are clutter: always background.
 
 Two thirds of the images are warm, so the texture alone already hints at the class (which makes
 the task learnable step by step), but only texture and tint together decide it. Shapes and colours
 carry no information. The tint is an image-level property: the background brightness varies per
 image and a low-frequency colour field, pixel noise and the object colours blur it locally, so it
-is read most reliably by pooling over the image.
+is read most reliably by pooling over the image. (Horizontal flips keep the stripe orientation;
+rotating the images by 90 degrees would not.)
 
 A model that ignores the tint can at best label every textured object as in a warm image
-(:meth:`SyntheticSet.cue_blind`): its mIoU is about 0.6, against 1.0 for a model that uses it.
+(:meth:`SyntheticSet.cue_blind`): its mIoU is about 0.64, against 1.0 for a model that uses it;
+predicting only background gives about 0.22. A resnet18 Unet (encoder depth 3, decoders 64/32/16)
+trained for 8 epochs on 256 images reaches about 0.7 on the validation split.
 
 Why attention can help: channel attention pools every channel over the whole image, which is
 exactly the statistic that carries the tint, and can re-weight the texture channels per image;
@@ -32,8 +35,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-CLASS_NAMES = ("background", "stripes", "checks", "dots")
-CUES = ("warm", "cool")
+CLASS_NAMES = ("background", "hstripes", "vstripes", "dots")
 SPLITS = ("train", "val", "test")
 DEFAULTS = {"size": 64, "n_train": 384, "n_val": 64, "n_test": 64, "seed": 1234, "noise": 10.0}
 P_WARM = 2 / 3
@@ -47,7 +49,7 @@ _SHAPE_SCALE = (0.8, 1.2, 1.0)  # disc, triangle, square of similar area
 class SyntheticSet:
     """Images (N, H, W, 3) uint8 RGB, masks (N, H, W) uint8 class indices, the cue of each image
     (N,) (0 warm, 1 cool), and ``textures`` (N, H, W) uint8: 0 off objects, 1..3 the texture
-    (stripes, checks, dots), ``PLAIN`` for plain objects."""
+    (horizontal stripes, vertical stripes, dots), ``PLAIN`` for plain objects."""
 
     images: np.ndarray
     masks: np.ndarray
@@ -69,11 +71,10 @@ def label(texture: int, cue: int) -> int:
 def _pattern(texture: int, ys: np.ndarray, xs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Which of the pixels (ys, xs) of an object show its bright colour (the rest are dark)."""
     ys, xs = ys + rng.integers(0, 8), xs + rng.integers(0, 8)
-    if texture == 1:  # broad stripes, period 8, at a random angle
-        theta = rng.uniform(0, np.pi)
-        return (xs * np.cos(theta) + ys * np.sin(theta)) % 8 < 4
-    if texture == 2:  # fine checkerboard of 2x2 squares
-        return (ys // 2 + xs // 2) % 2 == 0
+    if texture == 1:  # horizontal stripes
+        return ys % 6 < 3
+    if texture == 2:  # vertical stripes
+        return xs % 6 < 3
     if texture == 3:  # sparse 2x2 dots on a 6-pixel grid
         return (ys % 6 < 2) & (xs % 6 < 2)
     return np.ones(len(ys), bool)
@@ -85,6 +86,7 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _render(rng: np.random.Generator, size: int, noise: float) -> tuple[np.ndarray, np.ndarray, int, np.ndarray]:
+    """One image: (image, mask, cue, textures)."""
     cue = int(rng.random() >= P_WARM)
     sign = 1.0 if cue == 0 else -1.0
     tint = rng.uniform(24, 32)
