@@ -369,8 +369,8 @@ class SeededSampler(Sampler[tuple[int, int]]):
     sample's seed only on ``(seed, epoch, index)``. Lightning calls :meth:`set_epoch` at the start
     of every training epoch, also after resuming from a checkpoint."""
 
-    def __init__(self, length: int, seed: int, shuffle: bool = True):
-        self.length, self.seed, self.shuffle, self.epoch = length, seed, shuffle, 0
+    def __init__(self, length: int, seed: int):
+        self.length, self.seed, self.epoch = length, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -380,7 +380,7 @@ class SeededSampler(Sampler[tuple[int, int]]):
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.length) if self.shuffle else np.arange(self.length)
+        order = rng.permutation(self.length)
         sample_seeds = rng.integers(0, 2**32, self.length)
         for index in order:
             yield int(index), int(sample_seeds[index])
