@@ -44,9 +44,9 @@ from .report import atomic_write_csv, atomic_write_text, write_report
 DEFAULT_CONFIG: dict[str, Any] = {
     "output": "runs/synthetic",
     "grid": {"archs": ["unet", "unetplusplus"], "attentions": ["none", "scse", "cbam"], "seeds": [0, 1]},
-    "data": {"dataset": "synthetic", "batch_size": 16, "synthetic": {"n_train": 256}},
+    "data": {"dataset": "synthetic", "batch_size": 16, "synthetic": {"n_train": 192}},
     "model": {"encoder": "resnet18", "encoder_depth": 3, "decoder_channels": [64, 32, 16], "encoder_weights": None},
-    "train": {"epochs": 8, "lr": 2e-3, "weight_decay": 1e-4, "scheduler": "cosine"},
+    "train": {"epochs": 4, "lr": 2e-3, "weight_decay": 1e-4, "scheduler": "cosine"},
     "trainer": {"accelerator": "cpu", "devices": 1, "precision": "32-true"},
 }
 # Keys that may change between a run and its resumption: they do not change any single run.
