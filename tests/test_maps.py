@@ -154,8 +154,9 @@ def test_hooks_are_removed_and_the_record_stops_filling() -> None:
     assert not any(m._forward_hooks for m in model.modules())
 
 
-def test_capture_changes_neither_outputs_nor_batchnorm_statistics() -> None:
-    smp_cbam.register_attention("cbam_bn_maps_test", partial(CBAM, spatial_bn=True), overwrite=True)
+def test_capture_changes_neither_outputs_nor_batchnorm_statistics(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(smp_cbam.registry, "_FACTORIES", dict(smp_cbam.registry._FACTORIES))
+    smp_cbam.register_attention("cbam_bn_maps_test", partial(CBAM, spatial_bn=True))
     plain, captured = make_model("unet", "cbam_bn_maps_test").train(), make_model("unet", "cbam_bn_maps_test").train()
     expected = plain(images())
     with capture_attention(captured) as maps:
