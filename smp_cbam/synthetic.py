@@ -19,8 +19,9 @@ rotating the images by 90 degrees would not.)
 
 A model that ignores the tint can at best label every textured object as in a warm image
 (:meth:`SyntheticSet.cue_blind`): its mIoU is about 0.64, against 1.0 for a model that uses it;
-predicting only background gives about 0.22. A resnet18 Unet (encoder depth 3, decoders 64/32/16)
-trained for 8 epochs on 256 images reaches about 0.7 on the validation split.
+predicting only background gives about 0.22. Trained from scratch on a CPU with cross-entropy,
+a resnet18 Unet reached 0.85 validation mIoU after 10 epochs on the default 384 images, and one
+with encoder depth 3 and decoder channels 64/32/16 reached 0.73 after 8 epochs on 256 images.
 
 Why attention can help: channel attention pools every channel over the whole image, which is
 exactly the statistic that carries the tint, and can re-weight the texture channels per image;
