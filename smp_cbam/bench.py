@@ -9,6 +9,7 @@ import argparse
 import ctypes
 import gc
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -19,13 +20,15 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.base.modules import SCSEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
+from torch.autograd.function import FunctionCtx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cbam import CBAM
 
 MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
-STEP_TYPES = ("none", "scse", "cbam", "cbam_plain")
+MEMORY_TYPES = ("none", "scse", "cbam", "cbam_plain")
+STEP_TYPES = (*MEMORY_TYPES, "cbam_floor")
 TABLE_TYPES = ("none", "scse", "cbam", "cbam_channel", "cbam_spatial", "se", "eca")
 ARCHS = {"Unet": smp.Unet, "UnetPlusPlus": smp.UnetPlusPlus}
 
@@ -38,13 +41,20 @@ def _sync(device: torch.device) -> None:
 def interleaved_medians(
     fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1
 ) -> dict[str, float]:
-    """Median seconds per call of each function, calling them in turn ``rounds`` times."""
+    """Median seconds per call of each function, calling each once per round for ``rounds`` rounds.
+
+    The order is shuffled every round (seeded), so that no contender always follows the same one
+    (the allocator and cache state a call leaves behind can speed up or slow down the next).
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order = list(fns.items())
+    rng = random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name, fn in order:
             _sync(device)
             start = time.perf_counter()
             fn()
@@ -57,19 +67,51 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
+class _SweepFloor(torch.autograd.Function):
+    """Timing reference, not CBAM: only the full-size passes that the fast CBAM makes.
+
+    Pooling, gating and the backward's matmuls and scaling over the whole tensor, without the
+    MLP, the 7x7 convolution and the max indices; its gradients are wrong. What it adds to a step
+    bounds from below what this design of CBAM can add with eager PyTorch ops.
+    """
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:
+        g_c = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
+        out = x * g_c
+        g_s = torch.sigmoid(out.mean(dim=1, keepdim=True) + out.amax(dim=1, keepdim=True))
+        ctx.save_for_backward(x, g_c, g_s)
+        return out.mul_(g_s)
+
+    @staticmethod
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
+        x, g_c, g_s = ctx.saved_tensors
+        n, c, h, w = x.shape
+        t = grad * x
+        d_s = torch.bmm(g_c.view(n, 1, c), t.view(n, c, h * w))
+        d_c = torch.bmm(t.view(n, c, h * w), g_s.view(n, h * w, 1))
+        d_c += torch.bmm(x.view(n, c, h * w), g_s.view(n, h * w, 1))
+        torch.addcmul(d_s.view(n, 1, h, w), grad, g_s, out=t)
+        return t.mul_(g_c).add_(d_c.view(n, c, 1, 1))
+
+
 def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
-    """A resnet18 ``arch`` with random weights; ``cbam_plain`` is CBAM without the fast path."""
-    name = "cbam" if attention == "cbam_plain" else attention
+    """A resnet18 ``arch`` with random weights.
+
+    ``cbam_plain`` is CBAM without the fast path, ``cbam_floor`` the ``_SweepFloor`` reference.
+    """
+    name = "cbam" if attention in ("cbam_plain", "cbam_floor") else attention
     model = ARCHS[arch](
         encoder_name="resnet18",
         encoder_weights=None,
         decoder_attention_type=None if name == "none" else name,
         **kwargs,
     )
-    if attention == "cbam_plain":
-        for module in model.modules():
-            if isinstance(module, CBAM):
-                module.fast = False
+    for module in model.modules():
+        if isinstance(module, CBAM) and attention == "cbam_plain":
+            module.fast = False
+        elif isinstance(module, CBAM) and attention == "cbam_floor":
+            module.forward = _SweepFloor.apply
     return model
 
 
@@ -219,10 +261,10 @@ def memory_benchmark(device: torch.device, batch: int = 4, size: int = 160) -> s
         f"## 3. peak memory of a training step above its start, MiB ({how}; "
         f"batch {batch}, 3x{size}x{size})"
     ]
-    lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in STEP_TYPES))
+    lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in MEMORY_TYPES))
     for arch in ARCHS:
         peaks = [
-            peak_memory_of_step(arch, attention, device, batch, size) for attention in STEP_TYPES
+            peak_memory_of_step(arch, attention, device, batch, size) for attention in MEMORY_TYPES
         ]
         lines.append(f"{arch:<14}" + "".join(f"{p:12.1f}" for p in peaks))
     return "\n".join(lines)

@@ -30,17 +30,18 @@ def _check_channels(x: torch.Tensor, in_channels: int) -> None:
         )
 
 
-def _channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Mean and max over H*W, both ``(N, C, 1, 1)``, and the flat argmax, ``(N, C, 1)``."""
+def _channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and max over H*W, both ``(N, C, 1, 1)``.
+
+    The max is ``torch.max(dim)``'s, whose gradient goes to the first maximal element of a tie.
+    """
     flat = x.flatten(2)
-    mx = flat.max(dim=2, keepdim=True)
-    return flat.mean(dim=2, keepdim=True).unsqueeze(3), mx[0].unsqueeze(3), mx[1]
+    return flat.mean(dim=2, keepdim=True).unsqueeze(3), flat.max(dim=2, keepdim=True)[0].unsqueeze(3)
 
 
-def _spatial_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Channel mean and max stacked as ``(N, 2, H, W)``, and the channel argmax, ``(N, 1, H, W)``."""
-    mx = x.max(dim=1, keepdim=True)
-    return torch.cat([x.mean(dim=1, keepdim=True), mx[0]], dim=1), mx[1]
+def _spatial_pool(x: torch.Tensor) -> torch.Tensor:
+    """Channel mean and max stacked as ``(N, 2, H, W)``; ``torch.max(dim)`` as in ``_channel_pool``."""
+    return torch.cat([x.mean(dim=1, keepdim=True), x.max(dim=1, keepdim=True)[0]], dim=1)
 
 
 class ChannelAttention(nn.Module):
@@ -61,7 +62,7 @@ class ChannelAttention(nn.Module):
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, shape ``(N, C, 1, 1)``."""
         _check_channels(x, self.in_channels)
-        avg, mx, _ = _channel_pool(x)
+        avg, mx = _channel_pool(x)
         return self._mlp_gate(avg, mx)
 
     def _mlp_gate(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
@@ -84,7 +85,7 @@ class SpatialAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial map, shape ``(N, 1, H, W)``."""
-        return self._conv_gate(_spatial_pool(x)[0])
+        return self._conv_gate(_spatial_pool(x))
 
     def _conv_gate(self, pooled: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.bn(self.conv(pooled)))
@@ -170,11 +171,12 @@ class CBAM(nn.Module):
 # where d_avg, d_max come from autograd through the MLP and sigmoid (small). The MLP and the
 # conv/bn keep ordinary autograd graphs over small leaf tensors made in the forward, so their
 # parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
-# Both paths pool with torch.max(dim), so a tied max sends its gradient to the same element.
+# Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
+# the fast path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax).
 
 
 def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_channel_pool``'s max and flat argmax without its slow indexed reduction over H*W.
+    """The max over H*W and its flat index, as ``x.flatten(2).max(dim=2)`` gives them, faster.
 
     The max over W, then the first row holding the maximum, then the first column in that row:
     the first maximal element in H*W order, which is what ``torch.max(dim)`` returns.
@@ -183,6 +185,19 @@ def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     mx, row = x.amax(dim=3).max(dim=2, keepdim=True)
     cols = x.gather(2, row.unsqueeze(3).expand(n, c, 1, w)).view(n, c, w)
     return mx.unsqueeze(3), row * w + cols.argmax(dim=2, keepdim=True)
+
+
+def _channel_argmax(y: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """The first channel where ``y`` reaches its channel max ``mx``: ``y.max(dim=1)``'s index.
+
+    Float32 ops only (on CPU, an indexed or bool-valued reduction over dim 1 is 2-3x slower):
+    mark the hits with 1.0, weight channel ``c`` by ``C - c``, take the largest weight.
+    """
+    c = y.shape[1]
+    rank = torch.arange(c, 0, -1, dtype=torch.float32, device=y.device).view(1, c, 1, 1)
+    hits = torch.eq(y, mx, out=torch.empty_like(y, dtype=torch.float32)).mul_(rank)
+    # a NaN matches nothing: clamp keeps the index valid, the values are NaN anyway
+    return (c - hits.amax(dim=1, keepdim=True).long()).clamp_(max=c - 1)
 
 
 def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
@@ -197,11 +212,9 @@ def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tens
     with torch.set_grad_enabled(track):
         g_c = cbam.channel._mlp_gate(avg, mx)
     out = x * g_c
-    if track:
-        pooled, idx_s = _spatial_pool(out)
-    else:
-        pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
-        idx_s = None
+    mx_s = out.amax(dim=1, keepdim=True)
+    pooled = torch.cat([out.mean(dim=1, keepdim=True), mx_s], dim=1)
+    idx_s = _channel_argmax(out, mx_s) if track else None
     # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
     pooled = pooled.contiguous(memory_format=torch.channels_last).requires_grad_(track)
     with torch.set_grad_enabled(track):
@@ -256,7 +269,7 @@ class _FastCBAM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
             dx.scatter_add_(1, idx_s, d_max_c)
-            torch.addcmul(d_avg / hw, dx, gc, out=dx)
+            dx.mul_(gc).add_(d_avg / hw)  # faster than addcmul with two broadcast operands
             dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
             if ctx.residual:
                 dx.add_(grad)

@@ -7,7 +7,7 @@ import torch
 
 from smp_cbam import CBAM
 from smp_cbam.bench import params_and_macs
-from smp_cbam.cbam import _FastCBAM
+from smp_cbam.cbam import _channel_argmax, _channel_max_indexed, _FastCBAM
 
 VARIANTS = [
     {},
@@ -99,6 +99,27 @@ def test_ties_from_all_equal_input() -> None:
     x = torch.ones(2, 4, 5, 5)
     grad = torch.randn(2, 4, 5, 5)
     _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 5, 300])
+def test_index_helpers_pick_torch_max_index(dtype: torch.dtype, channels: int) -> None:
+    # integers tie often; 300 channels exceed what bfloat16 counts exactly (256)
+    x = torch.randint(-3, 4, (2, channels, 6, 5)).to(dtype)
+    x[0, :, 1, 1] = 9  # all channels tie at one pixel
+    mx_hw, idx_hw = _channel_max_indexed(x)
+    ref_hw = x.flatten(2).max(dim=2, keepdim=True)
+    assert torch.equal(mx_hw.flatten(2), ref_hw.values) and torch.equal(idx_hw, ref_hw.indices)
+    mx_c = x.amax(dim=1, keepdim=True)
+    assert torch.equal(_channel_argmax(x, mx_c), x.max(dim=1, keepdim=True).indices)
+
+
+def test_channel_argmax_stays_in_range_on_nan() -> None:
+    x = torch.randn(1, 4, 3, 3)
+    x[0, 2, 1, 1] = float("nan")
+    idx = _channel_argmax(x, x.amax(dim=1, keepdim=True))
+    assert idx.min() >= 0 and idx.max() <= 3
+    assert torch.equal(idx[0, 0, 0], x.max(dim=1).indices[0, 0])
 
 
 def test_only_parameters_need_grad() -> None:

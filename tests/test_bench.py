@@ -1,0 +1,42 @@
+"""The benchmark runs end to end and prints parseable ratios (no timing assertions)."""
+
+import re
+
+import pytest
+import torch
+
+from smp_cbam.bench import STEP_TYPES, build_model, interleaved_medians, main
+
+
+def test_interleaved_medians_calls_every_function_each_round() -> None:
+    calls = {"a": 0, "b": 0, "c": 0}
+
+    def make(name: str):
+        return lambda: calls.__setitem__(name, calls[name] + 1)
+
+    medians = interleaved_medians({k: make(k) for k in calls}, rounds=5, device=torch.device("cpu"))
+    assert calls == {"a": 6, "b": 6, "c": 6}  # one warm-up call each
+    assert set(medians) == set(calls) and all(m >= 0 for m in medians.values())
+
+
+@pytest.mark.parametrize("attention", STEP_TYPES)
+def test_step_models_train(attention: str) -> None:
+    model = build_model("Unet", attention, encoder_depth=3, decoder_channels=(64, 32, 16))
+    x = torch.randn(2, 3, 32, 32, requires_grad=True)
+    model(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+def test_quick_run_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--quick", "--repeats", "1", "--threads", "1", "--sections", "module,step"]) == 0
+    out = capsys.readouterr().out
+    geomean = re.search(r"geometric mean\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
+    assert geomean and all(float(v) > 0 for v in geomean.groups())
+    for setting in ("Unet train", "UnetPlusPlus train", "Unet inference"):
+        row = re.search(rf"^{setting}\s+([\d.]+)((\s+[+-][\d.]+%){{{len(STEP_TYPES) - 1}}})$", out, re.M)
+        assert row, f"no row for {setting} in:\n{out}"
+
+
+def test_unknown_section_is_an_error() -> None:
+    with pytest.raises(SystemExit):
+        main(["--sections", "module,nope"])
