@@ -13,8 +13,9 @@ found in published implementations.
 """
 
 import torch
-from torch.autograd.function import FunctionCtx, once_differentiable
+import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -67,6 +68,17 @@ class ChannelAttention(nn.Module):
 
     def _mlp_gate(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.mlp(avg) + self.mlp(mx))
+
+    def _linear_gate(self, avg: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+        """``_mlp_gate`` for ``(N, C)`` descriptors: both through one pair of matmuls.
+
+        The same weights as the 1x1 convolutions, without their fixed cost per call (on CPU,
+        oneDNN takes about 50 us per tiny convolution, forward or backward).
+        """
+        first, _, second = self.mlp
+        hidden = F.relu(F.linear(torch.cat([avg, mx]), first.weight.flatten(1), first.bias))
+        z = F.linear(hidden, second.weight.flatten(1), second.bias)
+        return torch.sigmoid(z[: len(avg)] + z[len(avg) :])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -165,18 +177,18 @@ class CBAM(nn.Module):
 # G = dL/dout and T = G*x its one full-size temporary, uses
 #   dL/ds = sum_c T g                                   (a batched matmul)
 #   dL/dP = autograd through sigmoid, bn and conv        (small)
-#   dL/dg = sum_hw T s + sum_hw x dP_avg / C + x[argmax_c] dP_max
+#   dL/dg = sum_hw T s + sum_hw x dP_avg / C + x[argmax_c] dP_max    (argmax_c from y = x*g in T)
 #   dL/dy = G s + dP_avg / C + dP_max scattered to argmax_c                (written into T)
 #   dL/dx = g dL/dy + d_avg / HW + d_max scattered to argmax_hw (+ G)      (in place in T)
 # where d_avg, d_max come from autograd through the MLP and sigmoid (small). The MLP and the
 # conv/bn keep ordinary autograd graphs over small leaf tensors made in the forward, so their
 # parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
 # Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
-# the fast path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax).
+# the fast path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
 
 
 def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The max over H*W and its flat index, as ``x.flatten(2).max(dim=2)`` gives them, faster.
+    """The max over H*W, ``(N, C)``, and its flat index, ``(N, C, 1)``: ``x.flatten(2).max(dim=2)``.
 
     The max over W, then the first row holding the maximum, then the first column in that row:
     the first maximal element in H*W order, which is what ``torch.max(dim)`` returns.
@@ -184,37 +196,38 @@ def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     n, c, h, w = x.shape
     mx, row = x.amax(dim=3).max(dim=2, keepdim=True)
     cols = x.gather(2, row.unsqueeze(3).expand(n, c, 1, w)).view(n, c, w)
-    return mx.unsqueeze(3), row * w + cols.argmax(dim=2, keepdim=True)
+    return mx.view(n, c), row * w + cols.argmax(dim=2, keepdim=True)
 
 
-def _channel_argmax(y: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-    """The first channel where ``y`` reaches its channel max ``mx``: ``y.max(dim=1)``'s index.
+def _channel_argmax_(y: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
+    """The first channel where ``y`` reaches its channel max ``mx`` (``y.max(dim=1)``'s index).
 
-    Float32 ops only (on CPU, an indexed or bool-valued reduction over dim 1 is 2-3x slower):
-    mark the hits with 1.0, weight channel ``c`` by ``C - c``, take the largest weight.
+    Overwrites ``y``. Float ops only, since on CPU an indexed or bool-valued reduction over dim 1
+    is 2-3x slower: mark the hits with 1.0, weight channel ``c`` by ``C - c``, take the largest.
     """
     c = y.shape[1]
-    rank = torch.arange(c, 0, -1, dtype=torch.float32, device=y.device).view(1, c, 1, 1)
-    hits = torch.eq(y, mx, out=torch.empty_like(y, dtype=torch.float32)).mul_(rank)
+    if c > 2 / torch.finfo(y.dtype).eps:  # the weights would not be exact in y's dtype
+        return y.max(dim=1, keepdim=True)[1]
+    rank = torch.arange(c, 0, -1, dtype=y.dtype, device=y.device).view(1, c, 1, 1)
+    weights = torch.eq(y, mx, out=y).mul_(rank)
     # a NaN matches nothing: clamp keeps the index valid, the values are NaN anyway
-    return (c - hits.amax(dim=1, keepdim=True).long()).clamp_(max=c - 1)
+    return (c - weights.amax(dim=1, keepdim=True).long()).clamp_(max=c - 1)
 
 
 def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
     """Run under no_grad; with ``track`` the indices and small gate graphs for the backward."""
-    avg = x.flatten(2).mean(dim=2, keepdim=True).unsqueeze(3)
+    n, c = x.shape[:2]
+    avg = x.flatten(2).mean(dim=2)
     if track:
         mx, idx_c = _channel_max_indexed(x)
     else:
-        mx, idx_c = x.amax(dim=(2, 3), keepdim=True), None
+        mx, idx_c = x.amax(dim=(2, 3)), None
     avg.requires_grad_(track)
     mx.requires_grad_(track)
     with torch.set_grad_enabled(track):
-        g_c = cbam.channel._mlp_gate(avg, mx)
-    out = x * g_c
-    mx_s = out.amax(dim=1, keepdim=True)
-    pooled = torch.cat([out.mean(dim=1, keepdim=True), mx_s], dim=1)
-    idx_s = _channel_argmax(out, mx_s) if track else None
+        g_c = cbam.channel._linear_gate(avg, mx)
+    out = x * g_c.detach().view(n, c, 1, 1)
+    pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
     # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
     pooled = pooled.contiguous(memory_format=torch.channels_last).requires_grad_(track)
     with torch.set_grad_enabled(track):
@@ -222,14 +235,14 @@ def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tens
     out.mul_(g_s)
     if cbam.residual:
         out.add_(x)
-    return out, (avg, mx, g_c, pooled, g_s, idx_c, idx_s)
+    return out, (avg, mx, g_c, pooled, g_s, idx_c)
 
 
 class _FastCBAM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        out, (avg, mx, g_c, pooled, g_s, idx_c, idx_s) = _fused_forward(cbam, x, track=True)
-        ctx.save_for_backward(x, idx_c, idx_s, *params)
+        out, (avg, mx, g_c, pooled, g_s, idx_c) = _fused_forward(cbam, x, track=True)
+        ctx.save_for_backward(x, idx_c, *params)
         ctx.graph = (avg, mx, g_c, pooled, g_s)
         ctx.n_channel_params = len(list(cbam.channel.parameters()))
         ctx.residual = cbam.residual
@@ -238,7 +251,7 @@ class _FastCBAM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
-        x, idx_c, idx_s, *params = ctx.saved_tensors
+        x, idx_c, *params = ctx.saved_tensors
         avg, mx, g_c, pooled, g_s = ctx.graph
         needs = ctx.needs_input_grad[2:]
         k = ctx.n_channel_params
@@ -246,7 +259,7 @@ class _FastCBAM(torch.autograd.Function):
         hw = h * w
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         grad = grad.contiguous(memory_format=fmt)
-        gc, gs = g_c.detach(), g_s.detach()
+        gc, gs = g_c.detach().view(n, c, 1, 1), g_s.detach()
 
         t = grad * x
         d_gs = torch.bmm(gc.view(n, 1, c), t.view(n, c, hw))
@@ -255,8 +268,11 @@ class _FastCBAM(torch.autograd.Function):
         d_pooled, *d_sp = torch.autograd.grad(
             g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True
         )
-        d_avg_c, d_max_c = d_pooled[:, :1], d_pooled[:, 1:]
+        # contiguous halves: a strided broadcast operand slows full-size ops 2-4x
+        d_avg_c, d_max_c = d_pooled.contiguous().split(1, dim=1)
         d_gc += torch.bmm(x.view(n, c, hw), d_avg_c.reshape(n, hw, 1)) / c
+        mx_s = pooled.detach()[:, 1:].contiguous()
+        idx_s = _channel_argmax_(torch.mul(x, gc, out=t), mx_s)  # T is free again
         d_gc.view(n, c).scatter_add_(
             1, idx_s.reshape(n, hw), (x.gather(1, idx_s) * d_max_c).reshape(n, hw)
         )
@@ -269,7 +285,7 @@ class _FastCBAM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
             dx.scatter_add_(1, idx_s, d_max_c)
-            dx.mul_(gc).add_(d_avg / hw)  # faster than addcmul with two broadcast operands
+            dx.mul_(gc).add_(d_avg.view(n, c, 1, 1) / hw)  # faster than a broadcast addcmul
             dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
             if ctx.residual:
                 dx.add_(grad)
