@@ -38,10 +38,10 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: dict[str, Callable[[], object]], rounds: int, device: torch.device, warmup: int = 1
-) -> dict[str, float]:
-    """Median seconds per call of each function, calling each once per round for ``rounds`` rounds.
+) -> dict[str, list[float]]:
+    """Seconds per call of each function, calling each once per round for ``rounds`` rounds.
 
     The order is shuffled every round (seeded), so that no contender always follows the same one
     (the allocator and cache state a call leaves behind can speed up or slow down the next).
@@ -60,7 +60,15 @@ def interleaved_medians(
             fn()
             _sync(device)
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time over ``reference``'s time in the same round.
+
+    Pairing by round cancels the machine's slow drifts, which shift both times alike.
+    """
+    return statistics.median(a / b for a, b in zip(times[name], times[reference], strict=True))
 
 
 def _geomean(values: Sequence[float]) -> float:
@@ -118,7 +126,7 @@ def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
 def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: torch.device) -> str:
     """Forward + backward of one attention module per shape, against timm, SCSE and a copy."""
     lines = [
-        "## 1. module forward+backward (median ms; ratios of fast CBAM to each)",
+        "## 1. module forward+backward (median ms; fast CBAM over each, median of paired rounds)",
         f"{'shape':<20}{'cbam':>9}{'plain':>9}{'timm':>9}{'scse':>9}{'copy':>8}"
         f"{'/timm':>8}{'/scse':>8}{'/plain':>8}{'/copy':>8}",
     ]
@@ -146,13 +154,14 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
             name: (lambda m=module.to(device): step(m)) for name, module in modules.items()
         }
         fns["copy"] = lambda: buffer.copy_(x.detach())
-        ms = {k: v * 1e3 for k, v in interleaved_medians(fns, rounds, device).items()}
+        times = interleaved_times(fns, rounds, device)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for name in ratios:
-            ratios[name].append(ms["cbam"] / ms[name])
+            ratios[name].append(paired_ratio(times, "cbam", name))
         lines.append(
             f"{str(shape):<20}{ms['cbam']:9.2f}{ms['plain']:9.2f}{ms['timm']:9.2f}"
             f"{ms['scse']:9.2f}{ms['copy']:8.2f}"
-            + "".join(f"{ms['cbam'] / ms[n]:8.2f}" for n in ratios)
+            + "".join(f"{ratios[n][-1]:8.2f}" for n in ratios)
         )
     lines.append(f"{'geometric mean':<64}" + "".join(f"{_geomean(r):8.2f}" for r in ratios.values()))
     return "\n".join(lines)
@@ -189,7 +198,7 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
     """Training-step and inference overhead of each attention type over none."""
     lines = [
         f"## 2. step overhead over none (resnet18, batch {batch}, 3x{size}x{size}, SGD; "
-        f"median of {rounds} interleaved rounds)",
+        f"median over {rounds} interleaved rounds of the time over none's in the same round)",
         f"{'setting':<22}{'none ms':>9}" + "".join(f"{t:>12}" for t in STEP_TYPES[1:]),
     ]
     settings = [(f"{arch} train", arch, _train_step_fn) for arch in ARCHS]
@@ -199,10 +208,12 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
         for attention in STEP_TYPES:
             torch.manual_seed(0)
             fns[attention] = make(build_model(arch, attention), batch, size, device)
-        med = interleaved_medians(fns, rounds, device, warmup=1)
+        times = interleaved_times(fns, rounds, device, warmup=1)
         lines.append(
-            f"{label:<22}{med['none'] * 1e3:9.1f}"
-            + "".join(f"{100 * (med[t] / med['none'] - 1):+11.1f}%" for t in STEP_TYPES[1:])
+            f"{label:<22}{statistics.median(times['none']) * 1e3:9.1f}"
+            + "".join(
+                f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in STEP_TYPES[1:]
+            )
         )
     return "\n".join(lines)
 
@@ -318,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
     module_rounds = args.repeats or (3 if args.quick else 11)
-    step_rounds = args.repeats or (2 if args.quick else 8)
+    step_rounds = args.repeats or (2 if args.quick else 12)
     shapes = [(s[0] // 4, *s[1:]) for s in MODULE_SHAPES] if args.quick else MODULE_SHAPES
     batch, size = (2, 96) if args.quick else (4, 160)
     print(

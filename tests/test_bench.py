@@ -5,18 +5,23 @@ import re
 import pytest
 import torch
 
-from smp_cbam.bench import STEP_TYPES, build_model, interleaved_medians, main
+from smp_cbam.bench import STEP_TYPES, build_model, interleaved_times, main, paired_ratio
 
 
-def test_interleaved_medians_calls_every_function_each_round() -> None:
+def test_interleaved_times_calls_every_function_each_round() -> None:
     calls = {"a": 0, "b": 0, "c": 0}
 
     def make(name: str):
         return lambda: calls.__setitem__(name, calls[name] + 1)
 
-    medians = interleaved_medians({k: make(k) for k in calls}, rounds=5, device=torch.device("cpu"))
+    times = interleaved_times({k: make(k) for k in calls}, rounds=5, device=torch.device("cpu"))
     assert calls == {"a": 6, "b": 6, "c": 6}  # one warm-up call each
-    assert set(medians) == set(calls) and all(m >= 0 for m in medians.values())
+    assert {k: len(v) for k, v in times.items()} == {"a": 5, "b": 5, "c": 5}
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
+    times = {"cbam": [2.0, 3.0, 30.0], "none": [1.0, 2.0, 10.0]}  # ratios 2, 1.5, 3
+    assert paired_ratio(times, "cbam", "none") == 2.0
 
 
 @pytest.mark.parametrize("attention", STEP_TYPES)
