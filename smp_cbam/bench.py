@@ -11,6 +11,8 @@ import gc
 import math
 import random
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 
@@ -25,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .cbam import CBAM
+from .malloc import keep_heap
 
 MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
 MEMORY_TYPES = ("none", "scse", "cbam", "cbam_plain")
@@ -218,6 +221,72 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
     return "\n".join(lines)
 
 
+PROCESS_TYPES = ("none", "scse", "cbam")
+
+
+def process_step_ms(
+    arch: str, attention: str, heap: bool, steps: int, batch: int, size: int, warmup: int = 2
+) -> float:
+    """Median ms of a training step in this process; ``heap`` applies ``keep_heap`` first."""
+    if heap and not keep_heap():
+        raise RuntimeError("keep_heap needs glibc")
+    torch.manual_seed(0)
+    step = _train_step_fn(build_model(arch, attention), batch, size, torch.device("cpu"))
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def _in_fresh_process(*args: object) -> float:
+    code = (
+        "import torch; from smp_cbam.bench import process_step_ms; "
+        f"torch.set_num_threads({torch.get_num_threads()}); print(process_step_ms{args!r})"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark subprocess failed:\n{done.stderr}")
+    return float(done.stdout.split()[-1])
+
+
+def process_benchmark(rounds: int, steps: int, batch: int = 4, size: int = 160) -> str:
+    """Training-step overhead with each model alone in a fresh process, per malloc setting.
+
+    A real training process runs one model, so its allocator state is that model's own; in the
+    interleaved benchmark all models share one heap. Each round starts one process per attention
+    type and setting (glibc defaults, ``keep_heap``) in shuffled order.
+    """
+    lines = [
+        f"## 2b. training-step overhead over none, each model alone in a fresh CPU process "
+        f"(median over {rounds} rounds of per-round ratios; {steps} steps each)",
+        f"{'setting':<22}{'malloc':<11}{'none ms':>9}" + "".join(f"{t:>9}" for t in PROCESS_TYPES[1:]),
+    ]
+    rng = random.Random(0)
+    for arch in ARCHS:
+        jobs = [(attention, heap) for attention in PROCESS_TYPES for heap in (False, True)]
+        times: dict[tuple[str, bool], list[float]] = {job: [] for job in jobs}
+        for _ in range(rounds):
+            rng.shuffle(jobs)
+            for attention, heap in jobs:
+                ms = _in_fresh_process(arch, attention, heap, steps, batch, size)
+                times[attention, heap].append(ms)
+        for heap in (False, True):
+            by_type = {t: times[t, heap] for t in PROCESS_TYPES}
+            lines.append(
+                f"{arch + ' train':<22}{'keep_heap' if heap else 'default':<11}"
+                f"{statistics.median(by_type['none']):9.1f}"
+                + "".join(
+                    f"{100 * (paired_ratio(by_type, t, 'none') - 1):+8.1f}%"
+                    for t in PROCESS_TYPES[1:]
+                )
+            )
+    return "\n".join(lines)
+
+
 class _MallocPeak(TorchDispatchMode):
     """Peak of glibc's in-use heap bytes (``mallinfo2``), sampled after every dispatched op."""
 
@@ -313,9 +382,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="glibc: keep freed tensors' memory in the heap (smp_cbam.malloc.keep_heap)",
+    )
+    parser.add_argument(
         "--sections",
-        default="module,step,memory,table",
-        help="comma-separated subset of module,step,memory,table",
+        default="module,step,process,memory,table",
+        help="comma-separated subset of module,step,process,memory,table",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -323,8 +397,10 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.keep_heap and not keep_heap():
+        parser.error("--keep-heap needs glibc")
     sections = set(args.sections.split(","))
-    unknown = sections - {"module", "step", "memory", "table"}
+    unknown = sections - {"module", "step", "process", "memory", "table"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
@@ -334,13 +410,17 @@ def main(argv: list[str] | None = None) -> int:
     batch, size = (2, 96) if args.quick else (4, 160)
     print(
         f"# smp-cbam bench: torch {torch.__version__}, smp {smp.__version__}, device {device}, "
-        f"{torch.get_num_threads()} threads{', quick' if args.quick else ''}",
+        f"{torch.get_num_threads()} threads{', keep-heap' if args.keep_heap else ''}"
+        f"{', quick' if args.quick else ''}",
         flush=True,
     )
     if "module" in sections:
         print(module_benchmark(shapes, module_rounds, device), flush=True)
     if "step" in sections:
         print(step_benchmark(step_rounds, device, batch, size), flush=True)
+    if "process" in sections and device.type == "cpu":
+        rounds = args.repeats or (1 if args.quick else 3)
+        print(process_benchmark(rounds, 2 if args.quick else 5, batch, size), flush=True)
     if "memory" in sections:
         print(memory_benchmark(device, batch, size), flush=True)
     if "table" in sections:

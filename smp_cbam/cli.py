@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .compare import ConfigError, compare, load_config
 from .data import DatasetError
+from .malloc import keep_heap
 from .report import write_report
 
 
@@ -29,6 +30,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add("--devices", help="Lightning devices, e.g. 1, 2 or auto")
     add("--strategy", help="Lightning strategy, e.g. ddp")
     add("--precision", help="Lightning precision, e.g. 32-true, bf16-mixed")
+    add(
+        "--malloc-default",
+        action="store_true",
+        help="leave glibc malloc as it is (by default freed tensor memory stays in the heap: "
+        "CPU steps 5-10%% faster, the process keeps its peak memory)",
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -111,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(args.output))
             return 0
         config = load_config(args.config, _overrides(args))
+        if not args.malloc_default:
+            keep_heap()
         if args.command == "train":
             for key in ("archs", "attentions", "seeds"):
                 config["grid"][key] = config["grid"][key][:1]

@@ -45,3 +45,25 @@ def test_quick_run_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
 def test_unknown_section_is_an_error() -> None:
     with pytest.raises(SystemExit):
         main(["--sections", "module,nope"])
+
+
+def test_one_model_in_a_fresh_process() -> None:
+    from smp_cbam.bench import _in_fresh_process
+
+    ms = _in_fresh_process("Unet", "cbam", True, 1, 1, 64)
+    assert ms > 0
+
+
+def test_keep_heap_reports_whether_it_applied() -> None:
+    import sys
+
+    from smp_cbam.malloc import keep_heap
+
+    applied = keep_heap()
+    assert applied is (sys.platform.startswith("linux") and _is_glibc())
+
+
+def _is_glibc() -> bool:
+    import platform
+
+    return platform.libc_ver()[0] == "glibc"

@@ -167,6 +167,16 @@ def test_bad_data_stops_before_training_naming_the_file(tmp_path: Path, capsys) 
     assert not (tmp_path / "out" / "runs").exists()
 
 
+@pytest.mark.parametrize("flag", [[], ["--malloc-default"]], ids=["keep-heap", "malloc-default"])
+def test_runs_keep_the_heap_unless_told_not_to(tmp_path: Path, monkeypatch, flag: list[str]) -> None:
+    calls = []
+    monkeypatch.setattr("smp_cbam.cli.keep_heap", lambda: calls.append(1) or True)
+    missing = str(tmp_path / "missing")
+    code = main(["train", "--dataset", "folder", "--data-root", missing, "--classes", "2", *flag])
+    assert code == 2  # the missing folder stops the run after the allocator is set
+    assert calls == ([] if flag else [1])
+
+
 def test_unknown_config_key_is_named(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  epochz: 3\n")
