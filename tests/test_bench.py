@@ -1,11 +1,21 @@
 """The benchmark runs end to end and prints parseable ratios (no timing assertions)."""
 
+import platform
 import re
+import sys
 
 import pytest
 import torch
 
-from smp_cbam.bench import STEP_TYPES, build_model, interleaved_times, main, paired_ratio
+from smp_cbam.bench import (
+    STEP_TYPES,
+    _in_fresh_process,
+    build_model,
+    interleaved_times,
+    main,
+    paired_ratio,
+)
+from smp_cbam.malloc import keep_heap
 
 
 def test_interleaved_times_calls_every_function_each_round() -> None:
@@ -48,22 +58,10 @@ def test_unknown_section_is_an_error() -> None:
 
 
 def test_one_model_in_a_fresh_process() -> None:
-    from smp_cbam.bench import _in_fresh_process
-
     ms = _in_fresh_process("Unet", "cbam", True, 1, 1, 64)
     assert ms > 0
 
 
 def test_keep_heap_reports_whether_it_applied() -> None:
-    import sys
-
-    from smp_cbam.malloc import keep_heap
-
-    applied = keep_heap()
-    assert applied is (sys.platform.startswith("linux") and _is_glibc())
-
-
-def _is_glibc() -> bool:
-    import platform
-
-    return platform.libc_ver()[0] == "glibc"
+    glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
+    assert keep_heap() is glibc
