@@ -22,7 +22,6 @@ import torch.nn.functional as F
 from segmentation_models_pytorch.base.modules import SCSEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
-from torch.autograd.function import FunctionCtx
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,8 +29,7 @@ from .cbam import CBAM
 from .malloc import keep_heap
 
 MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
-MEMORY_TYPES = ("none", "scse", "cbam", "cbam_plain")
-STEP_TYPES = (*MEMORY_TYPES, "cbam_floor")
+STEP_TYPES = ("none", "scse", "cbam", "cbam_eager", "cbam_plain")
 TABLE_TYPES = ("none", "scse", "cbam", "cbam_channel", "cbam_spatial", "se", "eca")
 ARCHS = {"Unet": smp.Unet, "UnetPlusPlus": smp.UnetPlusPlus}
 
@@ -78,40 +76,12 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-class _SweepFloor(torch.autograd.Function):
-    """Timing reference, not CBAM: only the full-size passes that the fast CBAM makes.
-
-    Pooling, gating and the backward's matmuls and scaling over the whole tensor, without the
-    MLP, the 7x7 convolution and the max indices; its gradients are wrong. What it adds to a step
-    bounds from below what this design of CBAM can add with eager PyTorch ops.
-    """
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor) -> torch.Tensor:
-        g_c = torch.sigmoid(x.mean(dim=(2, 3), keepdim=True) + x.amax(dim=(2, 3), keepdim=True))
-        out = x * g_c
-        g_s = torch.sigmoid(out.mean(dim=1, keepdim=True) + out.amax(dim=1, keepdim=True))
-        ctx.save_for_backward(x, g_c, g_s)
-        return out.mul_(g_s)
-
-    @staticmethod
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> torch.Tensor:
-        x, g_c, g_s = ctx.saved_tensors
-        n, c, h, w = x.shape
-        t = grad * x
-        d_s = torch.bmm(g_c.view(n, 1, c), t.view(n, c, h * w))
-        d_c = torch.bmm(t.view(n, c, h * w), g_s.view(n, h * w, 1))
-        d_c += torch.bmm(x.view(n, c, h * w), g_s.view(n, h * w, 1))
-        torch.addcmul(d_s.view(n, 1, h, w), grad, g_s, out=t)
-        return t.mul_(g_c).add_(d_c.view(n, c, 1, 1))
-
-
 def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     """A resnet18 ``arch`` with random weights.
 
-    ``cbam_plain`` is CBAM without the fast path, ``cbam_floor`` the ``_SweepFloor`` reference.
+    ``cbam_eager`` is CBAM's fast path without the compiled kernels, ``cbam_plain`` the formula.
     """
-    name = "cbam" if attention in ("cbam_plain", "cbam_floor") else attention
+    name = "cbam" if attention in ("cbam_eager", "cbam_plain") else attention
     model = ARCHS[arch](
         encoder_name="resnet18",
         encoder_weights=None,
@@ -119,28 +89,33 @@ def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
         **kwargs,
     )
     for module in model.modules():
-        if isinstance(module, CBAM) and attention == "cbam_plain":
-            module.fast = False
-        elif isinstance(module, CBAM) and attention == "cbam_floor":
-            module.forward = _SweepFloor.apply
+        if isinstance(module, CBAM):
+            module.kernels = attention != "cbam_eager"
+            module.fast = attention != "cbam_plain"
     return model
 
 
 def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: torch.device) -> str:
-    """Forward + backward of one attention module per shape, against timm, SCSE and a copy."""
+    """Forward + backward of one attention module per shape, against timm, SCSE and a copy.
+
+    ``eager`` is the fast CBAM without its compiled kernels, ``plain`` the formula.
+    """
+    names = ("eager", "plain", "timm", "scse", "copy")
     lines = [
         "## 1. module forward+backward (median ms; fast CBAM over each, median of paired rounds)",
-        f"{'shape':<20}{'cbam':>9}{'plain':>9}{'timm':>9}{'scse':>9}{'copy':>8}"
-        f"{'/timm':>8}{'/scse':>8}{'/plain':>8}{'/copy':>8}",
+        f"{'shape':<20}{'cbam':>8}" + "".join(f"{n:>8}" for n in names)
+        + "".join(f"{'/' + n:>7}" for n in names),
     ]
-    ratios: dict[str, list[float]] = {"timm": [], "scse": [], "plain": [], "copy": []}
+    ratios: dict[str, list[float]] = {name: [] for name in names}
     for shape in shapes:
         channels = shape[1]
         torch.manual_seed(0)
-        plain = CBAM(channels)
+        eager, plain = CBAM(channels), CBAM(channels)
+        eager.kernels = False
         plain.fast = False
         modules = {
             "cbam": CBAM(channels),
+            "eager": eager,
             "plain": plain,
             "timm": CbamModule(channels),
             "scse": SCSEModule(channels),
@@ -162,11 +137,11 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
         for name in ratios:
             ratios[name].append(paired_ratio(times, "cbam", name))
         lines.append(
-            f"{str(shape):<20}{ms['cbam']:9.2f}{ms['plain']:9.2f}{ms['timm']:9.2f}"
-            f"{ms['scse']:9.2f}{ms['copy']:8.2f}"
-            + "".join(f"{ratios[n][-1]:8.2f}" for n in ratios)
+            f"{str(shape):<20}{ms['cbam']:8.2f}"
+            + "".join(f"{ms[n]:8.2f}" for n in names)
+            + "".join(f"{ratios[n][-1]:7.2f}" for n in names)
         )
-    lines.append(f"{'geometric mean':<64}" + "".join(f"{_geomean(r):8.2f}" for r in ratios.values()))
+    lines.append(f"{'geometric mean':<68}" + "".join(f"{_geomean(r):7.2f}" for r in ratios.values()))
     return "\n".join(lines)
 
 
@@ -341,10 +316,10 @@ def memory_benchmark(device: torch.device, batch: int = 4, size: int = 160) -> s
         f"## 3. peak memory of a training step above its start, MiB ({how}; "
         f"batch {batch}, 3x{size}x{size})"
     ]
-    lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in MEMORY_TYPES))
+    lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in STEP_TYPES))
     for arch in ARCHS:
         peaks = [
-            peak_memory_of_step(arch, attention, device, batch, size) for attention in MEMORY_TYPES
+            peak_memory_of_step(arch, attention, device, batch, size) for attention in STEP_TYPES
         ]
         lines.append(f"{arch:<14}" + "".join(f"{p:12.1f}" for p in peaks))
     return "\n".join(lines)

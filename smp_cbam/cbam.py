@@ -12,10 +12,14 @@ BatchNorm after the spatial convolution) and ``residual`` (``output + input``) s
 found in published implementations.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from . import kernels
 
 
 def _check_positive(name: str, value: int) -> None:
@@ -109,8 +113,10 @@ class SpatialAttention(nn.Module):
 class CBAM(nn.Module):
     """Channel attention followed by spatial attention, called like smp's ``SCSEModule``.
 
-    The forward runs a fused implementation (see ``_FastCBAM``) that gives the plain formula's
-    outputs and gradients with fewer full-size temporaries; it falls back to the plain formula
+    The forward runs a fused implementation that gives the plain formula's outputs and gradients
+    with fewer passes over full-size tensors: compiled CPU kernels (``_KernelCBAM``, see
+    ``smp_cbam.kernels``) for contiguous float32/float64 CPU input, eager ops (``_FastCBAM``)
+    otherwise or when ``kernels`` is set to False. It falls back to the plain formula
     (``forward_plain``) under TorchScript, tracing, ``torch.compile``/``torch.export``, autocast,
     tensor subclasses, hooks on ``channel``/``spatial``, or when ``fast`` is set to False.
 
@@ -137,6 +143,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialAttention(kernel_size, spatial_bn)
         self.residual = residual
         self.fast = True
+        self.kernels = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fast and not torch.jit.is_scripting() and not torch.jit.is_tracing():
@@ -154,10 +161,11 @@ class CBAM(nn.Module):
             return self.forward_plain(x)
         _check_channels(x, self.channel.in_channels)
         params = tuple(self.parameters())
+        use_kernels = self.kernels and _kernels_apply(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return _FastCBAM.apply(x, self, *params)
+            return (_KernelCBAM if use_kernels else _FastCBAM).apply(x, self, *params)
         with torch.no_grad():
-            return _fused_forward(self, x, track=False)[0]
+            return (_kernel_forward if use_kernels else _fused_forward)(self, x, track=False)[0]
 
     @torch.jit.unused
     def _fast_applies(self, x: torch.Tensor) -> bool:
@@ -171,7 +179,7 @@ class CBAM(nn.Module):
         )
 
 
-# Fast path. With g = sigmoid(MLP(mean_hw x) + MLP(max_hw x)) of shape (N,C,1,1), y = x*g,
+# Fast paths. With g = sigmoid(MLP(mean_hw x) + MLP(max_hw x)) of shape (N,C,1,1), y = x*g,
 # P = [mean_c y; max_c y], s = sigmoid(bn(conv(P))) of shape (N,1,H,W) and out = y*s (+ x):
 # the forward allocates one full-size tensor, y, and scales it by s in place. The backward, with
 # G = dL/dout and T = G*x its one full-size temporary, uses
@@ -184,7 +192,16 @@ class CBAM(nn.Module):
 # conv/bn keep ordinary autograd graphs over small leaf tensors made in the forward, so their
 # parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
 # Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
-# the fast path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
+# the eager path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
+# The kernel path (_KernelCBAM) makes the same computation in five passes over full-size tensors:
+# forward: pool over H*W (x), pool over C (x), scale (x -> out); backward: dL/ds and sum_hw T s
+# with argmax_c (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx).
+
+
+def _leaf_gate(gate: Callable[..., torch.Tensor], track: bool, *inputs: torch.Tensor) -> torch.Tensor:
+    """``gate(*inputs)``; with ``track``, a graph from the inputs, made leaves, to the result."""
+    with torch.set_grad_enabled(track):
+        return gate(*(t.requires_grad_(track) for t in inputs))
 
 
 def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,16 +239,12 @@ def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tens
         mx, idx_c = _channel_max_indexed(x)
     else:
         mx, idx_c = x.amax(dim=(2, 3)), None
-    avg.requires_grad_(track)
-    mx.requires_grad_(track)
-    with torch.set_grad_enabled(track):
-        g_c = cbam.channel._linear_gate(avg, mx)
+    g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
     out = x * g_c.detach().view(n, c, 1, 1)
     pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
     # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
-    pooled = pooled.contiguous(memory_format=torch.channels_last).requires_grad_(track)
-    with torch.set_grad_enabled(track):
-        g_s = cbam.spatial._conv_gate(pooled)
+    pooled = pooled.contiguous(memory_format=torch.channels_last)
+    g_s = _leaf_gate(cbam.spatial._conv_gate, track, pooled)
     out.mul_(g_s)
     if cbam.residual:
         out.add_(x)
@@ -289,5 +302,71 @@ class _FastCBAM(torch.autograd.Function):
             dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
             if ctx.residual:
                 dx.add_(grad)
+        d_params = iter([*d_ch, *d_sp])
+        return (dx, None, *(next(d_params) if need else None for need in needs))
+
+
+def _kernels_apply(x: torch.Tensor) -> bool:
+    return (
+        x.device.type == "cpu"
+        and x.dtype in (torch.float32, torch.float64)
+        and x.is_contiguous()
+        and x.numel() > 0
+        and kernels.available()
+    )
+
+
+def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
+    """``_fused_forward`` with the kernels: a pass for each pooling and one for the output."""
+    n, c, h, w = x.shape
+    x3 = x.view(n, c, h * w)
+    avg, mx, idx_c = torch.ops.smp_cbam.channel_pool(x3, track)
+    g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
+    pooled = torch.ops.smp_cbam.spatial_pool(x3, g_c.detach(), False)[0]
+    pooled = pooled.view(n, 2, h, w).contiguous(memory_format=torch.channels_last)
+    g_s = _leaf_gate(cbam.spatial._conv_gate, track, pooled)
+    out = torch.ops.smp_cbam.scale(x3, g_c.detach(), g_s.detach().reshape(n, h * w), cbam.residual)
+    return out.view(n, c, h, w), (avg, mx, g_c, pooled, g_s, idx_c)
+
+
+class _KernelCBAM(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
+        out, (avg, mx, g_c, pooled, g_s, idx_c) = _kernel_forward(cbam, x, track=True)
+        ctx.save_for_backward(x, idx_c, *params)
+        ctx.graph = (avg, mx, g_c, pooled, g_s)
+        ctx.n_channel_params = len(list(cbam.channel.parameters()))
+        ctx.residual = cbam.residual
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
+        x, idx_c, *params = ctx.saved_tensors
+        avg, mx, g_c, pooled, g_s = ctx.graph
+        needs = ctx.needs_input_grad[2:]
+        k = ctx.n_channel_params
+        n, c, h, w = x.shape
+        ops = torch.ops.smp_cbam
+        x3, grad = x.view(n, c, h * w), grad.contiguous().view(n, c, h * w)
+        gc, gs = g_c.detach(), g_s.detach().reshape(n, h * w)
+
+        d_gs, d_gc, idx_s, x_at = ops.gate_grads(grad, x3, gc, gs)
+        sp_params = [p for p, need in zip(params[k:], needs[k:]) if need]
+        d_pooled, *d_sp = torch.autograd.grad(
+            g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True
+        )
+        d_pooled = d_pooled.contiguous().view(n, 2, h * w)
+        d_gc += ops.pool_gate_grad(x3, d_pooled, idx_s, x_at)
+        ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
+        d_avg, d_max, *d_ch = torch.autograd.grad(
+            g_c, [avg, mx, *ch_params], d_gc, retain_graph=True
+        )
+
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = ops.input_grad(
+                grad, gc, gs, d_pooled, idx_s, d_avg, d_max, idx_c, ctx.residual
+            ).view(n, c, h, w)
         d_params = iter([*d_ch, *d_sp])
         return (dx, None, *(next(d_params) if need else None for need in needs))

@@ -7,6 +7,7 @@ import sys
 import pytest
 import torch
 
+from smp_cbam import CBAM
 from smp_cbam.bench import (
     STEP_TYPES,
     _in_fresh_process,
@@ -40,13 +41,16 @@ def test_step_models_train(attention: str) -> None:
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
+    modes = {(m.fast, m.kernels) for m in model.modules() if isinstance(m, CBAM)}
+    expected = {"cbam": {(True, True)}, "cbam_eager": {(True, False)}, "cbam_plain": {(False, True)}}
+    assert modes == expected.get(attention, set())
 
 
 def test_quick_run_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--repeats", "1", "--threads", "1", "--sections", "module,step"]) == 0
     out = capsys.readouterr().out
-    geomean = re.search(r"geometric mean\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)", out)
-    assert geomean and all(float(v) > 0 for v in geomean.groups())
+    geomean = re.search(r"^geometric mean((\s+[\d.]+){5})$", out, re.M)
+    assert geomean and all(float(v) > 0 for v in geomean.group(1).split())
     for setting in ("Unet train", "UnetPlusPlus train", "Unet inference"):
         row = re.search(rf"^{setting}\s+([\d.]+)((\s+[+-][\d.]+%){{{len(STEP_TYPES) - 1}}})$", out, re.M)
         assert row, f"no row for {setting} in:\n{out}"

@@ -1,13 +1,14 @@
 """The fast CBAM path against the plain formula: outputs, gradients, ties, variants, fallbacks."""
 
 import copy
+import os
 
 import pytest
 import torch
 
-from smp_cbam import CBAM
+from smp_cbam import CBAM, cbam, kernels
 from smp_cbam.bench import params_and_macs
-from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM
+from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelCBAM
 
 VARIANTS = [
     {},
@@ -19,6 +20,24 @@ VARIANTS = [
 ]
 
 
+@pytest.fixture(params=["kernels", "eager"])
+def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a test with the compiled CPU kernels, then with the eager fast path."""
+    if request.param == "kernels":
+        if os.environ.get("SMP_CBAM_KERNELS") == "0":
+            pytest.skip("kernels disabled by SMP_CBAM_KERNELS=0")
+        assert kernels.available()
+    else:
+        monkeypatch.setattr(cbam, "_kernels_apply", lambda x: False)
+    return request.param
+
+
+def _backward_name(path: str, x: torch.Tensor) -> str:
+    """The grad_fn a fast CBAM's output should have on ``path`` for input ``x``."""
+    kernel = path == "kernels" and x.is_contiguous() and x.dtype != torch.bfloat16
+    return "_KernelCBAMBackward" if kernel else "_FastCBAMBackward"
+
+
 def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -> tuple[CBAM, CBAM]:
     torch.manual_seed(0)
     fast = CBAM(channels, reduction=4, **kwargs).to(dtype)
@@ -27,9 +46,11 @@ def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -
     return fast, plain
 
 
-def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor) -> list[torch.Tensor]:
+def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor, path: str | None = None) -> list[torch.Tensor]:
     x = x.detach().clone().requires_grad_()
     out = module(x)
+    if path is not None:
+        assert type(out.grad_fn).__name__ == _backward_name(path, x)
     params = [p for p in module.parameters() if p.requires_grad]
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad)]
 
@@ -45,7 +66,7 @@ def _assert_close(fast: list[torch.Tensor], plain: list[torch.Tensor], rtol: flo
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bool) -> None:
+def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bool, path: str) -> None:
     fast, plain = _pair(32, **kwargs)
     fast.train(train)
     plain.train(train)
@@ -53,7 +74,7 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn(3, 32, 9, 13)
-    _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+    _assert_close(_run(fast, x, grad, path), _run(plain, x, grad))
     for a, b in zip(fast.buffers(), plain.buffers(), strict=True):
         # BatchNorm statistics updated exactly once, the same way (up to float rounding)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
@@ -63,25 +84,28 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
     ("kwargs", "fast_mode"),
     [({"kernel_size": 3}, False), ({}, True), (VARIANTS[-1], True), ({"spatial_bn": True}, True)],
 )
-def test_gradcheck_float64(kwargs: dict, fast_mode: bool) -> None:
+@pytest.mark.parametrize("function", [_KernelCBAM, _FastCBAM], ids=["kernels", "eager"])
+def test_gradcheck_float64(kwargs: dict, fast_mode: bool, function: type) -> None:
+    if function is _KernelCBAM:
+        assert kernels.available()
     channels = 8 if fast_mode else 4  # the full check perturbs every element one by one
     module, _ = _pair(channels, torch.float64, **kwargs)
     x = torch.randn(2, channels, 4, 3, dtype=torch.float64, requires_grad=True)
     params = tuple(module.parameters())
     assert torch.autograd.gradcheck(
-        lambda x, *p: _FastCBAM.apply(x, module, *p), (x, *params), fast_mode=fast_mode
+        lambda x, *p: function.apply(x, module, *p), (x, *params), fast_mode=fast_mode
     )
 
 
-def test_float64_matches_plain() -> None:
+def test_float64_matches_plain(path: str) -> None:
     fast, plain = _pair(16, torch.float64, spatial_bn=True, mlp_bias=True)
     x = torch.randn(2, 16, 7, 7, dtype=torch.float64)
     grad = torch.randn_like(x)
-    _assert_close(_run(fast, x, grad), _run(plain, x, grad), rtol=1e-12)
+    _assert_close(_run(fast, x, grad, path), _run(plain, x, grad), rtol=1e-12)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_ties_route_gradients_like_plain(channels_last: bool) -> None:
+def test_ties_route_gradients_like_plain(channels_last: bool, path: str) -> None:
     fast, plain = _pair(8, torch.float64)
     for module in (fast, plain):  # equal channel weights make y = x * g tie where x ties
         torch.nn.init.zeros_(module.channel.mlp[2].weight)
@@ -92,14 +116,28 @@ def test_ties_route_gradients_like_plain(channels_last: bool) -> None:
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     grad = torch.randn(2, 8, 6, 5, dtype=torch.float64)
-    _assert_close(_run(fast, x, grad), _run(plain, x, grad), rtol=1e-12)
+    _assert_close(_run(fast, x, grad, path), _run(plain, x, grad), rtol=1e-12)
 
 
-def test_ties_from_all_equal_input() -> None:
+def test_ties_from_all_equal_input(path: str) -> None:
     fast, plain = _pair(4)
     x = torch.ones(2, 4, 5, 5)
     grad = torch.randn(2, 4, 5, 5)
-    _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+    _assert_close(_run(fast, x, grad, path), _run(plain, x, grad))
+
+
+def test_nan_propagates_like_plain(path: str) -> None:
+    fast, plain = _pair(6)
+    x = torch.randn(2, 6, 5, 4)
+    x[0, 2, 1, 3] = float("nan")
+    x[1, 4] = float("inf")  # a whole channel at inf: its mean and max are inf, no NaN
+    for module in (fast, plain):
+        module.eval()
+    with torch.no_grad():
+        out, expected = fast(x), plain(x)
+    assert torch.equal(out.isnan(), expected.isnan())
+    finite = expected.isfinite()
+    torch.testing.assert_close(out[finite], expected[finite], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -123,7 +161,7 @@ def test_channel_argmax_stays_in_range_on_nan() -> None:
     assert torch.equal(idx[0, 0, 0], x.max(dim=1).indices[0, 0])
 
 
-def test_only_parameters_need_grad() -> None:
+def test_only_parameters_need_grad(path: str) -> None:
     fast, plain = _pair(16, mlp_bias=True)
     x = torch.randn(2, 16, 8, 8)
     grads = []
@@ -133,7 +171,7 @@ def test_only_parameters_need_grad() -> None:
     _assert_close(list(grads[0]), list(grads[1]))
 
 
-def test_frozen_parameters_and_backward_into_grad() -> None:
+def test_frozen_parameters_and_backward_into_grad(path: str) -> None:
     fast, plain = _pair(16, spatial_bn=True)
     for module in (fast, plain):
         module.spatial.conv.weight.requires_grad_(False)
@@ -148,11 +186,14 @@ def test_frozen_parameters_and_backward_into_grad() -> None:
 
 
 @pytest.mark.parametrize("kwargs", [{}, VARIANTS[-1]], ids=["default", "all"])
-def test_inference_path(kwargs: dict) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_inference_path(kwargs: dict, channels_last: bool, path: str) -> None:
     fast, plain = _pair(16, **kwargs)
     fast.eval()
     plain.eval()
-    x = torch.randn(2, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 8, 8)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         out = fast(x)
         assert torch.allclose(out, plain(x), rtol=1e-5, atol=1e-6)

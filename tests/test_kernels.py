@@ -1,0 +1,131 @@
+"""The compiled CPU kernels, each against its formula in torch ops, and their build fallback."""
+
+import os
+
+import pytest
+import torch
+
+from smp_cbam import CBAM, kernels
+
+pytestmark = pytest.mark.skipif(
+    os.environ.get("SMP_CBAM_KERNELS") == "0", reason="kernels disabled by SMP_CBAM_KERNELS=0"
+)
+# hw: below one vector of lanes, not a multiple of it, above a chunk/tile (1024 in the source)
+SHAPES = [(2, 3, 5), (2, 7, 37), (1, 4, 2500)]
+
+
+@pytest.fixture(scope="module")
+def ops() -> object:
+    assert kernels.available()
+    return torch.ops.smp_cbam
+
+
+def _tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Small integers, so that maxima tie often."""
+    return torch.randint(-4, 5, shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal up to summation order: relative to the largest magnitude (sums may cancel)."""
+    rtol = 1e-5 if expected.dtype == torch.float32 else 1e-12
+    atol = rtol * expected.abs().max().item()
+    torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_channel_pool(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    x = _tied(shape, dtype)
+    x[0, 0, -1] = float("nan")  # the max is the NaN, its index the NaN's
+    x[-1, -1] = float("inf")
+    x[-1, -1, 1::2] = -float("inf")  # mean NaN from inf - inf, but no NaN element: max is inf
+    mean, mx, idx = ops.channel_pool(x, True)
+    ref = x.max(dim=2)
+    torch.testing.assert_close(mean, x.mean(dim=2), equal_nan=True)
+    torch.testing.assert_close(mx, ref.values, equal_nan=True, rtol=0, atol=0)
+    assert torch.equal(idx, ref.indices)
+    assert ops.channel_pool(x, False)[2] is None
+
+
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 300, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    n, c, hw = shape
+    x = _tied(shape, dtype)
+    x[0, :, 0] = 3  # every channel ties at one pixel
+    g = torch.rand(n, c, dtype=dtype)
+    g[:, ::2] = 0.5  # equal weights keep ties in y = x g
+    s = torch.rand(n, hw, dtype=dtype)
+    grad = torch.randn(shape, dtype=dtype)
+    y = x * g[:, :, None]
+    ref = y.max(dim=1)
+    pooled, _ = ops.spatial_pool(x, g, False)
+    _close(pooled[:, 0], y.mean(dim=1))
+    assert torch.equal(pooled[:, 1], ref.values)
+    d_s, d_g, idx, x_at = ops.gate_grads(grad, x, g, s)
+    assert torch.equal(idx, ref.indices)
+    assert torch.equal(x_at, x.gather(1, idx[:, None]).squeeze(1))
+    _close(d_s, (grad * y).sum(dim=1))
+    _close(d_g, (grad * x * s[:, None]).sum(dim=2))
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_scale_rounds_like_the_formula(ops: object, residual: bool) -> None:
+    x, g, s = torch.randn(2, 5, 37), torch.rand(2, 5), torch.rand(2, 37)
+    expected = x * g[:, :, None] * s[:, None]
+    assert torch.equal(ops.scale(x, g, s, residual), expected + x if residual else expected)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_passes(ops: object, shape: tuple[int, ...], residual: bool) -> None:
+    n, c, hw = shape
+    torch.manual_seed(0)
+    x, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+    g, s = torch.rand(n, c, dtype=torch.float64), torch.rand(n, hw, dtype=torch.float64)
+    d_pooled = torch.randn(n, 2, hw, dtype=torch.float64)
+    d_avg, d_max = torch.randn(n, c, dtype=torch.float64), torch.randn(n, c, dtype=torch.float64)
+    idx_s = torch.randint(0, c, (n, hw))
+    idx_c = torch.randint(0, hw, (n, c))
+    x_at = x.gather(1, idx_s[:, None]).squeeze(1)
+    at_s = torch.zeros(shape, dtype=torch.float64).scatter_(1, idx_s[:, None], 1.0)
+    at_c = torch.zeros(shape, dtype=torch.float64).scatter_(2, idx_c[:, :, None], 1.0)
+
+    expected = (x * d_pooled[:, :1]).sum(dim=2) / c + (x * at_s * d_pooled[:, 1:]).sum(dim=2)
+    _close(ops.pool_gate_grad(x, d_pooled, idx_s, x_at), expected)
+
+    d_y = grad * s[:, None] + d_pooled[:, :1] / c + at_s * d_pooled[:, 1:]
+    expected = d_y * g[:, :, None] + d_avg[:, :, None] / hw + at_c * d_max[:, :, None]
+    dx = ops.input_grad(grad, g, s, d_pooled, idx_s, d_avg, d_max, idx_c, residual)
+    _close(dx, expected + grad if residual else expected)
+
+
+def test_bad_input_names_the_argument(ops: object) -> None:
+    x = torch.randn(2, 4, 6)
+    with pytest.raises(RuntimeError, match="x must be contiguous"):
+        ops.channel_pool(x.transpose(1, 2), False)
+    with pytest.raises(RuntimeError, match="g must have 2 dims"):
+        ops.spatial_pool(x, torch.rand(2, 4, 1), False)
+
+
+def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail() -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", fail)
+    module = CBAM(8, reduction=2)
+    x = torch.randn(2, 8, 5, 5, requires_grad=True)
+    with pytest.warns(RuntimeWarning, match="could not build the CPU kernels.*no compiler"):
+        out = module(x)
+    assert type(out.grad_fn).__name__ == "_FastCBAMBackward"
+    module.fast = False
+    torch.testing.assert_close(out, module(x))
+    assert kernels.available() is False  # decided once: no second build, no second warning
+
+
+def test_env_switch_skips_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built despite SMP_CBAM_KERNELS=0"))
+    monkeypatch.setenv("SMP_CBAM_KERNELS", "0")
+    assert kernels.available() is False
