@@ -104,7 +104,10 @@ class SpatialAttention(nn.Module):
         return self._conv_gate(_spatial_pool(x))
 
     def _conv_gate(self, pooled: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.bn(self.conv(pooled)))
+        return self._bn_gate(self.conv(pooled))
+
+    def _bn_gate(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.bn(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
@@ -193,9 +196,10 @@ class CBAM(nn.Module):
 # parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
 # Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
 # the eager path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
-# The kernel path (_KernelCBAM) makes the same computation in five passes over full-size tensors:
-# forward: pool over H*W (x), pool over C (x), scale (x -> out); backward: dL/ds and sum_hw T s
-# with argmax_c (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx).
+# The kernel path (_KernelCBAM) computes the same in five passes over full-size tensors, forward:
+# pool over H*W (x), pool over C (x), scale (x -> out); backward: dL/ds, sum_hw T s and argmax_c
+# (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx). It also runs the k x k convolution and its
+# adjoint (oneDNN is slow for 2 -> 1 channels), so its spatial graph starts after the convolution.
 
 
 def _leaf_gate(gate: Callable[..., torch.Tensor], track: bool, *inputs: torch.Tensor) -> torch.Tensor:
@@ -317,46 +321,52 @@ def _kernels_apply(x: torch.Tensor) -> bool:
 
 
 def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
-    """``_fused_forward`` with the kernels: a pass for each pooling and one for the output."""
+    """``_fused_forward`` with the kernels; the gate graphs start at the pooled descriptors and
+    at the spatial convolution's output (the kernels convolve, ``spatial_conv_backward``)."""
     n, c, h, w = x.shape
+    ops, conv = torch.ops.smp_cbam, cbam.spatial.conv
     x3 = x.view(n, c, h * w)
-    avg, mx, idx_c = torch.ops.smp_cbam.channel_pool(x3, track)
+    avg, mx, idx_c = ops.channel_pool(x3, track)
     g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    pooled = torch.ops.smp_cbam.spatial_pool(x3, g_c.detach(), False)[0]
-    pooled = pooled.view(n, 2, h, w).contiguous(memory_format=torch.channels_last)
-    g_s = _leaf_gate(cbam.spatial._conv_gate, track, pooled)
-    out = torch.ops.smp_cbam.scale(x3, g_c.detach(), g_s.detach().reshape(n, h * w), cbam.residual)
-    return out.view(n, c, h, w), (avg, mx, g_c, pooled, g_s, idx_c)
+    pooled = ops.spatial_pool(x3, g_c.detach(), False)[0].view(n, 2, h, w)
+    z = ops.spatial_conv(pooled, conv.weight.detach())
+    if conv.bias is not None:
+        z += conv.bias.detach()
+    g_s = _leaf_gate(cbam.spatial._bn_gate, track, z)
+    out = ops.scale(x3, g_c.detach(), g_s.detach().reshape(n, h * w), cbam.residual)
+    return out.view(n, c, h, w), (avg, mx, g_c, pooled, z, g_s, idx_c)
 
 
 class _KernelCBAM(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        out, (avg, mx, g_c, pooled, g_s, idx_c) = _kernel_forward(cbam, x, track=True)
-        ctx.save_for_backward(x, idx_c, *params)
-        ctx.graph = (avg, mx, g_c, pooled, g_s)
+        out, (avg, mx, g_c, pooled, z, g_s, idx_c) = _kernel_forward(cbam, x, track=True)
+        ctx.save_for_backward(x, idx_c, pooled, *params)
+        ctx.graph = (avg, mx, g_c, z, g_s)
         ctx.n_channel_params = len(list(cbam.channel.parameters()))
+        ctx.n_conv_params = len(list(cbam.spatial.conv.parameters()))
         ctx.residual = cbam.residual
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
-        x, idx_c, *params = ctx.saved_tensors
-        avg, mx, g_c, pooled, g_s = ctx.graph
+        x, idx_c, pooled, *params = ctx.saved_tensors
+        avg, mx, g_c, z, g_s = ctx.graph
         needs = ctx.needs_input_grad[2:]
-        k = ctx.n_channel_params
+        k, k_conv = ctx.n_channel_params, ctx.n_conv_params
         n, c, h, w = x.shape
         ops = torch.ops.smp_cbam
         x3, grad = x.view(n, c, h * w), grad.contiguous().view(n, c, h * w)
         gc, gs = g_c.detach(), g_s.detach().reshape(n, h * w)
 
         d_gs, d_gc, idx_s, x_at = ops.gate_grads(grad, x3, gc, gs)
-        sp_params = [p for p, need in zip(params[k:], needs[k:]) if need]
-        d_pooled, *d_sp = torch.autograd.grad(
-            g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True
-        )
-        d_pooled = d_pooled.contiguous().view(n, 2, h * w)
+        bn_params = [p for p, need in zip(params[k + k_conv :], needs[k + k_conv :]) if need]
+        d_z, *d_bn = torch.autograd.grad(g_s, [z, *bn_params], d_gs.view_as(g_s), retain_graph=True)
+        d_pooled, d_weight = ops.spatial_conv_backward(d_z.contiguous(), pooled, params[k])
+        d_conv = [d_weight, d_z.sum().view(1)][:k_conv]
+        d_sp = [d for d, need in zip(d_conv, needs[k:]) if need] + d_bn
+        d_pooled = d_pooled.view(n, 2, h * w)
         d_gc += ops.pool_gate_grad(x3, d_pooled, idx_s, x_at)
         ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
         d_avg, d_max, *d_ch = torch.autograd.grad(

@@ -100,6 +100,20 @@ def test_backward_passes(ops: object, shape: tuple[int, ...], residual: bool) ->
     _close(dx, expected + grad if residual else expected)
 
 
+@pytest.mark.parametrize("kernel_size", [1, 3, 7])
+@pytest.mark.parametrize("size", [(5, 3), (9, 70)])  # narrower than the kernel; wider than a block
+def test_spatial_conv_and_its_backward(ops: object, kernel_size: int, size: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    pooled = torch.randn(3, 2, *size, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(1, 2, kernel_size, kernel_size, dtype=torch.float64, requires_grad=True)
+    z = torch.nn.functional.conv2d(pooled, weight, padding=kernel_size // 2)
+    d_z = torch.randn_like(z)
+    expected = torch.autograd.grad(z, [pooled, weight], d_z)
+    _close(ops.spatial_conv(pooled.detach(), weight.detach()), z.detach())
+    for actual, wanted in zip(ops.spatial_conv_backward(d_z, pooled.detach(), weight.detach()), expected):
+        _close(actual, wanted)
+
+
 def test_bad_input_names_the_argument(ops: object) -> None:
     x = torch.randn(2, 4, 6)
     with pytest.raises(RuntimeError, match="x must be contiguous"):

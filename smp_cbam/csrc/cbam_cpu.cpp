@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -28,45 +29,48 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Mean and max of each of the n rows of x (n, len), and the max's first index when Index.
-template <typename T, bool Index>
+// Mean and max of each of the n rows of x (n, len), and the max's first index when idx is set.
+template <typename T>
 void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* idx) {
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * len;
-      T m[kLanes];
-      int64_t at[kLanes] = {};
-      std::fill(m, m + kLanes, -std::numeric_limits<T>::infinity());
+      T best = -std::numeric_limits<T>::infinity();
+      int64_t best_chunk = 0;  // the first chunk that holds the max
       double total = 0;
       for (int64_t start = 0; start < len; start += kChunk) {
         const int64_t stop = std::min(start + kChunk, len);
-        T s[kLanes] = {};
+        T s[kLanes] = {}, m[kLanes];
+        std::fill(m, m + kLanes, -std::numeric_limits<T>::infinity());
         int64_t i = start;
         for (; i + kLanes <= stop; i += kLanes) {
           for (int64_t j = 0; j < kLanes; ++j) {
-            const T v = row[i + j];
-            s[j] += v;
-            if (Index) at[j] = v > m[j] ? i + j : at[j];
-            m[j] = v > m[j] ? v : m[j];
+            s[j] += row[i + j];
+            m[j] = row[i + j] > m[j] ? row[i + j] : m[j];
           }
         }
         for (; i < stop; ++i) {
           s[0] += row[i];
-          if (Index) at[0] = row[i] > m[0] ? i : at[0];
           m[0] = row[i] > m[0] ? row[i] : m[0];
         }
         for (int64_t j = 0; j < kLanes; ++j) total += s[j];
+        const T chunk_max = *std::max_element(m, m + kLanes);
+        if (chunk_max > best || start == 0) {
+          best = chunk_max;
+          best_chunk = start;
+        }
       }
       mean[r] = static_cast<T>(total / len);
       // a NaN element makes the sum NaN (so does inf - inf): only then look for one
       const T* nan = total != total ? std::find_if(row, row + len, [](T v) { return v != v; })
                                     : row + len;
-      int64_t best = 0;
-      for (int64_t j = 1; j < kLanes; ++j) {
-        if (m[j] > m[best] || (m[j] == m[best] && at[j] < at[best])) best = j;
+      if (nan != row + len) {
+        max[r] = *nan;
+        if (idx) idx[r] = nan - row;
+      } else {
+        max[r] = best;
+        if (idx) idx[r] = std::find(row + best_chunk, row + len, best) - row;
       }
-      max[r] = nan != row + len ? *nan : m[best];
-      if (Index) idx[r] = nan != row + len ? nan - row : at[best];
     }
   });
 }
@@ -78,13 +82,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x,
   auto max = at::empty({n, c}, x.options());
   auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_pool", [&] {
-    if (with_index) {
-      row_mean_max<scalar_t, true>(x.data_ptr<scalar_t>(), n * c, hw, mean.data_ptr<scalar_t>(),
-                                   max.data_ptr<scalar_t>(), idx.data_ptr<int64_t>());
-    } else {
-      row_mean_max<scalar_t, false>(x.data_ptr<scalar_t>(), n * c, hw, mean.data_ptr<scalar_t>(),
-                                    max.data_ptr<scalar_t>(), nullptr);
-    }
+    row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, mean.data_ptr<scalar_t>(),
+                           max.data_ptr<scalar_t>(), with_index ? idx.data_ptr<int64_t>() : nullptr);
   });
   return {mean, max, idx};
 }
@@ -343,6 +342,118 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Ten
   return dx;
 }
 
+constexpr int64_t kBlockX = 32;  // output columns kept in registers by correlate_add
+
+// src (H, W) copied into a zero border of r = k / 2 (and kBlockX spare columns), row length ld.
+template <typename T>
+std::vector<T> padded(const T* src, int64_t h, int64_t wd, int64_t r, int64_t ld) {
+  std::vector<T> out((h + 2 * r) * ld, T(0));
+  for (int64_t y = 0; y < h; ++y) std::copy(src + y * wd, src + (y + 1) * wd, out.data() + (y + r) * ld + r);
+  return out;
+}
+
+// dst (H, W) += src (H, W) correlated with the k x k kernel w, zero-padded to keep the size;
+// with flip, w turned by 180 degrees (the correlation's adjoint).
+template <typename T>
+void correlate_add(const T* src, const T* w, int64_t k, bool flip, int64_t h, int64_t wd, T* dst) {
+  const int64_t r = k / 2, ld = wd + 2 * r + kBlockX;
+  const std::vector<T> pad = padded(src, h, wd, r, ld);
+  std::vector<T> taps(w, w + k * k);
+  if (flip) std::reverse(taps.begin(), taps.end());
+  for (int64_t y = 0; y < h; ++y) {
+    for (int64_t x0 = 0; x0 < wd; x0 += kBlockX) {
+      T acc[kBlockX] = {};
+      for (int64_t ky = 0; ky < k; ++ky) {
+        const T* in = pad.data() + (y + ky) * ld + x0;
+        for (int64_t kx = 0; kx < k; ++kx) {
+          const T v = taps[ky * k + kx];
+          for (int64_t j = 0; j < kBlockX; ++j) acc[j] += v * in[kx + j];
+        }
+      }
+      T* out = dst + y * wd + x0;
+      for (int64_t j = 0; j < std::min(kBlockX, wd - x0); ++j) out[j] += acc[j];
+    }
+  }
+}
+
+// The 2 -> 1 k x k convolution of the pooled map (N, 2, H, W), without bias: (N, 1, H, W).
+at::Tensor spatial_conv(const at::Tensor& pooled, const at::Tensor& weight) {
+  check(pooled, "pooled", 4);
+  check(weight, "weight", 4);
+  TORCH_CHECK(pooled.size(1) == 2 && weight.size(0) == 1 && weight.size(1) == 2,
+              "expected a (N, 2, H, W) map and a (1, 2, k, k) weight");
+  const int64_t n = pooled.size(0), h = pooled.size(2), wd = pooled.size(3), k = weight.size(3);
+  auto out = at::zeros({n, 1, h, wd}, pooled.options());
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv", [&] {
+    const scalar_t* src = pooled.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* dst = out.data_ptr<scalar_t>();
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t ch = 0; ch < 2; ++ch) {
+          correlate_add(src + (b * 2 + ch) * h * wd, w + ch * k * k, k, false, h, wd, dst + b * h * wd);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// Gradients of spatial_conv for d_out (N, 1, H, W): the pooled map's and the weight's.
+std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out,
+                                                         const at::Tensor& pooled,
+                                                         const at::Tensor& weight) {
+  check(d_out, "d_out", 4);
+  check(pooled, "pooled", 4);
+  check(weight, "weight", 4);
+  const int64_t n = pooled.size(0), h = pooled.size(2), wd = pooled.size(3), k = weight.size(3);
+  const int64_t r = k / 2;
+  auto d_pooled = at::zeros_like(pooled);
+  auto d_weight = at::empty_like(weight);
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_backward", [&] {
+    const scalar_t* dz = d_out.data_ptr<scalar_t>();
+    const scalar_t* src = pooled.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* dp = d_pooled.data_ptr<scalar_t>();
+    at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        correlate_add(dz + (t / 2) * h * wd, w + (t % 2) * k * k, k, true, h, wd, dp + t * h * wd);
+      }
+    });
+    // dw[ch, ky, kx] = sum over n, y, x of pooled[n, ch, y + ky - r, x + kx - r] dz[n, y, x],
+    // summed per (n, ch) over blocks of kBlockX columns, kept per tap and column
+    auto per_map = at::empty({n, 2, k * k}, pooled.options().dtype(at::kDouble));
+    double* pm = per_map.data_ptr<double>();
+    at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t ld = wd + 2 * r + kBlockX, ldz = wd + kBlockX;
+        const std::vector<scalar_t> pad = padded(src + t * h * wd, h, wd, r, ld);
+        const std::vector<scalar_t> grad = padded(dz + (t / 2) * h * wd, h, wd, int64_t(0), ldz);
+        std::vector<scalar_t> acc(k * k * kBlockX, scalar_t(0));
+        for (int64_t y = 0; y < h; ++y) {
+          for (int64_t x0 = 0; x0 < wd; x0 += kBlockX) {
+            const scalar_t* g = grad.data() + y * ldz + x0;
+            for (int64_t ky = 0; ky < k; ++ky) {
+              const scalar_t* in = pad.data() + (y + ky) * ld + x0;
+              for (int64_t kx = 0; kx < k; ++kx) {
+                scalar_t* a = acc.data() + (ky * k + kx) * kBlockX;
+                for (int64_t j = 0; j < kBlockX; ++j) a[j] += in[kx + j] * g[j];
+              }
+            }
+          }
+        }
+        for (int64_t tap = 0; tap < k * k; ++tap) {
+          double total = 0;
+          for (int64_t j = 0; j < kBlockX; ++j) total += acc[tap * kBlockX + j];
+          pm[t * k * k + tap] = total;
+        }
+      }
+    });
+    d_weight.copy_(per_map.sum(0).view_as(weight));
+  });
+  return {d_pooled, d_weight};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(smp_cbam, m) {
@@ -352,4 +463,6 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("gate_grads", &gate_grads);
   m.def("pool_gate_grad", &pool_gate_grad);
   m.def("input_grad", &input_grad);
+  m.def("spatial_conv", &spatial_conv);
+  m.def("spatial_conv_backward", &spatial_conv_backward);
 }
