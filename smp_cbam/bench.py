@@ -326,8 +326,11 @@ def memory_benchmark(device: torch.device, batch: int = 4, size: int = 160) -> s
 
 
 def params_and_macs(arch: str, attention: str, size: int = 256) -> tuple[int, float]:
-    """Parameters and forward multiply-accumulates (FlopCounterMode flops / 2) of one model."""
-    model = build_model(arch, attention).eval()
+    """Parameters and forward multiply-accumulates (FlopCounterMode flops / 2) of one model.
+
+    CBAM is counted by its plain formula: FlopCounterMode does not see inside the CPU kernels.
+    """
+    model = build_model(arch, "cbam_plain" if attention == "cbam" else attention).eval()
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, size, size))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from smp_cbam import CBAM, cbam, kernels
-from smp_cbam.bench import params_and_macs
+from smp_cbam.bench import build_model, params_and_macs
 from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelCBAM
 
 VARIANTS = [
@@ -240,13 +240,19 @@ def test_table_params_and_macs() -> None:
     scse_params, _ = params_and_macs("Unet", "scse", size=64)
     cbam_params, cbam_macs = params_and_macs("Unet", "cbam", size=64)
     assert none_params < scse_params and none_params < cbam_params
-    assert none_macs < cbam_macs
-    from smp_cbam.bench import build_model
-
     model = build_model("Unet", "cbam")
-    expected = 0
-    for module in model.modules():
-        if isinstance(module, CBAM):
-            c = module.channel.in_channels
-            expected += 2 * c * max(c // 16, 1) + 2 * 7 * 7 + 1  # shared MLP, 2 -> 1 conv + bias
+    expected, expected_macs = 0, 0
+    sizes: dict[CBAM, tuple[int, int]] = {}
+    cbams = [m for m in model.modules() if isinstance(m, CBAM)]
+    hooks = [m.register_forward_pre_hook(lambda m, a: sizes.update({m: a[0].shape[2:]})) for m in cbams]
+    model.eval()(torch.randn(1, 3, 64, 64))
+    for hook in hooks:
+        hook.remove()
+    for module in cbams:
+        c, hidden = module.channel.in_channels, max(module.channel.in_channels // 16, 1)
+        expected += 2 * c * hidden + 2 * 7 * 7 + 1  # shared MLP, 2 -> 1 conv + bias
+    for module, (h, w) in sizes.items():  # MLP on both descriptors, conv at every pixel
+        c, hidden = module.channel.in_channels, max(module.channel.in_channels // 16, 1)
+        expected_macs += 2 * 2 * c * hidden + 2 * 7 * 7 * h * w
     assert cbam_params - none_params == expected
+    assert cbam_macs - none_macs == expected_macs
