@@ -328,7 +328,7 @@ def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Ten
     x3 = x.view(n, c, h * w)
     avg, mx, idx_c = ops.channel_pool(x3, track)
     g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    pooled = ops.spatial_pool(x3, g_c.detach(), False)[0].view(n, 2, h, w)
+    pooled = ops.spatial_pool(x3, g_c.detach()).view(n, 2, h, w)
     z = ops.spatial_conv(pooled, conv.weight.detach())
     if conv.bias is not None:
         z += conv.bias.detach()

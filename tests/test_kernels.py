@@ -59,7 +59,7 @@ def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype:
     grad = torch.randn(shape, dtype=dtype)
     y = x * g[:, :, None]
     ref = y.max(dim=1)
-    pooled, _ = ops.spatial_pool(x, g, False)
+    pooled = ops.spatial_pool(x, g)
     _close(pooled[:, 0], y.mean(dim=1))
     assert torch.equal(pooled[:, 1], ref.values)
     d_s, d_g, idx, x_at = ops.gate_grads(grad, x, g, s)
@@ -119,7 +119,7 @@ def test_bad_input_names_the_argument(ops: object) -> None:
     with pytest.raises(RuntimeError, match="x must be contiguous"):
         ops.channel_pool(x.transpose(1, 2), False)
     with pytest.raises(RuntimeError, match="g must have 2 dims"):
-        ops.spatial_pool(x, torch.rand(2, 4, 1), False)
+        ops.spatial_pool(x, torch.rand(2, 4, 1))
 
 
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:

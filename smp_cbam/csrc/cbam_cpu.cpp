@@ -100,47 +100,35 @@ void for_tiles(int64_t n, int64_t hw, const F& f) {
   });
 }
 
-// pooled (N, 2, HW): mean and max over channels of y = x * g; idx (N, HW): the max's channel.
-std::tuple<at::Tensor, at::Tensor> spatial_pool(const at::Tensor& x, const at::Tensor& g,
-                                                bool with_index) {
+// pooled (N, 2, HW): mean and max over channels of y = x * g.
+at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
   check(x, "x", 3);
   check(g, "g", 2);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
   auto pooled = at::empty({n, 2, hw}, x.options());
-  auto idx = with_index ? at::empty({n, hw}, x.options().dtype(at::kLong)) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_pool", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     scalar_t* out = pooled.data_ptr<scalar_t>();
-    int64_t* ip = with_index ? idx.data_ptr<int64_t>() : nullptr;
     for_tiles(n, hw, [&](int64_t b, int64_t, int64_t p0, int64_t p1) {
-      scalar_t sum[kTile], max[kTile];
-      int64_t arg[kTile];
+      scalar_t* sum = out + b * 2 * hw + p0;
+      scalar_t* max = sum + hw;
       const int64_t len = p1 - p0;
       std::fill(sum, sum + len, scalar_t(0));
       std::fill(max, max + len, -std::numeric_limits<scalar_t>::infinity());
-      std::fill(arg, arg + len, int64_t(0));
       for (int64_t ch = 0; ch < c; ++ch) {
         const scalar_t w = gp[b * c + ch];
         const scalar_t* row = xp + (b * c + ch) * hw + p0;
         for (int64_t i = 0; i < len; ++i) {
           const scalar_t v = row[i] * w;
           sum[i] += v;
-          const bool up = beats(v, max[i]);
-          max[i] = up ? v : max[i];
-          arg[i] = up ? ch : arg[i];
+          max[i] = beats(v, max[i]) ? v : max[i];
         }
       }
-      scalar_t* mean_out = out + b * 2 * hw + p0;
-      scalar_t* max_out = mean_out + hw;
-      for (int64_t i = 0; i < len; ++i) {
-        mean_out[i] = sum[i] / static_cast<scalar_t>(c);
-        max_out[i] = max[i];
-      }
-      if (ip) std::copy(arg, arg + len, ip + b * hw + p0);
+      for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<scalar_t>(c);
     });
   });
-  return {pooled, idx};
+  return pooled;
 }
 
 // out = x * g * s (+ x), rounded as (x * g) * s like the plain formula.
