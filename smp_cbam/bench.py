@@ -172,21 +172,25 @@ def _infer_fn(model: nn.Module, batch: int, size: int, device: torch.device) -> 
     return infer
 
 
+INFERENCE_ROUNDS = 3  # times the training rounds: an inference step costs about a third
+
+
 def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int = 160) -> str:
     """Training-step and inference overhead of each attention type over none."""
     lines = [
         f"## 2. step overhead over none (resnet18, batch {batch}, 3x{size}x{size}, SGD; "
-        f"median over {rounds} interleaved rounds of the time over none's in the same round)",
+        f"median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for inference, "
+        "of the time over none's in the same round)",
         f"{'setting':<22}{'none ms':>9}" + "".join(f"{t:>12}" for t in STEP_TYPES[1:]),
     ]
-    settings = [(f"{arch} train", arch, _train_step_fn) for arch in ARCHS]
-    settings.append(("Unet inference", "Unet", _infer_fn))
-    for label, arch, make in settings:
+    settings = [(f"{arch} train", arch, _train_step_fn, rounds) for arch in ARCHS]
+    settings.append(("Unet inference", "Unet", _infer_fn, INFERENCE_ROUNDS * rounds))
+    for label, arch, make, setting_rounds in settings:
         fns = {}
         for attention in STEP_TYPES:
             torch.manual_seed(0)
             fns[attention] = make(build_model(arch, attention), batch, size, device)
-        times = interleaved_times(fns, rounds, device, warmup=1)
+        times = interleaved_times(fns, setting_rounds, device, warmup=1)
         lines.append(
             f"{label:<22}{statistics.median(times['none']) * 1e3:9.1f}"
             + "".join(

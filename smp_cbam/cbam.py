@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.graph import increment_version
 
 from . import kernels
 
@@ -109,6 +110,21 @@ class SpatialAttention(nn.Module):
     def _bn_gate(self, z: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.bn(z))
 
+    def _affine(self) -> tuple[float, float] | None:
+        """``(a, b)`` with ``bn(conv(P)) == a * conv_without_bias(P) + b``; None where the
+        BatchNorm normalizes with batch statistics (training mode, or no running statistics)."""
+        bias = 0.0 if self.conv.bias is None else self.conv.bias.item()
+        bn = self.bn
+        if isinstance(bn, nn.Identity):
+            return 1.0, bias
+        if bn.training or bn.running_var is None:
+            return None
+        a = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.affine:
+            a = a * bn.weight
+        b = (bias - bn.running_mean) * a + (bn.bias if bn.affine else 0.0)
+        return a.item(), b.item()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gate(x)
 
@@ -130,6 +146,9 @@ class CBAM(nn.Module):
         mlp_bias: biases in the shared MLP (the authors' code has them, the formula does not).
         spatial_bn: BatchNorm after the spatial convolution, as in the authors' code.
         residual: return ``CBAM(x) + x`` instead of ``CBAM(x)``.
+        inplace: write the output over the input when no gradient is recorded (inference), as
+            ``nn.ReLU(inplace=True)`` does; smp's decoders build CBAM with it, since their
+            attention inputs are fresh intermediates. Training always writes a new tensor.
     """
 
     def __init__(
@@ -140,11 +159,13 @@ class CBAM(nn.Module):
         mlp_bias: bool = False,
         spatial_bn: bool = False,
         residual: bool = False,
+        inplace: bool = False,
     ):
         super().__init__()
         self.channel = ChannelAttention(in_channels, reduction, mlp_bias)
         self.spatial = SpatialAttention(kernel_size, spatial_bn)
         self.residual = residual
+        self.inplace = inplace
         self.fast = True
         self.kernels = True
 
@@ -163,11 +184,13 @@ class CBAM(nn.Module):
         if not self._fast_applies(x):
             return self.forward_plain(x)
         _check_channels(x, self.channel.in_channels)
-        params = tuple(self.parameters())
         use_kernels = self.kernels and _kernels_apply(x)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
-            return (_KernelCBAM if use_kernels else _FastCBAM).apply(x, self, *params)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return (_KernelCBAM if use_kernels else _FastCBAM).apply(x, self, *self.parameters())
         with torch.no_grad():
+            affine = self.spatial._affine() if use_kernels else None
+            if affine is not None:
+                return _kernel_attend(self, x, affine)
             return (_kernel_forward if use_kernels else _fused_forward)(self, x, track=False)[0]
 
     @torch.jit.unused
@@ -200,6 +223,8 @@ class CBAM(nn.Module):
 # pool over H*W (x), pool over C (x), scale (x -> out); backward: dL/ds, sum_hw T s and argmax_c
 # (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx). It also runs the k x k convolution and its
 # adjoint (oneDNN is slow for 2 -> 1 channels), so its spatial graph starts after the convolution.
+# Without gradients (_kernel_attend) it takes two passes: pool over H*W, then pool over C, convolve
+# and scale one block of rows at a time while the block is in cache (over x itself when inplace).
 
 
 def _leaf_gate(gate: Callable[..., torch.Tensor], track: bool, *inputs: torch.Tensor) -> torch.Tensor:
@@ -244,7 +269,10 @@ def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tens
     else:
         mx, idx_c = x.amax(dim=(2, 3)), None
     g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    out = x * g_c.detach().view(n, c, 1, 1)
+    if cbam.inplace and not track and not cbam.residual:
+        out = x.mul_(g_c.view(n, c, 1, 1))
+    else:
+        out = x * g_c.detach().view(n, c, 1, 1)
     pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
     # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
     pooled = pooled.contiguous(memory_format=torch.channels_last)
@@ -335,6 +363,21 @@ def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Ten
     g_s = _leaf_gate(cbam.spatial._bn_gate, track, z)
     out = ops.scale(x3, g_c.detach(), g_s.detach().reshape(n, h * w), cbam.residual)
     return out.view(n, c, h, w), (avg, mx, g_c, pooled, z, g_s, idx_c)
+
+
+def _kernel_attend(cbam: CBAM, x: torch.Tensor, affine: tuple[float, float]) -> torch.Tensor:
+    """The no-grad forward in one call and two passes over ``x``: its channel pool, then
+    ``attend``, which pools over channels, convolves and scales row blocks while they are in cache
+    (over ``x`` itself if inplace)."""
+    first, _, second = cbam.channel.mlp
+    out = x if cbam.inplace else torch.empty_like(x)
+    torch.ops.smp_cbam.cbam_infer(
+        x, first.weight, first.bias, second.weight, second.bias, cbam.spatial.conv.weight,
+        *affine, cbam.residual, out,
+    )  # fmt: skip
+    if cbam.inplace:
+        increment_version(x)
+    return out
 
 
 class _KernelCBAM(torch.autograd.Function):

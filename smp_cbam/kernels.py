@@ -18,6 +18,7 @@ import torch
 SOURCE = Path(__file__).with_name("csrc") / "cbam_cpu.cpp"
 # vector extensions torch itself found on this CPU; never -march=native, since the build cache
 # may be shared by machines of different kinds
+# (CPU_CAPABILITY selects ATen's matching at::vec::Vectorized)
 ARCH_FLAGS = {
     "AVX512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "AVX2": ["-mavx2", "-mfma"],
@@ -40,9 +41,15 @@ def _build() -> None:
     load(
         name=f"smp_cbam_cpu_{capability.lower()}",
         sources=[str(SOURCE)],
-        extra_cflags=["-O3", "-ffp-contract=off", *ARCH_FLAGS.get(capability, [])],
+        extra_cflags=["-O3", "-ffp-contract=off", *_capability_flags(capability)],
         is_python_module=False,
     )
+
+
+def _capability_flags(capability: str) -> list[str]:
+    if capability not in ARCH_FLAGS:
+        return ["-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
+    return [*ARCH_FLAGS[capability], f"-DCPU_CAPABILITY={capability}", f"-DCPU_CAPABILITY_{capability}"]
 
 
 def available() -> bool:

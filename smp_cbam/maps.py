@@ -7,9 +7,10 @@
     maps["decoder.blocks.0.attention2"].channel  # (N, C) CBAM / SCSE / SE / ECA channel weights
     maps["decoder.blocks.0.attention2"].spatial  # (N, H, W) CBAM / SCSE spatial map
 
-A forward hook on every attention module inside smp's decoder ``Attention`` wrappers recomputes
-the module's gates from its input, without gradients, so the maps are the same whichever code path
-the forward took (CBAM's fused path calls neither ``channel`` nor ``spatial``). Buffers such as
+A forward pre-hook on every attention module inside smp's decoder ``Attention`` wrappers computes
+the module's gates from its input, without gradients, before the module runs (the decoders' CBAM
+overwrites its input at inference), so the maps are the same whichever code path the forward takes
+(CBAM's fused path calls neither ``channel`` nor ``spatial``). Buffers such as
 BatchNorm running statistics are restored after the recomputation, so capturing does not change
 the model. Supported: :class:`~smp_cbam.CBAM`, smp's ``SCSEModule``,
 :class:`~smp_cbam.ChannelAttention`, :class:`~smp_cbam.SpatialAttention`,
@@ -109,12 +110,14 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, AttentionMaps]]:
     record: dict[str, AttentionMaps] = {}
 
     def hook(name: str) -> Callable:
-        def store(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        def store(module: nn.Module, args: tuple) -> None:
             record[name] = compute_maps(module, args[0])
 
         return store
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in attention_modules(model).items()]
+    handles = [
+        m.register_forward_pre_hook(hook(name)) for name, m in attention_modules(model).items()
+    ]
     try:
         yield record
     finally:

@@ -7,6 +7,7 @@ Because the class object itself is patched, the import order of smp and smp_cbam
 """
 
 from collections.abc import Callable
+from functools import partial
 
 from segmentation_models_pytorch.base import modules as smp_modules
 from torch import nn
@@ -67,7 +68,9 @@ def install() -> None:
 
 
 for _name, _factory in {
-    "cbam": CBAM,
+    # in place at inference: a decoder block's attention input is a fresh intermediate (the
+    # concatenated skip or conv2's output, itself an in-place ReLU's), used by nothing else
+    "cbam": partial(CBAM, inplace=True),
     "cbam_channel": ChannelAttention,
     "cbam_spatial": lambda in_channels: SpatialAttention(),
     "se": SqueezeExcite,

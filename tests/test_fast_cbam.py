@@ -256,3 +256,94 @@ def test_table_params_and_macs() -> None:
         expected_macs += 2 * 2 * c * hidden + 2 * 7 * 7 * h * w
     assert cbam_params - none_params == expected
     assert cbam_macs - none_macs == expected_macs
+
+
+def _with_running_stats(module: CBAM) -> CBAM:
+    """Eval-mode CBAM whose spatial BatchNorm, if any, has non-trivial statistics and affine."""
+    if isinstance(module.spatial.bn, torch.nn.BatchNorm2d):
+        bn = module.spatial.bn
+        bn.running_mean.fill_(0.3)
+        bn.running_var.fill_(2.5)
+        bn.weight.data.fill_(1.5)
+        bn.bias.data.fill_(-0.2)
+    return module.eval()
+
+
+# row segments and blocks of the no-grad kernel: tall maps split across threads, rows wider
+# than a tile, many channels, single pixels
+INFERENCE_SHAPES = [(2, 16, 8, 8), (1, 8, 50, 70), (3, 5, 40, 9), (1, 3, 3, 1100), (2, 300, 4, 4), (1, 4, 1, 1)]
+
+
+@pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
+def test_inference_matches_plain_float64(shape: tuple, threads: int, kwargs: dict, path: str) -> None:
+    fast, plain = (_with_running_stats(m) for m in _pair(shape[1], torch.float64, **kwargs))
+    x = torch.randn(shape, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), plain(x), rtol=1e-12, atol=1e-12)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
+def test_inference_matches_plain_float32(kwargs: dict, path: str) -> None:
+    fast, plain = (_with_running_stats(m) for m in _pair(32, **kwargs))
+    x = torch.randn(2, 32, 37, 45).relu()
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_inplace_writes_over_the_input_only_without_grad(residual: bool, path: str) -> None:
+    fast, plain = (m.eval() for m in _pair(8, inplace=True, residual=residual))
+    x = torch.randn(2, 8, 12, 10)
+    with torch.no_grad():
+        expected = plain(x)
+        y = x.clone()
+        version = y._version
+        out = fast(y)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # the eager path keeps the input for the residual; everything else overwrites it
+    overwritten = not (residual and path == "eager")
+    assert (out.data_ptr() == y.data_ptr()) == overwritten
+    assert (y._version > version) == overwritten
+    z = x.clone().requires_grad_()
+    fast(z).sum().backward()  # with gradients the input is kept: the backward reads it
+    assert torch.equal(z.detach(), x) and z.grad is not None
+
+
+def test_inplace_bumps_the_version_autograd_checks(path: str) -> None:
+    fast = CBAM(8, inplace=True).eval()
+    a = torch.randn(2, 8, 6, 6, requires_grad=True)
+    y = a.exp()  # exp's backward reads its output
+    with torch.no_grad():
+        fast(y)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
+def test_no_grad_train_mode_batchnorm_uses_batch_statistics(path: str) -> None:
+    fast, plain = _pair(8, spatial_bn=True, inplace=True)
+    x = torch.randn(2, 8, 9, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x.clone()), plain(x), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(fast.spatial.bn.running_mean, plain.spatial.bn.running_mean)
+    torch.testing.assert_close(fast.spatial.bn.running_var, plain.spatial.bn.running_var)
+    assert fast.spatial.bn.running_mean.abs().sum() > 0
+
+
+@pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus"])
+def test_decoders_build_inplace_cbam_with_plain_outputs(arch: str, path: str) -> None:
+    model = build_model(arch, "cbam", encoder_depth=3, decoder_channels=(32, 16, 8)).eval()
+    modules = [m for m in model.modules() if isinstance(m, CBAM)]
+    assert modules and all(m.inplace for m in modules)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        out = model(images)
+        for m in modules:
+            m.fast = False
+        torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)

@@ -61,13 +61,16 @@ def apply_maps(attention: str, x: torch.Tensor, maps: AttentionMaps) -> torch.Te
 
 
 def record_wrappers(model: torch.nn.Module) -> tuple[dict, list]:
-    """Inputs and outputs of every smp Attention wrapper that runs, by name of its attention module."""
+    """Inputs (copied before the forward: the decoders' CBAM overwrites them at inference) and
+    outputs of every smp Attention wrapper that runs, by name of its attention module."""
+    inputs: dict[str, torch.Tensor] = {}
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    handles = [
-        wrapper.register_forward_hook(lambda m, a, out, name=f"{name}.attention": seen.__setitem__(name, (a[0], out)))
-        for name, wrapper in model.named_modules()
-        if isinstance(wrapper, Attention)
-    ]
+    handles = []
+    for name, wrapper in model.named_modules():
+        if isinstance(wrapper, Attention):
+            key = f"{name}.attention"
+            handles.append(wrapper.register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, a[0].clone())))
+            handles.append(wrapper.register_forward_hook(lambda m, a, out, key=key: seen.__setitem__(key, (inputs[key], out))))
     return seen, handles
 
 

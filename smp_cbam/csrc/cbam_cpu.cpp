@@ -5,16 +5,17 @@
 // as torch.max(dim) does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
+#include <optional>
 #include <tuple>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kLanes = 16;    // independent accumulators, so that reductions vectorize
 constexpr int64_t kChunk = 1024;  // elements summed in scalar_t before adding to a double
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
 
@@ -23,15 +24,42 @@ inline bool beats(T v, T m) {
   return v > m || (v != v && m == m);
 }
 
+// beats lane by lane, as a blend mask
+template <typename T>
+inline at::vec::Vectorized<T> beats(const at::vec::Vectorized<T>& v, const at::vec::Vectorized<T>& m) {
+  return (v > m) | ((v != v) & (m == m));
+}
+
 void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.device().is_cpu(), name, " must be a CPU tensor");
   TORCH_CHECK(t.dim() == dim, name, " must have ", dim, " dims, got ", t.dim());
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// Sum of a[i] * b[i] over [0, len): in scalar_t per kChunk, then in double.
+template <typename T>
+double dot(const T* a, const T* b, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  double total = 0;
+  for (int64_t start = 0; start < len; start += kChunk) {
+    const int64_t stop = std::min(start + kChunk, len);
+    Vec acc(T(0));
+    int64_t i = start;
+    for (; i + Vec::size() <= stop; i += Vec::size()) {
+      acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
+    }
+    T lanes[Vec::size()];
+    acc.store(lanes);
+    for (; i < stop; ++i) total += a[i] * b[i];
+    for (T lane : lanes) total += lane;
+  }
+  return total;
+}
+
 // Mean and max of each of the n rows of x (n, len), and the max's first index when idx is set.
 template <typename T>
 void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* idx) {
+  using Vec = at::vec::Vectorized<T>;
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * len;
@@ -40,21 +68,22 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
       double total = 0;
       for (int64_t start = 0; start < len; start += kChunk) {
         const int64_t stop = std::min(start + kChunk, len);
-        T s[kLanes] = {}, m[kLanes];
-        std::fill(m, m + kLanes, -std::numeric_limits<T>::infinity());
+        Vec s(T(0)), m(-std::numeric_limits<T>::infinity());
         int64_t i = start;
-        for (; i + kLanes <= stop; i += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            s[j] += row[i + j];
-            m[j] = row[i + j] > m[j] ? row[i + j] : m[j];
-          }
+        for (; i + Vec::size() <= stop; i += Vec::size()) {
+          const Vec v = Vec::loadu(row + i);
+          s = s + v;
+          m = at::vec::maximum(m, v);
         }
+        T sums[Vec::size()], maxes[Vec::size()];
+        s.store(sums);
+        m.store(maxes);
+        T chunk_max = *std::max_element(maxes, maxes + Vec::size());
         for (; i < stop; ++i) {
-          s[0] += row[i];
-          m[0] = row[i] > m[0] ? row[i] : m[0];
+          total += row[i];
+          chunk_max = std::max(chunk_max, row[i]);
         }
-        for (int64_t j = 0; j < kLanes; ++j) total += s[j];
-        const T chunk_max = *std::max_element(m, m + kLanes);
+        for (T lane : sums) total += lane;
         if (chunk_max > best || start == 0) {
           best = chunk_max;
           best_chunk = start;
@@ -100,6 +129,31 @@ void for_tiles(int64_t n, int64_t hw, const F& f) {
   });
 }
 
+// Mean and max over the c channels of x * g (x: one batch item's (C, HW), g: its (C) gate) for
+// the pixels [p0, p0 + len), into sum and max.
+template <typename T>
+void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_t len, T* sum, T* max) {
+  using Vec = at::vec::Vectorized<T>;
+  std::fill(sum, sum + len, T(0));
+  std::fill(max, max + len, -std::numeric_limits<T>::infinity());
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T w = g[ch];
+    const T* row = x + ch * hw + p0;
+    int64_t i = 0;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec v = Vec::loadu(row + i) * Vec(w), m = Vec::loadu(max + i);
+      (Vec::loadu(sum + i) + v).store(sum + i);
+      Vec::blendv(m, v, beats(v, m)).store(max + i);
+    }
+    for (; i < len; ++i) {
+      const T v = row[i] * w;
+      sum[i] += v;
+      max[i] = beats(v, max[i]) ? v : max[i];
+    }
+  }
+  for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<T>(c);
+}
+
 // pooled (N, 2, HW): mean and max over channels of y = x * g.
 at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
   check(x, "x", 3);
@@ -112,20 +166,7 @@ at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
     scalar_t* out = pooled.data_ptr<scalar_t>();
     for_tiles(n, hw, [&](int64_t b, int64_t, int64_t p0, int64_t p1) {
       scalar_t* sum = out + b * 2 * hw + p0;
-      scalar_t* max = sum + hw;
-      const int64_t len = p1 - p0;
-      std::fill(sum, sum + len, scalar_t(0));
-      std::fill(max, max + len, -std::numeric_limits<scalar_t>::infinity());
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const scalar_t w = gp[b * c + ch];
-        const scalar_t* row = xp + (b * c + ch) * hw + p0;
-        for (int64_t i = 0; i < len; ++i) {
-          const scalar_t v = row[i] * w;
-          sum[i] += v;
-          max[i] = beats(v, max[i]) ? v : max[i];
-        }
-      }
-      for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<scalar_t>(c);
+      pool_span(xp + b * c * hw, gp + b * c, c, hw, p0, p1 - p0, sum, sum + hw);
     });
   });
   return pooled;
@@ -170,6 +211,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::
   check(g, "g", 2);
   check(s, "s", 2);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
+  TORCH_CHECK(c <= (int64_t(1) << 24), "gate_grads supports at most 2^24 channels, got ", c);
   const int64_t tiles = (hw + kTile - 1) / kTile;
   auto d_s = at::empty({n, hw}, x.options());
   auto idx = at::empty({n, hw}, x.options().dtype(at::kLong));
@@ -184,49 +226,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::
     int64_t* ip = idx.data_ptr<int64_t>();
     scalar_t* xap = x_at.data_ptr<scalar_t>();
     double* dgp = d_g_tiles.data_ptr<double>();
+    using Vec = at::vec::Vectorized<scalar_t>;
     for_tiles(n, hw, [&](int64_t b, int64_t tile, int64_t p0, int64_t p1) {
-      scalar_t acc[kTile], max[kTile], at[kTile];
-      int64_t arg[kTile];
+      // arg holds channel numbers as scalar_t, so that it is updated with the same vector masks
+      scalar_t acc[kTile], max[kTile], at[kTile], arg[kTile];
       const int64_t len = p1 - p0;
       std::fill(acc, acc + len, scalar_t(0));
       std::fill(at, at + len, scalar_t(0));
       std::fill(max, max + len, -std::numeric_limits<scalar_t>::infinity());
-      std::fill(arg, arg + len, int64_t(0));
+      std::fill(arg, arg + len, scalar_t(0));
       const scalar_t* srow = sp + b * hw + p0;
       for (int64_t ch = 0; ch < c; ++ch) {
-        const scalar_t w = gp[b * c + ch];
+        const scalar_t w = gp[b * c + ch], channel = static_cast<scalar_t>(ch);
         const scalar_t* row = xp + (b * c + ch) * hw + p0;
         const scalar_t* grow = gr + (b * c + ch) * hw + p0;
-        scalar_t lanes[kLanes] = {};
+        const Vec wv(w), chv(channel);
+        Vec lanes(scalar_t(0));
         int64_t i = 0;
-        for (; i + kLanes <= len; i += kLanes) {
-          for (int64_t j = 0; j < kLanes; ++j) {
-            const scalar_t gx = grow[i + j] * row[i + j];
-            lanes[j] += gx * srow[i + j];
-            acc[i + j] += gx * w;
-            const scalar_t v = row[i + j] * w;
-            const bool up = beats(v, max[i + j]);
-            max[i + j] = up ? v : max[i + j];
-            arg[i + j] = up ? ch : arg[i + j];
-            at[i + j] = up ? row[i + j] : at[i + j];
-          }
+        for (; i + Vec::size() <= len; i += Vec::size()) {
+          const Vec xv = Vec::loadu(row + i), gx = Vec::loadu(grow + i) * xv;
+          lanes = lanes + gx * Vec::loadu(srow + i);
+          (Vec::loadu(acc + i) + gx * wv).store(acc + i);
+          const Vec v = xv * wv, m = Vec::loadu(max + i);
+          const Vec up = beats(v, m);
+          Vec::blendv(m, v, up).store(max + i);
+          Vec::blendv(Vec::loadu(arg + i), chv, up).store(arg + i);
+          Vec::blendv(Vec::loadu(at + i), xv, up).store(at + i);
         }
+        scalar_t sums[Vec::size()];
+        lanes.store(sums);
+        double total = 0;
         for (; i < len; ++i) {
           const scalar_t gx = grow[i] * row[i];
-          lanes[0] += gx * srow[i];
+          total += gx * srow[i];
           acc[i] += gx * w;
           const scalar_t v = row[i] * w;
           const bool up = beats(v, max[i]);
           max[i] = up ? v : max[i];
-          arg[i] = up ? ch : arg[i];
+          arg[i] = up ? channel : arg[i];
           at[i] = up ? row[i] : at[i];
         }
-        double total = 0;
-        for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
+        for (scalar_t lane : sums) total += lane;
         dgp[(b * tiles + tile) * c + ch] = total;
       }
       std::copy(acc, acc + len, dsp + b * hw + p0);
-      std::copy(arg, arg + len, ip + b * hw + p0);
+      std::transform(arg, arg + len, ip + b * hw + p0, [](scalar_t a) { return static_cast<int64_t>(a); });
       std::copy(at, at + len, xap + b * hw + p0);
     });
   });
@@ -252,17 +296,7 @@ at::Tensor pool_gate_grad(const at::Tensor& x, const at::Tensor& d_pooled, const
       for (int64_t r = begin; r < end; ++r) {
         const scalar_t* row = xp + r * hw;
         const scalar_t* d_avg = dp + (r / c) * 2 * hw;
-        double total = 0;
-        for (int64_t start = 0; start < hw; start += kChunk) {
-          const int64_t stop = std::min(start + kChunk, hw);
-          scalar_t lanes[kLanes] = {};
-          int64_t i = start;
-          for (; i + kLanes <= stop; i += kLanes) {
-            for (int64_t j = 0; j < kLanes; ++j) lanes[j] += row[i + j] * d_avg[i + j];
-          }
-          for (; i < stop; ++i) lanes[0] += row[i] * d_avg[i];
-          for (int64_t j = 0; j < kLanes; ++j) total += lanes[j];
-        }
+        const double total = dot(row, d_avg, hw);
         out[r] = static_cast<scalar_t>(total / c);
       }
     });
@@ -330,7 +364,7 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Ten
   return dx;
 }
 
-constexpr int64_t kBlockX = 32;  // output columns kept in registers by correlate_add
+constexpr int64_t kBlockX = 32;  // output columns kept in registers by correlate_rows
 
 // src (H, W) copied into a zero border of r = k / 2 (and kBlockX spare columns), row length ld.
 template <typename T>
@@ -338,6 +372,53 @@ std::vector<T> padded(const T* src, int64_t h, int64_t wd, int64_t r, int64_t ld
   std::vector<T> out((h + 2 * r) * ld, T(0));
   for (int64_t y = 0; y < h; ++y) std::copy(src + y * wd, src + (y + 1) * wd, out.data() + (y + r) * ld + r);
   return out;
+}
+
+// Rows [y, y + kRows), columns [x0, x0 + kBlockX) of correlate_rows.
+template <int64_t kRows, typename T>
+void correlate_block(const T* pad, int64_t ld, const T* taps, int64_t k, int64_t y, int64_t x0,
+                     int64_t wd, T* dst) {
+  using Vec = at::vec::Vectorized<T>;
+  static_assert(kBlockX % Vec::size() == 0, "kBlockX must hold whole vectors");
+  constexpr int64_t kVecs = kBlockX / Vec::size();
+  Vec acc[kRows][kVecs];
+  for (auto& row : acc) {
+    for (Vec& a : row) a = Vec(T(0));
+  }
+  for (int64_t ky = 0; ky < k; ++ky) {
+    for (int64_t kx = 0; kx < k; ++kx) {
+      const Vec v(taps[ky * k + kx]);
+      for (int64_t r = 0; r < kRows; ++r) {
+        const T* in = pad + (y + r + ky) * ld + x0 + kx;
+        for (int64_t j = 0; j < kVecs; ++j) acc[r][j] = at::vec::fmadd(v, Vec::loadu(in + j * Vec::size()), acc[r][j]);
+      }
+    }
+  }
+  T out[kBlockX];
+  for (int64_t r = 0; r < kRows; ++r) {
+    for (int64_t j = 0; j < kVecs; ++j) acc[r][j].store(out + j * Vec::size());
+    T* row = dst + (y + r) * wd + x0;
+    for (int64_t j = 0; j < std::min(kBlockX, wd - x0); ++j) row[j] += out[j];
+  }
+}
+
+// Rows [y0, y1) of dst (H, W) += the k x k correlation with taps of the map in pad, which holds it
+// with a zero border of r = k / 2 rows and columns (image pixel (y, x) at pad[(y + r) * ld + x + r])
+// and kBlockX spare columns. Four rows at a time, for independent accumulators.
+template <typename T>
+void correlate_rows(const T* pad, int64_t ld, const T* taps, int64_t k, int64_t y0, int64_t y1,
+                    int64_t wd, T* dst) {
+  for (int64_t y = y0; y < y1;) {
+    const bool four = y + 4 <= y1;
+    for (int64_t x0 = 0; x0 < wd; x0 += kBlockX) {
+      if (four) {
+        correlate_block<4>(pad, ld, taps, k, y, x0, wd, dst);
+      } else {
+        correlate_block<1>(pad, ld, taps, k, y, x0, wd, dst);
+      }
+    }
+    y += four ? 4 : 1;
+  }
 }
 
 // dst (H, W) += src (H, W) correlated with the k x k kernel w, zero-padded to keep the size;
@@ -348,20 +429,7 @@ void correlate_add(const T* src, const T* w, int64_t k, bool flip, int64_t h, in
   const std::vector<T> pad = padded(src, h, wd, r, ld);
   std::vector<T> taps(w, w + k * k);
   if (flip) std::reverse(taps.begin(), taps.end());
-  for (int64_t y = 0; y < h; ++y) {
-    for (int64_t x0 = 0; x0 < wd; x0 += kBlockX) {
-      T acc[kBlockX] = {};
-      for (int64_t ky = 0; ky < k; ++ky) {
-        const T* in = pad.data() + (y + ky) * ld + x0;
-        for (int64_t kx = 0; kx < k; ++kx) {
-          const T v = taps[ky * k + kx];
-          for (int64_t j = 0; j < kBlockX; ++j) acc[j] += v * in[kx + j];
-        }
-      }
-      T* out = dst + y * wd + x0;
-      for (int64_t j = 0; j < std::min(kBlockX, wd - x0); ++j) out[j] += acc[j];
-    }
-  }
+  correlate_rows(pad.data(), ld, taps.data(), k, 0, h, wd, dst);
 }
 
 // The 2 -> 1 k x k convolution of the pooled map (N, 2, H, W), without bias: (N, 1, H, W).
@@ -442,6 +510,126 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out
   return {d_pooled, d_weight};
 }
 
+
+// s = sigmoid(a * s + b), in place
+template <typename T>
+void sigmoid_affine(T* s, int64_t len, T a, T b) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    const Vec z = Vec(-a) * Vec::loadu(s + i) - Vec(b);
+    (Vec(T(1)) + z.exp()).reciprocal().store(s + i);
+  }
+  for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
+}
+
+// out = x * g * s (+ x) over len elements; out may be x
+template <typename T>
+void scale_span(const T* x, T g, const T* s, int64_t len, bool residual, T* out) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i), y = v * Vec(g) * Vec::loadu(s + i);
+    (residual ? y + v : y).store(out + i);
+  }
+  for (; i < len; ++i) out[i] = residual ? x[i] * g * s[i] + x[i] : x[i] * g * s[i];
+}
+
+constexpr int64_t kBlockBytes = 256 * 1024;  // x rows per block of attend: about this many bytes
+constexpr int64_t kMinSegmentRows = 8;       // the shortest segment attend gives a task
+
+// The whole no-grad forward after the channel gate g (N, C), in one pass over x (N, C, H, W):
+// out = x * g * s (+ x) with s = sigmoid(a * conv_kxk(P) + b), P = [mean_c; max_c](x * g), where a
+// and b fold the convolution's bias and an eval-mode BatchNorm. Each task streams a segment of rows
+// in blocks: it pools the rows r = k / 2 ahead of the block, convolves the block and scales its x
+// rows while they are still in cache. The rows that neighbouring segments need are pooled first, so
+// out may be x itself.
+at::Tensor attend(const at::Tensor& x, const at::Tensor& g, const at::Tensor& weight, double a,
+                  double b, bool residual, at::Tensor out) {
+  check(x, "x", 4);
+  check(g, "g", 2);
+  check(weight, "weight", 4);
+  check(out, "out", 4);
+  TORCH_CHECK(out.sizes() == x.sizes() && out.dtype() == x.dtype(), "out must match x");
+  TORCH_CHECK(weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd;
+  const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
+  const int64_t per_image = std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n);
+  const int64_t seg_rows = std::max(kMinSegmentRows, (h + per_image - 1) / per_image);
+  const int64_t segs = (h + seg_rows - 1) / seg_rows;
+  auto pad = at::zeros({n, 2, h + 2 * r, ld}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* pp = pad.data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    const int64_t span = std::max(kTile, wd);
+    // P's rows [y0, y1) of batch item bi, a tile of whole rows at a time
+    auto pool_rows = [&](int64_t bi, int64_t y0, int64_t y1, scalar_t* sum, scalar_t* max) {
+      for (int64_t ya = y0; ya < y1;) {
+        const int64_t yb = std::min(y1, ya + std::max<int64_t>(1, kTile / wd));
+        pool_span(xp + bi * c * hw, gp + bi * c, c, hw, ya * wd, (yb - ya) * wd, sum, max);
+        for (int64_t y = ya; y < yb; ++y) {
+          scalar_t* dst = pp + bi * 2 * plane + (y + r) * ld + r;
+          std::copy(sum + (y - ya) * wd, sum + (y - ya + 1) * wd, dst);
+          std::copy(max + (y - ya) * wd, max + (y - ya + 1) * wd, dst + plane);
+        }
+        ya = yb;
+      }
+    };
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sum(span), max(span);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        if (seg > 0) pool_rows(bi, y0, std::min(y0 + r, y1), sum.data(), max.data());
+        if (seg < segs - 1) pool_rows(bi, std::max(y1 - r, y0), y1, sum.data(), max.data());
+      }
+    });
+    const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / (c * wd * sizeof(scalar_t)));
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> sum(span), max(span), s(block_rows * wd);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        int64_t pooled = seg > 0 ? std::min(y0 + r, y1) : y0;  // rows of P done
+        const int64_t last = seg < segs - 1 ? std::max(y1 - r, pooled) : y1;
+        for (int64_t q0 = y0; q0 < y1; q0 += block_rows) {
+          const int64_t q1 = std::min(q0 + block_rows, y1), len = (q1 - q0) * wd;
+          if (std::min(q1 + r, last) > pooled) {
+            pool_rows(bi, pooled, std::min(q1 + r, last), sum.data(), max.data());
+            pooled = std::min(q1 + r, last);
+          }
+          std::fill(s.begin(), s.begin() + len, scalar_t(0));
+          for (int64_t ch = 0; ch < 2; ++ch) {
+            correlate_rows(pp + (bi * 2 + ch) * plane + q0 * ld, ld, w + ch * k * k, k, 0, q1 - q0, wd,
+                           s.data());
+          }
+          sigmoid_affine(s.data(), len, static_cast<scalar_t>(a), static_cast<scalar_t>(b));
+          for (int64_t ch = 0; ch < c; ++ch) {
+            const int64_t offset = (bi * c + ch) * hw + q0 * wd;
+            scale_span(xp + offset, gp[bi * c + ch], s.data(), len, residual, op + offset);
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+// The whole no-grad forward: the channel pool, the MLP's channel gate (with the ATen ops of
+// ChannelAttention._linear_gate), then attend. One call, so a small module costs no Python.
+at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                      const at::Tensor& weight, double a, double b, bool residual, at::Tensor out) {
+  check(x, "x", 4);
+  const int64_t n = x.size(0), c = x.size(1);
+  const auto pooled = channel_pool(x.view({n, c, x.size(2) * x.size(3)}), false);
+  const auto descriptors = at::cat({std::get<0>(pooled), std::get<1>(pooled)});
+  const auto z = at::linear(at::relu(at::linear(descriptors, w1.flatten(1), b1)), w2.flatten(1), b2);
+  const auto g = at::sigmoid(z.slice(0, 0, n) + z.slice(0, n)).contiguous();
+  return attend(x, g, weight, a, b, residual, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(smp_cbam, m) {
@@ -453,4 +641,7 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("input_grad", &input_grad);
   m.def("spatial_conv", &spatial_conv);
   m.def("spatial_conv_backward", &spatial_conv_backward);
+  m.def("cbam_infer(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, float a, float b, "
+        "bool residual, Tensor(a!) out) -> Tensor(a!)",
+        &cbam_infer);
 }
