@@ -1,6 +1,9 @@
 """The compiled CPU kernels, each against its formula in torch ops, and their build fallback."""
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -143,3 +146,36 @@ def test_env_switch_skips_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("built despite SMP_CBAM_KERNELS=0"))
     monkeypatch.setenv("SMP_CBAM_KERNELS", "0")
     assert kernels.available() is False
+
+
+def test_default_capability_build_matches_the_formula(tmp_path: Path) -> None:
+    """The kernels built for a CPU without AVX2 (ATen's scalar Vectorized), in a fresh process."""
+    code = """
+import torch
+from smp_cbam import CBAM, kernels
+torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
+assert kernels.available()
+assert "-DCPU_CAPABILITY=DEFAULT" in kernels._capability_flags("DEFAULT")
+torch.manual_seed(0)
+module = CBAM(6, reduction=2, spatial_bn=True).double()
+x = torch.randn(2, 6, 11, 9, dtype=torch.float64, requires_grad=True)
+out = module(x)
+assert type(out.grad_fn).__name__ == "_KernelCBAMBackward"
+grads = torch.autograd.grad(out.sum(), [x, *module.parameters()])
+module.fast = False
+expected = module(x)
+torch.testing.assert_close(out, expected)
+for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *module.parameters()])):
+    torch.testing.assert_close(got, want)
+module.eval()
+module.fast = True
+with torch.no_grad():
+    torch.testing.assert_close(module(x.detach()), module.forward_plain(x.detach()))
+print("ok")
+"""
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    env.pop("SMP_CBAM_KERNELS", None)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split()[-1] == "ok"
+    assert any(p.name == "smp_cbam_cpu_default" for p in tmp_path.iterdir())
