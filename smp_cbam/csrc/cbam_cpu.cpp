@@ -172,6 +172,18 @@ at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
   return pooled;
 }
 
+// out = x * g * s (+ x) over len elements; out may be x
+template <typename T>
+void scale_span(const T* x, T g, const T* s, int64_t len, bool residual, T* out) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    const Vec v = Vec::loadu(x + i), y = v * Vec(g) * Vec::loadu(s + i);
+    (residual ? y + v : y).store(out + i);
+  }
+  for (; i < len; ++i) out[i] = residual ? x[i] * g * s[i] + x[i] : x[i] * g * s[i];
+}
+
 // out = x * g * s (+ x), rounded as (x * g) * s like the plain formula.
 at::Tensor scale(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s, bool residual) {
   check(x, "x", 3);
@@ -185,17 +197,7 @@ at::Tensor scale(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s, 
     const scalar_t* sp = s.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t w = gp[r];
-        const scalar_t* row = xp + r * hw;
-        const scalar_t* srow = sp + (r / c) * hw;
-        scalar_t* orow = op + r * hw;
-        if (residual) {
-          for (int64_t i = 0; i < hw; ++i) orow[i] = row[i] * w * srow[i] + row[i];
-        } else {
-          for (int64_t i = 0; i < hw; ++i) orow[i] = row[i] * w * srow[i];
-        }
-      }
+      for (int64_t r = begin; r < end; ++r) scale_span(xp + r * hw, gp[r], sp + (r / c) * hw, hw, residual, op + r * hw);
     });
   });
   return out;
@@ -521,18 +523,6 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
     (Vec(T(1)) + z.exp()).reciprocal().store(s + i);
   }
   for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
-}
-
-// out = x * g * s (+ x) over len elements; out may be x
-template <typename T>
-void scale_span(const T* x, T g, const T* s, int64_t len, bool residual, T* out) {
-  using Vec = at::vec::Vectorized<T>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
-    const Vec v = Vec::loadu(x + i), y = v * Vec(g) * Vec::loadu(s + i);
-    (residual ? y + v : y).store(out + i);
-  }
-  for (; i < len; ++i) out[i] = residual ? x[i] * g * s[i] + x[i] : x[i] * g * s[i];
 }
 
 constexpr int64_t kBlockBytes = 256 * 1024;  // x rows per block of attend: about this many bytes
