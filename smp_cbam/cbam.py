@@ -186,7 +186,7 @@ class CBAM(nn.Module):
         _check_channels(x, self.channel.in_channels)
         use_kernels = self.kernels and _kernels_apply(x)
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
-            return (_KernelCBAM if use_kernels else _FastCBAM).apply(x, self, *self.parameters())
+            return _training_function(self, use_kernels).apply(x, self, *self.parameters())
         with torch.no_grad():
             affine = self.spatial._affine() if use_kernels else None
             if affine is not None:
@@ -219,12 +219,15 @@ class CBAM(nn.Module):
 # parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
 # Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
 # the eager path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
-# The kernel path (_KernelCBAM) computes the same in five passes over full-size tensors, forward:
-# pool over H*W (x), pool over C (x), scale (x -> out); backward: dL/ds, sum_hw T s and argmax_c
-# (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx). It also runs the k x k convolution and its
-# adjoint (oneDNN is slow for 2 -> 1 channels), so its spatial graph starts after the convolution.
-# Without gradients (_kernel_attend) it takes two passes: pool over H*W, then pool over C, convolve
-# and scale one block of rows at a time while the block is in cache (over x itself when inplace).
+# The kernel paths compute the same in fewer passes over full-size tensors. Without gradients
+# (_kernel_attend): pool over H*W, then pool over C, convolve and scale one block of rows at a time
+# while the block is in cache (over x itself when inplace). Training without spatial BatchNorm
+# (_KernelCBAM): those two passes into a new tensor, then backward dL/ds, sum_hw T s and argmax_c
+# (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx); one kernel call each way, the MLP and the k x k
+# convolution differentiated by hand. With spatial BatchNorm (_KernelBatchNormCBAM), whose batch
+# statistics need the whole convolution before the sigmoid: pool over H*W, pool over C and scale
+# as three passes, the MLP and BatchNorm with autograd graphs, the convolution in the kernels
+# (oneDNN is slow for 2 -> 1 channels).
 
 
 def _leaf_gate(gate: Callable[..., torch.Tensor], track: bool, *inputs: torch.Tensor) -> torch.Tensor:
@@ -380,7 +383,43 @@ def _kernel_attend(cbam: CBAM, x: torch.Tensor, affine: tuple[float, float]) -> 
     return out
 
 
+def _training_function(cbam: CBAM, use_kernels: bool) -> type[torch.autograd.Function]:
+    if not use_kernels:
+        return _FastCBAM
+    return _KernelCBAM if isinstance(cbam.spatial.bn, nn.Identity) else _KernelBatchNormCBAM
+
+
 class _KernelCBAM(torch.autograd.Function):
+    """Training without spatial BatchNorm: one kernel call forward (``cbam_train``), one backward
+    (``cbam_backward``, which also differentiates the MLP and the convolution by hand)."""
+
+    @staticmethod
+    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
+        first, _, second = cbam.channel.mlp
+        conv = cbam.spatial.conv
+        out, *saved = torch.ops.smp_cbam.cbam_train(
+            x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, cbam.residual
+        )
+        ctx.save_for_backward(x, *saved, first.weight, second.weight, conv.weight)
+        # which of the kernel's gradients [w1, b1, w2, b2, weight, bias] are parameters
+        ctx.present = (True, first.bias is not None, True, second.bias is not None, True, conv.bias is not None)
+        ctx.residual = cbam.residual
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
+        needs_x = ctx.needs_input_grad[0]
+        dx, *grads = torch.ops.smp_cbam.cbam_backward(grad, *ctx.saved_tensors, ctx.residual, needs_x)
+        d_params = [d for d, present in zip(grads, ctx.present, strict=True) if present]
+        needs = ctx.needs_input_grad[2:]
+        return (dx if needs_x else None, None, *(d if need else None for d, need in zip(d_params, needs)))
+
+
+class _KernelBatchNormCBAM(torch.autograd.Function):
+    """Training with spatial BatchNorm: its batch statistics need the whole convolution before the
+    sigmoid, so the kernels run as separate passes and the MLP and BatchNorm keep autograd graphs."""
+
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
         out, (avg, mx, g_c, pooled, z, g_s, idx_c) = _kernel_forward(cbam, x, track=True)

@@ -8,7 +8,7 @@ import torch
 
 from smp_cbam import CBAM, cbam, kernels
 from smp_cbam.bench import build_model, params_and_macs
-from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelCBAM
+from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelBatchNormCBAM, _KernelCBAM
 
 VARIANTS = [
     {},
@@ -32,10 +32,13 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
     return request.param
 
 
-def _backward_name(path: str, x: torch.Tensor) -> str:
+def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:
     """The grad_fn a fast CBAM's output should have on ``path`` for input ``x``."""
-    kernel = path == "kernels" and x.is_contiguous() and x.dtype != torch.bfloat16
-    return "_KernelCBAMBackward" if kernel else "_FastCBAMBackward"
+    if path != "kernels" or not x.is_contiguous() or x.dtype == torch.bfloat16:
+        return "_FastCBAMBackward"
+    if isinstance(module.spatial.bn, torch.nn.BatchNorm2d):
+        return "_KernelBatchNormCBAMBackward"
+    return "_KernelCBAMBackward"
 
 
 def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -> tuple[CBAM, CBAM]:
@@ -50,7 +53,7 @@ def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor, path: str | None = N
     x = x.detach().clone().requires_grad_()
     out = module(x)
     if path is not None:
-        assert type(out.grad_fn).__name__ == _backward_name(path, x)
+        assert type(out.grad_fn).__name__ == _backward_name(path, module, x)
     params = [p for p in module.parameters() if p.requires_grad]
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad)]
 
@@ -82,14 +85,22 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
 
 @pytest.mark.parametrize(
     ("kwargs", "fast_mode"),
-    [({"kernel_size": 3}, False), ({}, True), (VARIANTS[-1], True), ({"spatial_bn": True}, True)],
+    [
+        ({"kernel_size": 3}, False),
+        ({}, True),
+        ({"mlp_bias": True, "residual": True}, True),
+        (VARIANTS[-1], True),
+        ({"spatial_bn": True}, True),
+    ],
 )
-@pytest.mark.parametrize("function", [_KernelCBAM, _FastCBAM], ids=["kernels", "eager"])
-def test_gradcheck_float64(kwargs: dict, fast_mode: bool, function: type) -> None:
-    if function is _KernelCBAM:
-        assert kernels.available()
+@pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "eager"])
+def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool) -> None:
     channels = 8 if fast_mode else 4  # the full check perturbs every element one by one
     module, _ = _pair(channels, torch.float64, **kwargs)
+    function = _FastCBAM
+    if kernel:
+        assert kernels.available()
+        function = _KernelBatchNormCBAM if kwargs.get("spatial_bn") else _KernelCBAM
     x = torch.randn(2, channels, 4, 3, dtype=torch.float64, requires_grad=True)
     params = tuple(module.parameters())
     assert torch.autograd.gradcheck(

@@ -157,20 +157,21 @@ torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
 assert kernels.available()
 assert "-DCPU_CAPABILITY=DEFAULT" in kernels._capability_flags("DEFAULT")
 torch.manual_seed(0)
-module = CBAM(6, reduction=2, spatial_bn=True).double()
-x = torch.randn(2, 6, 11, 9, dtype=torch.float64, requires_grad=True)
-out = module(x)
-assert type(out.grad_fn).__name__ == "_KernelCBAMBackward"
-grads = torch.autograd.grad(out.sum(), [x, *module.parameters()])
-module.fast = False
-expected = module(x)
-torch.testing.assert_close(out, expected)
-for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *module.parameters()])):
-    torch.testing.assert_close(got, want)
-module.eval()
-module.fast = True
-with torch.no_grad():
-    torch.testing.assert_close(module(x.detach()), module.forward_plain(x.detach()))
+for spatial_bn, function in [(False, "_KernelCBAMBackward"), (True, "_KernelBatchNormCBAMBackward")]:
+    module = CBAM(6, reduction=2, spatial_bn=spatial_bn).double()
+    x = torch.randn(2, 6, 11, 9, dtype=torch.float64, requires_grad=True)
+    out = module(x)
+    assert type(out.grad_fn).__name__ == function
+    grads = torch.autograd.grad(out.sum(), [x, *module.parameters()])
+    module.fast = False
+    expected = module(x)
+    torch.testing.assert_close(out, expected)
+    for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *module.parameters()])):
+        torch.testing.assert_close(got, want)
+    module.eval()
+    module.fast = True
+    with torch.no_grad():
+        torch.testing.assert_close(module(x.detach()), module.forward_plain(x.detach()))
 print("ok")
 """
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}

@@ -528,14 +528,15 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
 constexpr int64_t kBlockBytes = 256 * 1024;  // x rows per block of attend: about this many bytes
 constexpr int64_t kMinSegmentRows = 8;       // the shortest segment attend gives a task
 
-// The whole no-grad forward after the channel gate g (N, C), in one pass over x (N, C, H, W):
+// The forward after the channel gate g (N, C), in one pass over x (N, C, H, W):
 // out = x * g * s (+ x) with s = sigmoid(a * conv_kxk(P) + b), P = [mean_c; max_c](x * g), where a
 // and b fold the convolution's bias and an eval-mode BatchNorm. Each task streams a segment of rows
 // in blocks: it pools the rows r = k / 2 ahead of the block, convolves the block and scales its x
 // rows while they are still in cache. The rows that neighbouring segments need are pooled first, so
-// out may be x itself.
-at::Tensor attend(const at::Tensor& x, const at::Tensor& g, const at::Tensor& weight, double a,
-                  double b, bool residual, at::Tensor out) {
+// out may be x itself. With keep, returns s (N, HW) and P (N, 2, H, W) for the backward.
+std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor& g,
+                                          const at::Tensor& weight, double a, double b,
+                                          bool residual, const at::Tensor& out, bool keep) {
   check(x, "x", 4);
   check(g, "g", 2);
   check(weight, "weight", 4);
@@ -548,6 +549,7 @@ at::Tensor attend(const at::Tensor& x, const at::Tensor& g, const at::Tensor& we
   const int64_t seg_rows = std::max(kMinSegmentRows, (h + per_image - 1) / per_image);
   const int64_t segs = (h + seg_rows - 1) / seg_rows;
   auto pad = at::zeros({n, 2, h + 2 * r, ld}, x.options());
+  auto s_all = keep ? at::empty({n, hw}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
@@ -595,6 +597,7 @@ at::Tensor attend(const at::Tensor& x, const at::Tensor& g, const at::Tensor& we
                            s.data());
           }
           sigmoid_affine(s.data(), len, static_cast<scalar_t>(a), static_cast<scalar_t>(b));
+          if (keep) std::copy(s.begin(), s.begin() + len, s_all.data_ptr<scalar_t>() + bi * hw + q0 * wd);
           for (int64_t ch = 0; ch < c; ++ch) {
             const int64_t offset = (bi * c + ch) * hw + q0 * wd;
             scale_span(xp + offset, gp[bi * c + ch], s.data(), len, residual, op + offset);
@@ -603,21 +606,88 @@ at::Tensor attend(const at::Tensor& x, const at::Tensor& g, const at::Tensor& we
       }
     });
   });
-  return out;
+  if (!keep) return {};
+  return {s_all, pad.slice(2, r, r + h).slice(3, r, r + wd).contiguous()};
 }
 
-// The whole no-grad forward: the channel pool, the MLP's channel gate (with the ATen ops of
-// ChannelAttention._linear_gate), then attend. One call, so a small module costs no Python.
+// The channel gate: pooled descriptors D = [mean_hw; max_hw](x) (2N, C), the MLP's hidden layer
+// H = relu(D w1^T + b1) (2N, C/r) and g = sigmoid(Z_avg + Z_max) with Z = H w2^T + b2, in the ATen
+// ops of ChannelAttention._linear_gate; with with_index, each channel's max pixel (N, C).
+struct ChannelGate {
+  at::Tensor descriptors, hidden, g, idx;
+};
+
+ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                         const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool with_index) {
+  check(x, "x", 4);
+  const int64_t n = x.size(0), c = x.size(1);
+  auto [mean, max, idx] = channel_pool(x.view({n, c, x.size(2) * x.size(3)}), with_index);
+  auto descriptors = at::cat({mean, max});
+  auto hidden = at::relu(at::linear(descriptors, w1.flatten(1), b1));
+  const auto z = at::linear(hidden, w2.flatten(1), b2);
+  return {descriptors, hidden, at::sigmoid(z.slice(0, 0, n) + z.slice(0, n)).contiguous(), idx};
+}
+
+// The whole no-grad forward: the channel gate, then attend. One call, so a small module costs no
+// Python.
 at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                       const at::Tensor& weight, double a, double b, bool residual, at::Tensor out) {
+  attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, b, residual, out, false);
+  return out;
+}
+
+// The training forward of a CBAM without spatial BatchNorm (s = sigmoid(conv(P) + bias)): the
+// passes of cbam_infer into a new tensor, returning with it what cbam_backward needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_train(
+    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    bool residual) {
+  auto gate = channel_gate(x, w1, b1, w2, b2, true);
+  auto out = at::empty_like(x);
+  auto [s, pooled] = attend(x, gate.g, weight, 1.0, bias ? bias->item<double>() : 0.0, residual, out, true);
+  return {out, gate.descriptors, gate.hidden, gate.g, gate.idx, s, pooled};
+}
+
+// Gradients of cbam_train for G = dL/dout: [dx (empty unless with_input_grad), dw1, db1, dw2, db2,
+// dweight, dbias]. With the forward's names, u = conv(P) + bias and S = (Z_avg + Z_max):
+//   dL/ds, dL/dg (through y = x g)            gate_grads
+//   dL/du = dL/ds s (1 - s); dL/dP, dweight    spatial_conv_backward; dbias = sum dL/du
+//   dL/dg += (through P)                        pool_gate_grad
+//   dL/dS = dL/dg g (1 - g), the same for Z_avg and Z_max; the MLP's layers backwards by hand
+//   dL/dx                                       input_grad
+std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
+                                      const at::Tensor& hidden, const at::Tensor& g, const at::Tensor& idx_c,
+                                      const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
+                                      const at::Tensor& w2, const at::Tensor& weight, bool residual,
+                                      bool with_input_grad) {
   check(x, "x", 4);
-  const int64_t n = x.size(0), c = x.size(1);
-  const auto pooled = channel_pool(x.view({n, c, x.size(2) * x.size(3)}), false);
-  const auto descriptors = at::cat({std::get<0>(pooled), std::get<1>(pooled)});
-  const auto z = at::linear(at::relu(at::linear(descriptors, w1.flatten(1), b1)), w2.flatten(1), b2);
-  const auto g = at::sigmoid(z.slice(0, 0, n) + z.slice(0, n)).contiguous();
-  return attend(x, g, weight, a, b, residual, out);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
+  const auto x3 = x.view({n, c, h * wd});
+  const auto grad3 = grad.contiguous().view({n, c, h * wd});
+  auto [d_s, d_g, idx_s, x_at] = gate_grads(grad3, x3, g, s);
+  const auto d_u = d_s * s * (1 - s);
+  auto [d_pooled, d_weight] = spatial_conv_backward(d_u.view({n, 1, h, wd}), pooled, weight);
+  d_pooled = d_pooled.view({n, 2, h * wd});
+  d_g += pool_gate_grad(x3, d_pooled, idx_s, x_at);
+
+  const auto d_sum = d_g * g * (1 - g);
+  const auto d_z = at::cat({d_sum, d_sum});
+  const auto d_hidden = d_z.mm(w2.flatten(1)) * (hidden > 0);
+  const auto d_descriptors = d_hidden.mm(w1.flatten(1));
+  auto dx = at::empty({0}, x.options());
+  if (with_input_grad) {
+    dx = input_grad(grad3, g, s, d_pooled, idx_s, d_descriptors.slice(0, 0, n).contiguous(),
+                      d_descriptors.slice(0, n).contiguous(), idx_c, residual)
+             .view_as(x);
+  }
+  return {dx,
+          d_hidden.t().mm(descriptors).view_as(w1),
+          d_hidden.sum(0),
+          d_z.t().mm(hidden).view_as(w2),
+          d_z.sum(0),
+          d_weight,
+          d_u.sum().view({1})};
 }
 
 }  // namespace
@@ -631,6 +701,8 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("input_grad", &input_grad);
   m.def("spatial_conv", &spatial_conv);
   m.def("spatial_conv_backward", &spatial_conv_backward);
+  m.def("cbam_train", &cbam_train);
+  m.def("cbam_backward", &cbam_backward);
   m.def("cbam_infer(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, float a, float b, "
         "bool residual, Tensor(a!) out) -> Tensor(a!)",
         &cbam_infer);
