@@ -5,6 +5,7 @@
 // as torch.max(dim) does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
@@ -56,10 +57,28 @@ double dot(const T* a, const T* b, int64_t len) {
   return total;
 }
 
+// The first i in [from, len) with row[i] == value, else len.
+template <typename T>
+int64_t find_first(const T* row, int64_t from, int64_t len, T value) {
+  using Vec = at::vec::Vectorized<T>;
+  const Vec target(value);
+  int64_t i = from;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
+    const auto hits = ~static_cast<uint64_t>((Vec::loadu(row + i) == target).zero_mask()) &
+                      ((uint64_t(1) << Vec::size()) - 1);
+    if (hits) return i + __builtin_ctzll(hits);
+  }
+  return std::find(row + i, row + len, value) - row;
+}
+
 // Mean and max of each of the n rows of x (n, len), and the max's first index when idx is set.
+// Each chunk is summed in two vectors of scalar_t, then added to a double.
 template <typename T>
 void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* idx) {
   using Vec = at::vec::Vectorized<T>;
+  const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+  const auto greater = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * len;
@@ -68,22 +87,22 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
       double total = 0;
       for (int64_t start = 0; start < len; start += kChunk) {
         const int64_t stop = std::min(start + kChunk, len);
-        Vec s(T(0)), m(-std::numeric_limits<T>::infinity());
+        Vec s0(T(0)), s1(T(0)), m0(-std::numeric_limits<T>::infinity()), m1(m0);
         int64_t i = start;
-        for (; i + Vec::size() <= stop; i += Vec::size()) {
-          const Vec v = Vec::loadu(row + i);
-          s = s + v;
-          m = at::vec::maximum(m, v);
+        for (; i + 2 * Vec::size() <= stop; i += 2 * Vec::size()) {
+          const Vec v0 = Vec::loadu(row + i), v1 = Vec::loadu(row + i + Vec::size());
+          s0 = s0 + v0;
+          s1 = s1 + v1;
+          m0 = at::vec::maximum(m0, v0);
+          m1 = at::vec::maximum(m1, v1);
         }
-        T sums[Vec::size()], maxes[Vec::size()];
-        s.store(sums);
-        m.store(maxes);
-        T chunk_max = *std::max_element(maxes, maxes + Vec::size());
+        T chunk_sum = at::vec::vec_reduce_all<T>(add, s0 + s1);
+        T chunk_max = at::vec::vec_reduce_all<T>(greater, at::vec::maximum(m0, m1));
         for (; i < stop; ++i) {
-          total += row[i];
-          chunk_max = std::max(chunk_max, row[i]);
+          chunk_sum += row[i];
+          chunk_max = beats(row[i], chunk_max) ? row[i] : chunk_max;
         }
-        for (T lane : sums) total += lane;
+        total += chunk_sum;
         if (chunk_max > best || start == 0) {
           best = chunk_max;
           best_chunk = start;
@@ -98,7 +117,7 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
         if (idx) idx[r] = nan - row;
       } else {
         max[r] = best;
-        if (idx) idx[r] = std::find(row + best_chunk, row + len, best) - row;
+        if (idx) idx[r] = find_first(row, best_chunk, len, best);
       }
     }
   });
@@ -141,9 +160,9 @@ void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_
     const T* row = x + ch * hw + p0;
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec v = Vec::loadu(row + i) * Vec(w), m = Vec::loadu(max + i);
+      const Vec v = Vec::loadu(row + i) * Vec(w);
       (Vec::loadu(sum + i) + v).store(sum + i);
-      Vec::blendv(m, v, beats(v, m)).store(max + i);
+      at::vec::maximum(Vec::loadu(max + i), v).store(max + i);  // NaN-propagating, as beats
     }
     for (; i < len; ++i) {
       const T v = row[i] * w;
@@ -434,6 +453,48 @@ void correlate_add(const T* src, const T* w, int64_t k, bool flip, int64_t h, in
   correlate_rows(pad.data(), ld, taps.data(), k, 0, h, wd, dst);
 }
 
+constexpr int64_t kTapGroup = 4;     // weight_grad_map's taps kept in registers at a time
+constexpr int64_t kRowsPerFlush = 8;  // rows its float accumulators sum before adding to doubles
+
+// out[ky * k + kx] += sum over y, x of pad[(y + ky) * ld + x + kx] dz[y * ldz + x]: the weight
+// gradient of a correlation, for the map padded as in correlate_rows but with 2 * kBlockX spare
+// columns, and dz padded with kBlockX zero columns. kTapGroup taps of a row of the kernel at a
+// time, two vectors of columns each (independent accumulators); a group may run past k into the
+// padding, and only the taps below k are kept.
+template <typename T>
+void weight_grad_map(const T* pad, int64_t ld, const T* dz, int64_t ldz, int64_t k, int64_t h, int64_t wd,
+                     double* out) {
+  using Vec = at::vec::Vectorized<T>;
+  constexpr int64_t kStep = 2 * Vec::size();
+  static_assert(kBlockX >= kStep, "dz's padding must hold a step's overrun");
+  for (int64_t ky = 0; ky < k; ++ky) {
+    for (int64_t kx0 = 0; kx0 < k; kx0 += kTapGroup) {
+      for (int64_t y0 = 0; y0 < h; y0 += kRowsPerFlush) {
+        Vec acc[2][kTapGroup];
+        for (auto& half : acc) {
+          for (Vec& a : half) a = Vec(T(0));
+        }
+        for (int64_t y = y0; y < std::min(h, y0 + kRowsPerFlush); ++y) {
+          const T* in = pad + (y + ky) * ld + kx0;
+          const T* g = dz + y * ldz;
+          for (int64_t x = 0; x < wd; x += kStep) {
+            const Vec g0 = Vec::loadu(g + x), g1 = Vec::loadu(g + x + Vec::size());
+            for (int64_t j = 0; j < kTapGroup; ++j) {
+              acc[0][j] = at::vec::fmadd(Vec::loadu(in + x + j), g0, acc[0][j]);
+              acc[1][j] = at::vec::fmadd(Vec::loadu(in + x + j + Vec::size()), g1, acc[1][j]);
+            }
+          }
+        }
+        T lanes[kTapGroup][Vec::size()];  // every accumulator stored, so that all stay in registers
+        for (int64_t j = 0; j < kTapGroup; ++j) (acc[0][j] + acc[1][j]).store(lanes[j]);
+        for (int64_t j = 0; j < std::min(kTapGroup, k - kx0); ++j) {
+          for (T lane : lanes[j]) out[ky * k + kx0 + j] += lane;
+        }
+      }
+    }
+  }
+}
+
 // The 2 -> 1 k x k convolution of the pooled map (N, 2, H, W), without bias: (N, 1, H, W).
 at::Tensor spatial_conv(const at::Tensor& pooled, const at::Tensor& weight) {
   check(pooled, "pooled", 4);
@@ -478,33 +539,14 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out
         correlate_add(dz + (t / 2) * h * wd, w + (t % 2) * k * k, k, true, h, wd, dp + t * h * wd);
       }
     });
-    // dw[ch, ky, kx] = sum over n, y, x of pooled[n, ch, y + ky - r, x + kx - r] dz[n, y, x],
-    // summed per (n, ch) over blocks of kBlockX columns, kept per tap and column
-    auto per_map = at::empty({n, 2, k * k}, pooled.options().dtype(at::kDouble));
+    auto per_map = at::zeros({n, 2, k * k}, pooled.options().dtype(at::kDouble));
     double* pm = per_map.data_ptr<double>();
     at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t ld = wd + 2 * r + kBlockX, ldz = wd + kBlockX;
+        const int64_t ld = wd + 2 * r + 2 * kBlockX, ldz = wd + kBlockX;
         const std::vector<scalar_t> pad = padded(src + t * h * wd, h, wd, r, ld);
         const std::vector<scalar_t> grad = padded(dz + (t / 2) * h * wd, h, wd, int64_t(0), ldz);
-        std::vector<scalar_t> acc(k * k * kBlockX, scalar_t(0));
-        for (int64_t y = 0; y < h; ++y) {
-          for (int64_t x0 = 0; x0 < wd; x0 += kBlockX) {
-            const scalar_t* g = grad.data() + y * ldz + x0;
-            for (int64_t ky = 0; ky < k; ++ky) {
-              const scalar_t* in = pad.data() + (y + ky) * ld + x0;
-              for (int64_t kx = 0; kx < k; ++kx) {
-                scalar_t* a = acc.data() + (ky * k + kx) * kBlockX;
-                for (int64_t j = 0; j < kBlockX; ++j) a[j] += in[kx + j] * g[j];
-              }
-            }
-          }
-        }
-        for (int64_t tap = 0; tap < k * k; ++tap) {
-          double total = 0;
-          for (int64_t j = 0; j < kBlockX; ++j) total += acc[tap * kBlockX + j];
-          pm[t * k * k + tap] = total;
-        }
+        weight_grad_map(pad.data(), ld, grad.data(), ldz, k, h, wd, pm + t * k * k);
       }
     });
     d_weight.copy_(per_map.sum(0).view_as(weight));
