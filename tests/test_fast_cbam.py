@@ -300,6 +300,22 @@ def test_inference_matches_plain_float64(shape: tuple, threads: int, kwargs: dic
         torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("shape", [*INFERENCE_SHAPES, (1, 6, 41, 9)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("kernel_size", [7, 19])  # 19: a segment's border rows outnumber its minimum
+def test_training_matches_plain_float64(shape: tuple, threads: int, kernel_size: int, path: str) -> None:
+    """The streamed backward: row segments with borders read across tasks, short last segments."""
+    fast, plain = _pair(shape[1], torch.float64, kernel_size=kernel_size, mlp_bias=True)
+    x = torch.randn(shape, dtype=torch.float64)
+    grad = torch.randn(shape, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        _assert_close(_run(fast, x, grad, path), _run(plain, x, grad), rtol=1e-12)
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
 def test_inference_matches_plain_float32(kwargs: dict, path: str) -> None:
     fast, plain = (_with_running_stats(m) for m in _pair(32, **kwargs))

@@ -66,6 +66,8 @@ def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype:
     _close(pooled[:, 0], y.mean(dim=1))
     assert torch.equal(pooled[:, 1], ref.values)
     d_s, d_g, idx, x_at = ops.gate_grads(grad, x, g, s)
+    assert idx.dtype == dtype
+    idx = idx.long()
     assert torch.equal(idx, ref.indices)
     assert torch.equal(x_at, x.gather(1, idx[:, None]).squeeze(1))
     _close(d_s, (grad * y).sum(dim=1))
@@ -95,11 +97,11 @@ def test_backward_passes(ops: object, shape: tuple[int, ...], residual: bool) ->
     at_c = torch.zeros(shape, dtype=torch.float64).scatter_(2, idx_c[:, :, None], 1.0)
 
     expected = (x * d_pooled[:, :1]).sum(dim=2) / c + (x * at_s * d_pooled[:, 1:]).sum(dim=2)
-    _close(ops.pool_gate_grad(x, d_pooled, idx_s, x_at), expected)
+    _close(ops.pool_gate_grad(x, d_pooled, idx_s.double(), x_at), expected)
 
     d_y = grad * s[:, None] + d_pooled[:, :1] / c + at_s * d_pooled[:, 1:]
     expected = d_y * g[:, :, None] + d_avg[:, :, None] / hw + at_c * d_max[:, :, None]
-    dx = ops.input_grad(grad, g, s, d_pooled, idx_s, d_avg, d_max, idx_c, residual)
+    dx = ops.input_grad(grad, g, s, d_pooled, idx_s.double(), d_avg, d_max, idx_c, residual)
     _close(dx, expected + grad if residual else expected)
 
 

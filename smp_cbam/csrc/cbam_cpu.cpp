@@ -222,8 +222,55 @@ at::Tensor scale(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s, 
   return out;
 }
 
+// gate_grads over the pixels [p0, p0 + len) of one batch item, len <= kTile (gr, x: its (C, HW);
+// g: its (C); s: its (HW)): d_s into ds, the channel of max_c x g into arg (a channel number in T,
+// so that it is updated with the same vector masks) and x there into x_at (all at p0), and sum G x s
+// over these pixels added to each channel's dg.
+template <typename T>
+void gate_span(const T* gr, const T* x, const T* g, const T* s, int64_t c, int64_t hw, int64_t p0, int64_t len,
+               T* ds, T* arg, T* x_at, double* dg) {
+  using Vec = at::vec::Vectorized<T>;
+  T max[kTile];
+  std::fill(ds, ds + len, T(0));
+  std::fill(x_at, x_at + len, T(0));
+  std::fill(max, max + len, -std::numeric_limits<T>::infinity());
+  std::fill(arg, arg + len, T(0));
+  const T* srow = s + p0;
+  for (int64_t ch = 0; ch < c; ++ch) {
+    const T w = g[ch], channel = static_cast<T>(ch);
+    const T* row = x + ch * hw + p0;
+    const T* grow = gr + ch * hw + p0;
+    const Vec wv(w), chv(channel);
+    Vec lanes(T(0));
+    int64_t i = 0;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
+      const Vec xv = Vec::loadu(row + i), gx = Vec::loadu(grow + i) * xv;
+      lanes = lanes + gx * Vec::loadu(srow + i);
+      (Vec::loadu(ds + i) + gx * wv).store(ds + i);
+      const Vec v = xv * wv, m = Vec::loadu(max + i);
+      const Vec up = beats(v, m);
+      Vec::blendv(m, v, up).store(max + i);
+      Vec::blendv(Vec::loadu(arg + i), chv, up).store(arg + i);
+      Vec::blendv(Vec::loadu(x_at + i), xv, up).store(x_at + i);
+    }
+    double total = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
+    for (; i < len; ++i) {
+      const T gx = grow[i] * row[i];
+      total += gx * srow[i];
+      ds[i] += gx * w;
+      const T v = row[i] * w;
+      const bool up = beats(v, max[i]);
+      max[i] = up ? v : max[i];
+      arg[i] = up ? channel : arg[i];
+      x_at[i] = up ? row[i] : x_at[i];
+    }
+    dg[ch] += total;
+  }
+}
+
 // With G = dL/dout: d_s = sum_c G x g (N, HW), d_g = sum_hw G x s (N, C), and the channel of
-// max_c x g (N, HW) with x there (N, HW), recomputed here rather than kept from the forward.
+// max_c x g (N, HW, a channel number in x's dtype) with x there (N, HW), recomputed here rather than
+// kept from the forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::Tensor& grad,
                                                           const at::Tensor& x, const at::Tensor& g,
                                                           const at::Tensor& s) {
@@ -235,70 +282,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::
   TORCH_CHECK(c <= (int64_t(1) << 24), "gate_grads supports at most 2^24 channels, got ", c);
   const int64_t tiles = (hw + kTile - 1) / kTile;
   auto d_s = at::empty({n, hw}, x.options());
-  auto idx = at::empty({n, hw}, x.options().dtype(at::kLong));
+  auto idx = at::empty({n, hw}, x.options());
   auto x_at = at::empty({n, hw}, x.options());
-  auto d_g_tiles = at::empty({n, tiles, c}, x.options().dtype(at::kDouble));
+  auto d_g_tiles = at::zeros({n, tiles, c}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_grads", [&] {
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* sp = s.data_ptr<scalar_t>();
-    scalar_t* dsp = d_s.data_ptr<scalar_t>();
-    int64_t* ip = idx.data_ptr<int64_t>();
-    scalar_t* xap = x_at.data_ptr<scalar_t>();
-    double* dgp = d_g_tiles.data_ptr<double>();
-    using Vec = at::vec::Vectorized<scalar_t>;
     for_tiles(n, hw, [&](int64_t b, int64_t tile, int64_t p0, int64_t p1) {
-      // arg holds channel numbers as scalar_t, so that it is updated with the same vector masks
-      scalar_t acc[kTile], max[kTile], at[kTile], arg[kTile];
-      const int64_t len = p1 - p0;
-      std::fill(acc, acc + len, scalar_t(0));
-      std::fill(at, at + len, scalar_t(0));
-      std::fill(max, max + len, -std::numeric_limits<scalar_t>::infinity());
-      std::fill(arg, arg + len, scalar_t(0));
-      const scalar_t* srow = sp + b * hw + p0;
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const scalar_t w = gp[b * c + ch], channel = static_cast<scalar_t>(ch);
-        const scalar_t* row = xp + (b * c + ch) * hw + p0;
-        const scalar_t* grow = gr + (b * c + ch) * hw + p0;
-        const Vec wv(w), chv(channel);
-        Vec lanes(scalar_t(0));
-        int64_t i = 0;
-        for (; i + Vec::size() <= len; i += Vec::size()) {
-          const Vec xv = Vec::loadu(row + i), gx = Vec::loadu(grow + i) * xv;
-          lanes = lanes + gx * Vec::loadu(srow + i);
-          (Vec::loadu(acc + i) + gx * wv).store(acc + i);
-          const Vec v = xv * wv, m = Vec::loadu(max + i);
-          const Vec up = beats(v, m);
-          Vec::blendv(m, v, up).store(max + i);
-          Vec::blendv(Vec::loadu(arg + i), chv, up).store(arg + i);
-          Vec::blendv(Vec::loadu(at + i), xv, up).store(at + i);
-        }
-        scalar_t sums[Vec::size()];
-        lanes.store(sums);
-        double total = 0;
-        for (; i < len; ++i) {
-          const scalar_t gx = grow[i] * row[i];
-          total += gx * srow[i];
-          acc[i] += gx * w;
-          const scalar_t v = row[i] * w;
-          const bool up = beats(v, max[i]);
-          max[i] = up ? v : max[i];
-          arg[i] = up ? channel : arg[i];
-          at[i] = up ? row[i] : at[i];
-        }
-        for (scalar_t lane : sums) total += lane;
-        dgp[(b * tiles + tile) * c + ch] = total;
-      }
-      std::copy(acc, acc + len, dsp + b * hw + p0);
-      std::transform(arg, arg + len, ip + b * hw + p0, [](scalar_t a) { return static_cast<int64_t>(a); });
-      std::copy(at, at + len, xap + b * hw + p0);
+      const int64_t at = b * hw + p0;
+      gate_span(gr + b * c * hw, xp + b * c * hw, gp + b * c, sp + b * hw, c, hw, p0, p1 - p0,
+                d_s.data_ptr<scalar_t>() + at, idx.data_ptr<scalar_t>() + at, x_at.data_ptr<scalar_t>() + at,
+                d_g_tiles.data_ptr<double>() + (b * tiles + tile) * c);
     });
   });
   return {d_s, d_g_tiles.sum(1).to(x.scalar_type()), idx, x_at};
 }
 
-// dL/dg through the pooled map: sum_hw x d_avg / C, plus x_at d_max at each pixel's max channel.
+// P's share of dL/dg from the pixels [p0, p1) of one batch item (x: its (C, HW); d_avg, d_max, idx,
+// x_at: its (HW)), added to each channel's dg: sum x d_avg / C, and x_at d_max at each pixel's max
+// channel idx.
+template <typename T>
+void pool_share(const T* x, const T* d_avg, const T* d_max, const T* idx, const T* x_at, int64_t c,
+                int64_t hw, int64_t p0, int64_t p1, double* dg) {
+  for (int64_t ch = 0; ch < c; ++ch) dg[ch] += dot(x + ch * hw + p0, d_avg + p0, p1 - p0) / c;
+  for (int64_t p = p0; p < p1; ++p) dg[static_cast<int64_t>(idx[p])] += x_at[p] * d_max[p];
+}
+
+// dL/dg through the pooled map, pool_share over each batch item.
 at::Tensor pool_gate_grad(const at::Tensor& x, const at::Tensor& d_pooled, const at::Tensor& idx,
                           const at::Tensor& x_at) {
   check(x, "x", 3);
@@ -306,33 +318,22 @@ at::Tensor pool_gate_grad(const at::Tensor& x, const at::Tensor& d_pooled, const
   check(idx, "idx", 2);
   check(x_at, "x_at", 2);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
-  auto d_g = at::empty({n, c}, x.options());
+  auto d_g = at::zeros({n, c}, x.options().dtype(at::kDouble));
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_gate_grad", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* dp = d_pooled.data_ptr<scalar_t>();
-    const int64_t* ip = idx.data_ptr<int64_t>();
-    const scalar_t* xap = x_at.data_ptr<scalar_t>();
-    scalar_t* out = d_g.data_ptr<scalar_t>();
-    at::parallel_for(0, n * c, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* row = xp + r * hw;
-        const scalar_t* d_avg = dp + (r / c) * 2 * hw;
-        const double total = dot(row, d_avg, hw);
-        out[r] = static_cast<scalar_t>(total / c);
+    at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t b = begin; b < end; ++b) {
+        pool_share(xp + b * c * hw, dp + b * 2 * hw, dp + (b * 2 + 1) * hw, idx.data_ptr<scalar_t>() + b * hw,
+                   x_at.data_ptr<scalar_t>() + b * hw, c, hw, int64_t(0), hw, d_g.data_ptr<double>() + b * c);
       }
     });
-    for (int64_t b = 0; b < n; ++b) {
-      const scalar_t* d_max = dp + (b * 2 + 1) * hw;
-      for (int64_t p = 0; p < hw; ++p) {
-        out[b * c + ip[b * hw + p]] += xap[b * hw + p] * d_max[p];
-      }
-    }
   });
-  return d_g;
+  return d_g.to(x.scalar_type());
 }
 
-// dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G), then g d_max_s added at each pixel's max
-// channel idx_s and d_max_c at each channel's max pixel idx_c.
+// dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s where the channel is the pixel's
+// max channel idx_s (as gate_grads gives it), then d_max_c added at each channel's max pixel idx_c.
 at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Tensor& s,
                       const at::Tensor& d_pooled, const at::Tensor& idx_s,
                       const at::Tensor& d_avg, const at::Tensor& d_max, const at::Tensor& idx_c,
@@ -348,11 +349,12 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Ten
   const int64_t c = grad.size(1), hw = grad.size(2);
   auto dx = at::empty_like(grad);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "input_grad", [&] {
+    using Vec = at::vec::Vectorized<scalar_t>;
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     const scalar_t* gp = g.data_ptr<scalar_t>();
     const scalar_t* sp = s.data_ptr<scalar_t>();
     const scalar_t* dp = d_pooled.data_ptr<scalar_t>();
-    const int64_t* isp = idx_s.data_ptr<int64_t>();
+    const scalar_t* isp = idx_s.data_ptr<scalar_t>();
     const scalar_t* dap = d_avg.data_ptr<scalar_t>();
     const scalar_t* dmp = d_max.data_ptr<scalar_t>();
     const int64_t* icp = idx_c.data_ptr<int64_t>();
@@ -361,24 +363,32 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Ten
     at::parallel_for(0, grad.size(0) * c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / c;
-        const scalar_t w = gp[r], base = dap[r] / static_cast<scalar_t>(hw);
+        const scalar_t w = gp[r], base = dap[r] / static_cast<scalar_t>(hw), channel = static_cast<scalar_t>(r % c);
         const scalar_t* grow = gr + r * hw;
         const scalar_t* srow = sp + b * hw;
         const scalar_t* d_avg_s = dp + b * 2 * hw;
         const scalar_t* d_max_s = d_avg_s + hw;
+        const scalar_t* arg = isp + b * hw;
         scalar_t* orow = out + r * hw;
-        for (int64_t i = 0; i < hw; ++i) orow[i] = (grow[i] * srow[i] + d_avg_s[i] * inv_c) * w + base;
-        if (residual) {
-          for (int64_t i = 0; i < hw; ++i) orow[i] += grow[i];
+        const Vec wv(w), basev(base), inv(inv_c), chv(channel);
+        int64_t i = 0;
+        for (; i + Vec::size() <= hw; i += Vec::size()) {
+          const Vec gv = Vec::loadu(grow + i);
+          Vec v = (gv * Vec::loadu(srow + i) + Vec::loadu(d_avg_s + i) * inv) * wv + basev;
+          if (residual) v = v + gv;
+          // the max's share where this is the max channel (a true comparison sets every bit)
+          v = v + ((Vec::loadu(arg + i) == chv) & (wv * Vec::loadu(d_max_s + i)));
+          v.store(orow + i);
+        }
+        for (; i < hw; ++i) {
+          scalar_t v = (grow[i] * srow[i] + d_avg_s[i] * inv_c) * w + base;
+          if (residual) v += grow[i];
+          if (arg[i] == channel) v += w * d_max_s[i];
+          orow[i] = v;
         }
       }
     });
     for (int64_t b = 0; b < grad.size(0); ++b) {
-      const scalar_t* d_max_s = dp + (b * 2 + 1) * hw;
-      for (int64_t p = 0; p < hw; ++p) {
-        const int64_t ch = isp[b * hw + p];
-        out[(b * c + ch) * hw + p] += gp[b * c + ch] * d_max_s[p];
-      }
       for (int64_t ch = 0; ch < c; ++ch) out[(b * c + ch) * hw + icp[b * c + ch]] += dmp[b * c + ch];
     }
   });
@@ -518,28 +528,16 @@ at::Tensor spatial_conv(const at::Tensor& pooled, const at::Tensor& weight) {
   return out;
 }
 
-// Gradients of spatial_conv for d_out (N, 1, H, W): the pooled map's and the weight's.
-std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out,
-                                                         const at::Tensor& pooled,
-                                                         const at::Tensor& weight) {
+// The weight's gradient of spatial_conv for d_out (N, 1, H, W).
+at::Tensor conv_weight_grad(const at::Tensor& d_out, const at::Tensor& pooled, const at::Tensor& weight) {
   check(d_out, "d_out", 4);
   check(pooled, "pooled", 4);
   check(weight, "weight", 4);
-  const int64_t n = pooled.size(0), h = pooled.size(2), wd = pooled.size(3), k = weight.size(3);
-  const int64_t r = k / 2;
-  auto d_pooled = at::zeros_like(pooled);
-  auto d_weight = at::empty_like(weight);
-  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_backward", [&] {
+  const int64_t n = pooled.size(0), h = pooled.size(2), wd = pooled.size(3), k = weight.size(3), r = k / 2;
+  auto per_map = at::zeros({n, 2, k * k}, pooled.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "conv_weight_grad", [&] {
     const scalar_t* dz = d_out.data_ptr<scalar_t>();
     const scalar_t* src = pooled.data_ptr<scalar_t>();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    scalar_t* dp = d_pooled.data_ptr<scalar_t>();
-    at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        correlate_add(dz + (t / 2) * h * wd, w + (t % 2) * k * k, k, true, h, wd, dp + t * h * wd);
-      }
-    });
-    auto per_map = at::zeros({n, 2, k * k}, pooled.options().dtype(at::kDouble));
     double* pm = per_map.data_ptr<double>();
     at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
@@ -549,9 +547,30 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out
         weight_grad_map(pad.data(), ld, grad.data(), ldz, k, h, wd, pm + t * k * k);
       }
     });
-    d_weight.copy_(per_map.sum(0).view_as(weight));
   });
-  return {d_pooled, d_weight};
+  return per_map.sum(0).view_as(weight).to(weight.scalar_type());
+}
+
+// Gradients of spatial_conv for d_out (N, 1, H, W): the pooled map's and the weight's.
+std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out,
+                                                         const at::Tensor& pooled,
+                                                         const at::Tensor& weight) {
+  check(d_out, "d_out", 4);
+  check(pooled, "pooled", 4);
+  check(weight, "weight", 4);
+  const int64_t n = pooled.size(0), h = pooled.size(2), wd = pooled.size(3), k = weight.size(3);
+  auto d_pooled = at::zeros_like(pooled);
+  AT_DISPATCH_FLOATING_TYPES(pooled.scalar_type(), "spatial_conv_backward", [&] {
+    const scalar_t* dz = d_out.data_ptr<scalar_t>();
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    scalar_t* dp = d_pooled.data_ptr<scalar_t>();
+    at::parallel_for(0, n * 2, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        correlate_add(dz + (t / 2) * h * wd, w + (t % 2) * k * k, k, true, h, wd, dp + t * h * wd);
+      }
+    });
+  });
+  return {d_pooled, conv_weight_grad(d_out, pooled, weight)};
 }
 
 
@@ -567,8 +586,19 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
   for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
 }
 
-constexpr int64_t kBlockBytes = 256 * 1024;  // x rows per block of attend: about this many bytes
-constexpr int64_t kMinSegmentRows = 8;       // the shortest segment attend gives a task
+constexpr int64_t kBlockBytes = 256 * 1024;  // rows per block of the streaming passes: about this many bytes
+constexpr int64_t kMinSegmentRows = 8;       // the shortest segment of rows they give a task
+
+// How attend and gate_pass split each image's h rows among tasks: segments of rows, at least two
+// tasks per thread, each segment at least r rows (the border its neighbours read).
+struct Segments {
+  int64_t rows, count;
+  Segments(int64_t n, int64_t h, int64_t r) {
+    const int64_t per_image = std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n);
+    rows = std::max({kMinSegmentRows, r, (h + per_image - 1) / per_image});
+    count = (h + rows - 1) / rows;
+  }
+};
 
 // The forward after the channel gate g (N, C), in one pass over x (N, C, H, W):
 // out = x * g * s (+ x) with s = sigmoid(a * conv_kxk(P) + b), P = [mean_c; max_c](x * g), where a
@@ -587,9 +617,8 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
   TORCH_CHECK(weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd;
   const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
-  const int64_t per_image = std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n);
-  const int64_t seg_rows = std::max(kMinSegmentRows, (h + per_image - 1) / per_image);
-  const int64_t segs = (h + seg_rows - 1) / seg_rows;
+  const Segments split(n, h, r);
+  const int64_t seg_rows = split.rows, segs = split.count;
   auto pad = at::zeros({n, 2, h + 2 * r, ld}, x.options());
   auto s_all = keep ? at::empty({n, hw}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
@@ -652,6 +681,100 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
   return {s_all, pad.slice(2, r, r + h).slice(3, r, r + wd).contiguous()};
 }
 
+// The backward's first pass for s = sigmoid(conv(P) + bias), streamed like attend: for each block
+// of rows, gate_span (d_s, sum_hw G x s and the channel argmax) and d_u = d_s s (1 - s) into a map
+// with a zero border; then, for the rows whose neighbourhood of d_u is complete (r = k / 2 rows
+// behind), d_P by the flipped kernel and pool_share while those rows of x are still in cache. The
+// rows that neighbouring segments read get their d_u first. Returns dL/dg (N, C), d_u (N, HW),
+// d_P (N, 2, HW) and the channel argmax (N, HW, as gate_grads).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::Tensor& grad, const at::Tensor& x,
+                                                                  const at::Tensor& g, const at::Tensor& s,
+                                                                  const at::Tensor& weight) {
+  check(grad, "grad", 4);
+  check(x, "x", 4);
+  check(g, "g", 2);
+  check(s, "s", 2);
+  check(weight, "weight", 4);
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd;
+  TORCH_CHECK(c <= (int64_t(1) << 24), "gate_pass supports at most 2^24 channels, got ", c);
+  const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
+  const Segments split(n, h, r);
+  const int64_t seg_rows = split.rows, segs = split.count;
+  auto pad = at::zeros({n, h + 2 * r, ld}, x.options());
+  auto d_u = at::empty({n, hw}, x.options());
+  auto d_pooled = at::zeros({n, 2, hw}, x.options());
+  auto idx = at::empty({n, hw}, x.options());
+  auto x_at = at::empty({n, hw}, x.options());
+  auto d_g = at::zeros({n * segs, c}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_pass", [&] {
+    const scalar_t* gr = grad.data_ptr<scalar_t>();
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* gp = g.data_ptr<scalar_t>();
+    const scalar_t* sp = s.data_ptr<scalar_t>();
+    scalar_t* pp = pad.data_ptr<scalar_t>();
+    scalar_t* dup = d_u.data_ptr<scalar_t>();
+    scalar_t* dp = d_pooled.data_ptr<scalar_t>();
+    scalar_t* ip = idx.data_ptr<scalar_t>();
+    scalar_t* xap = x_at.data_ptr<scalar_t>();
+    std::vector<scalar_t> taps(2 * k * k);  // the kernel turned by 180 degrees: the adjoint
+    const scalar_t* w = weight.data_ptr<scalar_t>();
+    for (int64_t ch = 0; ch < 2; ++ch) std::reverse_copy(w + ch * k * k, w + (ch + 1) * k * k, taps.data() + ch * k * k);
+    // gate_span over rows [y0, y1) of item bi, a tile at a time, then d_u into du (and into the
+    // map for the rows [own0, own1))
+    auto gate_rows = [&](int64_t bi, int64_t y0, int64_t y1, int64_t own0, int64_t own1, scalar_t* ds,
+                         double* dg, scalar_t* du) {
+      const int64_t base = bi * hw, first = y0 * wd, last = y1 * wd;
+      for (int64_t p0 = first; p0 < last; p0 += kTile) {
+        gate_span(gr + base * c, xp + base * c, gp + bi * c, sp + base, c, hw, p0, std::min(kTile, last - p0),
+                  ds + p0 - first, ip + base + p0, xap + base + p0, dg);
+      }
+      for (int64_t y = y0; y < y1; ++y) {
+        const scalar_t* srow = sp + base + y * wd;
+        const scalar_t* drow = ds + (y - y0) * wd;
+        scalar_t* out = du + (y - y0) * wd;
+        for (int64_t i = 0; i < wd; ++i) out[i] = drow[i] * srow[i] * (scalar_t(1) - srow[i]);
+        if (y >= own0 && y < own1) std::copy(out, out + wd, pp + bi * plane + (y + r) * ld + r);
+      }
+    };
+    // the rows at each segment's borders that its neighbours read
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> ds(r * wd), du(r * wd);
+      std::vector<double> scratch(c);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        const int64_t top = std::min(y0 + r, y1), bottom = std::max(y1 - r, y0);
+        if (seg > 0) gate_rows(bi, y0, top, y0, top, ds.data(), scratch.data(), du.data());
+        if (seg < segs - 1) gate_rows(bi, bottom, y1, bottom, y1, ds.data(), scratch.data(), du.data());
+      }
+    });
+    // blocks of G and x of about kBlockBytes, but at least a tile of pixels per channel
+    const int64_t block_rows = std::max(kBlockBytes / (2 * c * wd * int64_t(sizeof(scalar_t))), (kTile + wd - 1) / wd);
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> ds(block_rows * wd);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        const int64_t own0 = seg > 0 ? std::min(y0 + r, y1) : y0, own1 = seg < segs - 1 ? std::max(y1 - r, y0) : y1;
+        double* dg = d_g.data_ptr<double>() + t * c;
+        int64_t done = y0;  // rows of d_P and of P's share done
+        for (int64_t q0 = y0; q0 < y1; q0 += block_rows) {
+          const int64_t q1 = std::min(q0 + block_rows, y1);
+          gate_rows(bi, q0, q1, own0, own1, ds.data(), dg, dup + bi * hw + q0 * wd);
+          const int64_t ready = q1 == y1 ? y1 : std::max(done, q1 - r);
+          if (ready == done) continue;
+          for (int64_t ch = 0; ch < 2; ++ch) {
+            correlate_rows(pp + bi * plane + done * ld, ld, taps.data() + ch * k * k, k, 0, ready - done, wd,
+                           dp + (bi * 2 + ch) * hw + done * wd);
+          }
+          pool_share(xp + bi * c * hw, dp + bi * 2 * hw, dp + (bi * 2 + 1) * hw, ip + bi * hw, xap + bi * hw, c, hw,
+                     done * wd, ready * wd, dg);
+          done = ready;
+        }
+      }
+    });
+  });
+  return {d_g.view({n, segs, c}).sum(1).to(x.scalar_type()), d_u, d_pooled, idx};
+}
+
 // The channel gate: pooled descriptors D = [mean_hw; max_hw](x) (2N, C), the MLP's hidden layer
 // H = relu(D w1^T + b1) (2N, C/r) and g = sigmoid(Z_avg + Z_max) with Z = H w2^T + b2, in the ATen
 // ops of ChannelAttention._linear_gate; with with_index, each channel's max pixel (N, C).
@@ -693,9 +816,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 // Gradients of cbam_train for G = dL/dout: [dx (empty unless with_input_grad), dw1, db1, dw2, db2,
 // dweight, dbias]. With the forward's names, u = conv(P) + bias and S = (Z_avg + Z_max):
-//   dL/ds, dL/dg (through y = x g)            gate_grads
-//   dL/du = dL/ds s (1 - s); dL/dP, dweight    spatial_conv_backward; dbias = sum dL/du
-//   dL/dg += (through P)                        pool_gate_grad
+//   dL/ds, dL/dg (through y = x g)            gate_pass, streaming the next two
+//   dL/du = dL/ds s (1 - s); dL/dP              (dweight: conv_weight_grad; dbias = sum dL/du)
+//   dL/dg += (through P)
 //   dL/dS = dL/dg g (1 - g), the same for Z_avg and Z_max; the MLP's layers backwards by hand
 //   dL/dx                                       input_grad
 std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
@@ -705,13 +828,9 @@ std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& 
                                       bool with_input_grad) {
   check(x, "x", 4);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
-  const auto x3 = x.view({n, c, h * wd});
-  const auto grad3 = grad.contiguous().view({n, c, h * wd});
-  auto [d_s, d_g, idx_s, x_at] = gate_grads(grad3, x3, g, s);
-  const auto d_u = d_s * s * (1 - s);
-  auto [d_pooled, d_weight] = spatial_conv_backward(d_u.view({n, 1, h, wd}), pooled, weight);
-  d_pooled = d_pooled.view({n, 2, h * wd});
-  d_g += pool_gate_grad(x3, d_pooled, idx_s, x_at);
+  const auto grad4 = grad.contiguous();
+  auto [d_g, d_u, d_pooled, idx_s] = gate_pass(grad4, x, g, s, weight);
+  const auto d_weight = conv_weight_grad(d_u.view({n, 1, h, wd}), pooled, weight);
 
   const auto d_sum = d_g * g * (1 - g);
   const auto d_z = at::cat({d_sum, d_sum});
@@ -719,7 +838,7 @@ std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& 
   const auto d_descriptors = d_hidden.mm(w1.flatten(1));
   auto dx = at::empty({0}, x.options());
   if (with_input_grad) {
-    dx = input_grad(grad3, g, s, d_pooled, idx_s, d_descriptors.slice(0, 0, n).contiguous(),
+    dx = input_grad(grad4.view({n, c, h * wd}), g, s, d_pooled, idx_s, d_descriptors.slice(0, 0, n).contiguous(),
                       d_descriptors.slice(0, n).contiguous(), idx_c, residual)
              .view_as(x);
   }
