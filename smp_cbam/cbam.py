@@ -222,9 +222,9 @@ class CBAM(nn.Module):
 # The kernel paths compute the same in fewer passes over full-size tensors. Without gradients
 # (_kernel_attend): pool over H*W, then pool over C, convolve and scale one block of rows at a time
 # while the block is in cache (over x itself when inplace). Training without spatial BatchNorm
-# (_KernelCBAM): those two passes into a new tensor, then backward dL/ds, sum_hw T s and argmax_c
-# (G, x), sum_hw x dP_avg (x), dL/dx (G -> dx); one kernel call each way, the MLP and the k x k
-# convolution differentiated by hand. With spatial BatchNorm (_KernelBatchNormCBAM), whose batch
+# (_KernelCBAM): those two passes into a new tensor; backward, dL/ds, sum_hw T s, argmax_c, dL/dP
+# and sum_hw x dP_avg one block of rows at a time (G, x), then dL/dx (G -> dx); one kernel call
+# each way, the MLP and the k x k convolution differentiated by hand. With spatial BatchNorm (_KernelBatchNormCBAM), whose batch
 # statistics need the whole convolution before the sigmoid: pool over H*W, pool over C and scale
 # as three passes, the MLP and BatchNorm with autograd graphs, the convolution in the kernels
 # (oneDNN is slow for 2 -> 1 channels).
