@@ -111,18 +111,17 @@ class SpatialAttention(nn.Module):
         return torch.sigmoid(self.bn(z))
 
     def _affine(self) -> tuple[float, float] | None:
-        """``(a, b)`` with ``bn(conv(P)) == a * conv_without_bias(P) + b``; None where the
-        BatchNorm normalizes with batch statistics (training mode, or no running statistics)."""
-        bias = 0.0 if self.conv.bias is None else self.conv.bias.item()
+        """``(a, b)`` with ``bn(z) == a * z + b``; None where the BatchNorm normalizes with batch
+        statistics (training mode, or no running statistics)."""
         bn = self.bn
         if isinstance(bn, nn.Identity):
-            return 1.0, bias
+            return 1.0, 0.0
         if bn.training or bn.running_var is None:
             return None
         a = torch.rsqrt(bn.running_var + bn.eps)
         if bn.affine:
             a = a * bn.weight
-        b = (bias - bn.running_mean) * a + (bn.bias if bn.affine else 0.0)
+        b = (bn.bias if bn.affine else 0.0) - bn.running_mean * a
         return a.item(), b.item()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,28 +180,42 @@ class CBAM(nn.Module):
 
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._fast_applies(x):
+        path = self._fast_path(x)
+        if path is None:
             return self.forward_plain(x)
         _check_channels(x, self.channel.in_channels)
-        use_kernels = self.kernels and _kernels_apply(x)
+        use_kernels = path == "kernels"
         if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
             return _training_function(self, use_kernels).apply(x, self, *self.parameters())
+        affine = self.spatial._affine() if use_kernels else None
+        if affine is not None:
+            return _kernel_attend(self, x, affine)
         with torch.no_grad():
-            affine = self.spatial._affine() if use_kernels else None
-            if affine is not None:
-                return _kernel_attend(self, x, affine)
             return (_kernel_forward if use_kernels else _fused_forward)(self, x, track=False)[0]
 
     @torch.jit.unused
-    def _fast_applies(self, x: torch.Tensor) -> bool:
-        return (
-            not torch.compiler.is_compiling()
-            and type(x) is torch.Tensor
-            and x.dim() == 4
-            and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-            and not torch.is_autocast_enabled(x.device.type)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in (self.channel, self.spatial))
+    def _fast_path(self, x: torch.Tensor) -> str | None:
+        """``"kernels"``, ``"eager"``, or None where the plain formula must run. Each property of
+        ``x`` is read once: in a network, with cold caches, every call into torch costs microseconds."""
+        if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() != 4:
+            return None
+        nchw = x.is_contiguous()
+        if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
+            return None
+        device = x.device.type
+        if torch.is_autocast_enabled(device) or any(
+            m._forward_hooks or m._forward_pre_hooks for m in (self.channel, self.spatial)
+        ):
+            return None
+        kernels_apply = (
+            self.kernels
+            and nchw
+            and device == "cpu"
+            and x.dtype in (torch.float32, torch.float64)
+            and x.numel() > 0
+            and kernels.available()
         )
+        return "kernels" if kernels_apply else "eager"
 
 
 # Fast paths. With g = sigmoid(MLP(mean_hw x) + MLP(max_hw x)) of shape (N,C,1,1), y = x*g,
@@ -341,16 +354,6 @@ class _FastCBAM(torch.autograd.Function):
         return (dx, None, *(next(d_params) if need else None for need in needs))
 
 
-def _kernels_apply(x: torch.Tensor) -> bool:
-    return (
-        x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.float64)
-        and x.is_contiguous()
-        and x.numel() > 0
-        and kernels.available()
-    )
-
-
 def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
     """``_fused_forward`` with the kernels; the gate graphs start at the pooled descriptors and
     at the spatial convolution's output (the kernels convolve, ``spatial_conv_backward``)."""
@@ -373,9 +376,10 @@ def _kernel_attend(cbam: CBAM, x: torch.Tensor, affine: tuple[float, float]) -> 
     ``attend``, which pools over channels, convolves and scales row blocks while they are in cache
     (over ``x`` itself if inplace)."""
     first, _, second = cbam.channel.mlp
+    conv = cbam.spatial.conv
     out = x if cbam.inplace else torch.empty_like(x)
     torch.ops.smp_cbam.cbam_infer(
-        x, first.weight, first.bias, second.weight, second.bias, cbam.spatial.conv.weight,
+        x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias,
         *affine, cbam.residual, out,
     )  # fmt: skip
     if cbam.inplace:

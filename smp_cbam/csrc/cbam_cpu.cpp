@@ -57,6 +57,24 @@ double dot(const T* a, const T* b, int64_t len) {
   return total;
 }
 
+// Sum of a[i] * b[i] over [0, len) in T, for the MLP's short rows: two vector accumulators, the
+// tail as a zero-filled partial vector, one tree reduction.
+template <typename T>
+T dot_short(const T* a, const T* b, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  Vec acc0(T(0)), acc1(T(0));
+  int64_t i = 0;
+  for (; i + 2 * Vec::size() <= len; i += 2 * Vec::size()) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + Vec::size()), Vec::loadu(b + i + Vec::size()), acc1);
+  }
+  for (; i < len; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), len - i);
+    acc0 = at::vec::fmadd(Vec::loadu(a + i, count), Vec::loadu(b + i, count), acc0);
+  }
+  return at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x + y; }, acc0 + acc1);
+}
+
 // The first i in [from, len) with row[i] == value, else len.
 template <typename T>
 int64_t find_first(const T* row, int64_t from, int64_t len, T value) {
@@ -405,6 +423,18 @@ std::vector<T> padded(const T* src, int64_t h, int64_t wd, int64_t r, int64_t ld
   return out;
 }
 
+// The border of a map padded as in correlate_rows: r rows above and below, r columns left, the rest
+// of each row right.
+template <typename T>
+void zero_border(T* pad, int64_t h, int64_t wd, int64_t r, int64_t ld) {
+  std::fill(pad, pad + r * ld, T(0));
+  for (int64_t y = r; y < h + r; ++y) {
+    std::fill(pad + y * ld, pad + y * ld + r, T(0));
+    std::fill(pad + y * ld + r + wd, pad + (y + 1) * ld, T(0));
+  }
+  std::fill(pad + (h + r) * ld, pad + (h + 2 * r) * ld, T(0));
+}
+
 // Rows [y, y + kRows), columns [x0, x0 + kBlockX) of correlate_rows.
 template <int64_t kRows, typename T>
 void correlate_block(const T* pad, int64_t ld, const T* taps, int64_t k, int64_t y, int64_t x0,
@@ -619,7 +649,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
   const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
   const Segments split(n, h, r);
   const int64_t seg_rows = split.rows, segs = split.count;
-  auto pad = at::zeros({n, 2, h + 2 * r, ld}, x.options());
+  auto pad = at::empty({n, 2, h + 2 * r, ld}, x.options());  // pool_rows fills all but the border
   auto s_all = keep ? at::empty({n, hw}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
@@ -628,6 +658,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
     scalar_t* pp = pad.data_ptr<scalar_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t span = std::max(kTile, wd);
+    for (int64_t p = 0; p < 2 * n; ++p) zero_border(pp + p * plane, h, wd, r, ld);
     // P's rows [y0, y1) of batch item bi, a tile of whole rows at a time
     auto pool_rows = [&](int64_t bi, int64_t y0, int64_t y1, scalar_t* sum, scalar_t* max) {
       for (int64_t ya = y0; ya < y1;) {
@@ -776,8 +807,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::T
 }
 
 // The channel gate: pooled descriptors D = [mean_hw; max_hw](x) (2N, C), the MLP's hidden layer
-// H = relu(D w1^T + b1) (2N, C/r) and g = sigmoid(Z_avg + Z_max) with Z = H w2^T + b2, in the ATen
-// ops of ChannelAttention._linear_gate; with with_index, each channel's max pixel (N, C).
+// H = relu(D w1^T + b1) (2N, C/r) and g = sigmoid(Z_avg + Z_max) with Z = H w2^T + b2, computed as
+// sigmoid((H_avg + H_max) w2^T + 2 b2); with with_index, each channel's max pixel (N, C). Plain loops:
+// for these few rows ATen's linear layers cost more in dispatch than in arithmetic.
 struct ChannelGate {
   at::Tensor descriptors, hidden, g, idx;
 };
@@ -785,20 +817,48 @@ struct ChannelGate {
 ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                          const at::Tensor& w2, const std::optional<at::Tensor>& b2, bool with_index) {
   check(x, "x", 4);
-  const int64_t n = x.size(0), c = x.size(1);
-  auto [mean, max, idx] = channel_pool(x.view({n, c, x.size(2) * x.size(3)}), with_index);
-  auto descriptors = at::cat({mean, max});
-  auto hidden = at::relu(at::linear(descriptors, w1.flatten(1), b1));
-  const auto z = at::linear(hidden, w2.flatten(1), b2);
-  return {descriptors, hidden, at::sigmoid(z.slice(0, 0, n) + z.slice(0, n)).contiguous(), idx};
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), hid = w1.size(0);
+  TORCH_CHECK(w1.numel() == hid * c && w2.numel() == c * hid, "expected MLP weights (C/r, C) and (C, C/r)");
+  const auto w1c = w1.contiguous(), w2c = w2.contiguous();
+  auto descriptors = at::empty({2 * n, c}, x.options());
+  auto hidden = at::empty({2 * n, hid}, x.options());
+  auto g = at::empty({n, c}, x.options());
+  auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate", [&] {
+    scalar_t* d = descriptors.data_ptr<scalar_t>();
+    row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, d, d + n * c,
+                           with_index ? idx.data_ptr<int64_t>() : nullptr);
+    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
+    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
+    const scalar_t* b1p = b1 ? b1->data_ptr<scalar_t>() : nullptr;
+    const scalar_t* b2p = b2 ? b2->data_ptr<scalar_t>() : nullptr;
+    scalar_t* hp = hidden.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < 2 * n; ++i) {
+      for (int64_t j = 0; j < hid; ++j) {
+        const scalar_t v = dot_short(d + i * c, w1p + j * c, c) + (b1p ? b1p[j] : scalar_t(0));
+        hp[i * hid + j] = std::max(v, scalar_t(0));
+      }
+    }
+    std::vector<scalar_t> sum(hid);
+    scalar_t* gp = g.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t j = 0; j < hid; ++j) sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        const scalar_t z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : scalar_t(0));
+        gp[i * c + ch] = scalar_t(1) / (scalar_t(1) + std::exp(-z));
+      }
+    }
+  });
+  return {descriptors, hidden, g, idx};
 }
 
-// The whole no-grad forward: the channel gate, then attend. One call, so a small module costs no
-// Python.
+// The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend.
+// One call, so a small module costs little Python.
 at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                      const at::Tensor& weight, double a, double b, bool residual, at::Tensor out) {
-  attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, b, residual, out, false);
+                      const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, double a, double b, bool residual, at::Tensor out) {
+  const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
+  attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
   return out;
 }
 
@@ -864,7 +924,7 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("spatial_conv_backward", &spatial_conv_backward);
   m.def("cbam_train", &cbam_train);
   m.def("cbam_backward", &cbam_backward);
-  m.def("cbam_infer(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, float a, float b, "
-        "bool residual, Tensor(a!) out) -> Tensor(a!)",
+  m.def("cbam_infer(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, float a, "
+        "float b, bool residual, Tensor(a!) out) -> Tensor(a!)",
         &cbam_infer);
 }
