@@ -19,6 +19,7 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // elements summed in scalar_t before adding to a double
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
+constexpr int64_t kAhead = 4;     // channels ahead that pool_span prefetches
 
 template <typename T>
 inline bool beats(T v, T m) {
@@ -176,8 +177,11 @@ void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_
   for (int64_t ch = 0; ch < c; ++ch) {
     const T w = g[ch];
     const T* row = x + ch * hw + p0;
+    // the rows kAhead channels on lie hw apart, too far for the hardware prefetcher to find
+    const T* ahead = ch + kAhead < c ? row + kAhead * hw : nullptr;
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
+      if (ahead) __builtin_prefetch(ahead + i);
       const Vec v = Vec::loadu(row + i) * Vec(w);
       (Vec::loadu(sum + i) + v).store(sum + i);
       at::vec::maximum(Vec::loadu(max + i), v).store(max + i);  // NaN-propagating, as beats
@@ -258,10 +262,15 @@ void gate_span(const T* gr, const T* x, const T* g, const T* s, int64_t c, int64
     const T w = g[ch], channel = static_cast<T>(ch);
     const T* row = x + ch * hw + p0;
     const T* grow = gr + ch * hw + p0;
+    const bool ahead = ch + kAhead < c;  // prefetch as in pool_span
     const Vec wv(w), chv(channel);
     Vec lanes(T(0));
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
+      if (ahead) {
+        __builtin_prefetch(row + kAhead * hw + i);
+        __builtin_prefetch(grow + kAhead * hw + i);
+      }
       const Vec xv = Vec::loadu(row + i), gx = Vec::loadu(grow + i) * xv;
       lanes = lanes + gx * Vec::loadu(srow + i);
       (Vec::loadu(ds + i) + gx * wv).store(ds + i);
