@@ -19,7 +19,7 @@ namespace {
 
 constexpr int64_t kChunk = 1024;  // elements summed in scalar_t before adding to a double
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
-constexpr int64_t kAhead = 4;     // channels ahead that pool_span prefetches
+constexpr int64_t kAhead = 4;     // channels ahead that pool_span and gate_span prefetch
 
 template <typename T>
 inline bool beats(T v, T m) {
