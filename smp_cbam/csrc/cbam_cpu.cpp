@@ -883,6 +883,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   return {out, gate.descriptors, gate.hidden, gate.g, gate.idx, s, pooled};
 }
 
+// y[i] += a * x[i] over [0, len)
+template <typename T>
+void axpy(T a, const T* x, T* y, int64_t len) {
+  using Vec = at::vec::Vectorized<T>;
+  int64_t i = 0;
+  for (; i + Vec::size() <= len; i += Vec::size()) {
+    at::vec::fmadd(Vec(a), Vec::loadu(x + i), Vec::loadu(y + i)).store(y + i);
+  }
+  for (; i < len; ++i) y[i] += a * x[i];
+}
+
+struct MlpGrads {
+  at::Tensor d_descriptors, dw1, db1, dw2, db2;
+};
+
+// channel_gate's MLP backwards for dL/dg (N, C), in plain loops like its forward: with
+// d_S = dL/dg g (1 - g), the gradient of both Z_avg and Z_max, d_H = (d_S w2) * (H > 0) for each
+// descriptor row, dL/dD = d_H w1, dw1 = d_H^T D, db1 = sum d_H, dw2 = d_S^T (H_avg + H_max) and
+// db2 = 2 sum d_S.
+MlpGrads mlp_backward(const at::Tensor& d_g, const at::Tensor& g, const at::Tensor& descriptors,
+                      const at::Tensor& hidden, const at::Tensor& w1, const at::Tensor& w2) {
+  const int64_t n = g.size(0), c = g.size(1), hid = hidden.size(1);
+  const auto opts = g.options();
+  MlpGrads out{at::zeros({2 * n, c}, opts), at::zeros({hid, c}, opts), at::zeros({hid}, opts),
+               at::zeros({c, hid}, opts), at::zeros({c}, opts)};
+  const auto d_gc = d_g.contiguous(), w1c = w1.contiguous(), w2c = w2.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(g.scalar_type(), "mlp_backward", [&] {
+    using T = scalar_t;
+    const T* dg = d_gc.data_ptr<T>();
+    const T* gp = g.data_ptr<T>();
+    const T* dp = descriptors.data_ptr<T>();
+    const T* hp = hidden.data_ptr<T>();
+    const T* w1p = w1c.data_ptr<T>();
+    const T* w2p = w2c.data_ptr<T>();
+    T* d_desc = out.d_descriptors.data_ptr<T>();
+    T* dw1 = out.dw1.data_ptr<T>();
+    T* db1 = out.db1.data_ptr<T>();
+    T* dw2 = out.dw2.data_ptr<T>();
+    T* db2 = out.db2.data_ptr<T>();
+    std::vector<T> d_s(n * c), d_h(2 * n * hid), u(hid), h_sum(hid);
+    for (int64_t i = 0; i < n * c; ++i) d_s[i] = dg[i] * gp[i] * (T(1) - gp[i]);
+    for (int64_t i = 0; i < n; ++i) {
+      std::fill(u.begin(), u.end(), T(0));
+      for (int64_t ch = 0; ch < c; ++ch) axpy(d_s[i * c + ch], w2p + ch * hid, u.data(), hid);
+      for (int64_t row : {i, n + i}) {
+        for (int64_t j = 0; j < hid; ++j) d_h[row * hid + j] = u[j] * static_cast<T>(hp[row * hid + j] > 0);
+      }
+      for (int64_t j = 0; j < hid; ++j) h_sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        axpy(d_s[i * c + ch], h_sum.data(), dw2 + ch * hid, hid);
+        db2[ch] += 2 * d_s[i * c + ch];
+      }
+    }
+    for (int64_t row = 0; row < 2 * n; ++row) {
+      for (int64_t j = 0; j < hid; ++j) {
+        const T a = d_h[row * hid + j];
+        axpy(a, w1p + j * c, d_desc + row * c, c);
+        axpy(a, dp + row * c, dw1 + j * c, c);
+        db1[j] += a;
+      }
+    }
+  });
+  return out;
+}
+
 // Gradients of cbam_train for G = dL/dout: [dx (empty unless with_input_grad), dw1, db1, dw2, db2,
 // dweight, dbias]. With the forward's names, u = conv(P) + bias and S = (Z_avg + Z_max):
 //   dL/ds, dL/dg (through y = x g)            gate_pass, streaming the next two
@@ -901,23 +966,14 @@ std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& 
   auto [d_g, d_u, d_pooled, idx_s] = gate_pass(grad4, x, g, s, weight);
   const auto d_weight = conv_weight_grad(d_u.view({n, 1, h, wd}), pooled, weight);
 
-  const auto d_sum = d_g * g * (1 - g);
-  const auto d_z = at::cat({d_sum, d_sum});
-  const auto d_hidden = d_z.mm(w2.flatten(1)) * (hidden > 0);
-  const auto d_descriptors = d_hidden.mm(w1.flatten(1));
+  const auto mlp = mlp_backward(d_g, g, descriptors, hidden, w1, w2);
   auto dx = at::empty({0}, x.options());
   if (with_input_grad) {
-    dx = input_grad(grad4.view({n, c, h * wd}), g, s, d_pooled, idx_s, d_descriptors.slice(0, 0, n).contiguous(),
-                      d_descriptors.slice(0, n).contiguous(), idx_c, residual)
+    dx = input_grad(grad4.view({n, c, h * wd}), g, s, d_pooled, idx_s, mlp.d_descriptors.narrow(0, 0, n),
+                    mlp.d_descriptors.narrow(0, n, n), idx_c, residual)
              .view_as(x);
   }
-  return {dx,
-          d_hidden.t().mm(descriptors).view_as(w1),
-          d_hidden.sum(0),
-          d_z.t().mm(hidden).view_as(w2),
-          d_z.sum(0),
-          d_weight,
-          d_u.sum().view({1})};
+  return {dx, mlp.dw1.view_as(w1), mlp.db1, mlp.dw2.view_as(w2), mlp.db2, d_weight, d_u.sum().view({1})};
 }
 
 }  // namespace
