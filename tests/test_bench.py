@@ -2,7 +2,9 @@
 
 import platform
 import re
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -69,3 +71,22 @@ def test_one_model_in_a_fresh_process() -> None:
 def test_keep_heap_reports_whether_it_applied() -> None:
     glibc = sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
     assert keep_heap() is glibc
+
+
+AB_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ab_cbam.py"
+
+
+def test_ab_script_times_both_versions_of_a_training_step() -> None:
+    run = subprocess.run(
+        [sys.executable, str(AB_SCRIPT), "HEAD", "--train", "--rounds", "1"], capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr
+    found = re.search(r"this checkout ([\d.]+) ms, HEAD ([\d.]+) ms, paired ratio ([\d.]+)", run.stdout)
+    assert found, run.stdout
+    assert all(float(v) > 0 for v in found.groups())
+
+
+def test_ab_script_names_a_bad_ref() -> None:
+    run = subprocess.run([sys.executable, str(AB_SCRIPT), "no-such-ref"], capture_output=True, text=True)
+    assert run.returncode != 0
+    assert "cannot export smp_cbam at 'no-such-ref'" in run.stderr

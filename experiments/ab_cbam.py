@@ -1,0 +1,141 @@
+"""CBAM's time inside a network, this checkout against an older commit, side by side in one process.
+
+    python experiments/ab_cbam.py 875bd3c [--train] [--arch Unet] [--rounds 40]
+
+The other commit's ``smp_cbam`` is exported with ``git archive``, renamed (package, extension and
+``torch.ops`` namespace) and built beside this one. Each CBAM module of one model is wrapped in a
+timer holding both versions with the same weights; forward passes (training steps with
+``--train``) alternate between them, and the ratio of the summed CBAM time, per pair of passes, is
+reported as a median. With ``--train`` the backward is timed too, between marks on the module's
+output and input. Whole-step timings on a shared machine move by several percent between rounds;
+this measures only the attention's own time, in place, with the caches as the network leaves them.
+The commit must have the compiled kernels (``smp_cbam/csrc``).
+"""
+
+import argparse
+import importlib
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from smp_cbam import CBAM, kernels
+from smp_cbam.bench import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_old(ref: str, into: Path) -> type[nn.Module]:
+    """``smp_cbam.CBAM`` as of ``ref``, as the package ``smp_cbam_old`` with its own ops."""
+    archive = subprocess.run(["git", "archive", ref, "smp_cbam"], cwd=ROOT, capture_output=True)
+    if archive.returncode or not archive.stdout:
+        raise SystemExit(f"cannot export smp_cbam at {ref!r}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    package = into / "smp_cbam_old"
+    (into / "smp_cbam").rename(package)
+    (package / "__init__.py").write_text("")  # no registration into smp
+    for path in [*package.glob("*.py"), package / "csrc" / "cbam_cpu.cpp"]:
+        text = path.read_text().replace("torch.ops.smp_cbam", "torch.ops.smp_cbam_old")
+        text = text.replace("TORCH_LIBRARY(smp_cbam,", "TORCH_LIBRARY(smp_cbam_old,")
+        path.write_text(text.replace('name=f"smp_cbam_cpu_', 'name=f"smp_cbam_old_cpu_'))
+    sys.path.insert(0, str(into))
+    if not importlib.import_module("smp_cbam_old.kernels").available():
+        raise SystemExit(f"the kernels of {ref} did not build")
+    return importlib.import_module("smp_cbam_old.cbam").CBAM
+
+
+class _Mark(torch.autograd.Function):
+    """Identity; its backward adds the time since the output's mark to ``timer.seconds``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, timer: "_Timed", is_input: bool) -> torch.Tensor:
+        ctx.timer, ctx.is_input = timer, is_input
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple:
+        now = time.perf_counter()
+        if ctx.is_input:
+            ctx.timer.seconds += now - ctx.timer.backward_start
+        else:
+            ctx.timer.backward_start = now
+        return grad, None, None
+
+
+class _Timed(nn.Module):
+    def __init__(self, new: nn.Module, old: nn.Module):
+        super().__init__()
+        self.new, self.old = new, old
+        self.use_old, self.seconds, self.backward_start = False, 0.0, 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        track = torch.is_grad_enabled()
+        if track:
+            x = _Mark.apply(x, self, True)
+        start = time.perf_counter()
+        out = (self.old if self.use_old else self.new)(x)
+        self.seconds += time.perf_counter() - start
+        return _Mark.apply(out, self, False) if track else out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("ref", help="the commit to compare with")
+    parser.add_argument("--arch", default="Unet", choices=("Unet", "UnetPlusPlus"))
+    parser.add_argument("--train", action="store_true", help="time training steps, backward included")
+    parser.add_argument("--rounds", type=int, default=40, help="pairs of passes")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if not kernels.available():
+        raise SystemExit("this checkout's kernels did not build")
+    with tempfile.TemporaryDirectory() as tmp:
+        old_cbam = load_old(args.ref, Path(tmp))
+        torch.manual_seed(0)
+        model = build_model(args.arch, "cbam").train(args.train)
+        timers = []
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, CBAM):
+                    old = old_cbam(child.channel.in_channels, inplace=child.inplace).train(args.train)
+                    old.load_state_dict(child.state_dict())
+                    timers.append(_Timed(child, old))
+                    setattr(parent, name, timers[-1])
+        image = torch.randn(4, 3, 160, 160)
+        target = torch.randint(0, 2, (4, 1, 160, 160)).float()
+
+        def step() -> None:
+            if args.train:
+                model.zero_grad()
+                F.binary_cross_entropy_with_logits(model(image), target).backward()
+            else:
+                with torch.no_grad():
+                    model(image)
+
+        step()
+        seconds: dict[bool, list[float]] = {False: [], True: []}
+        for r in range(args.rounds):
+            for use_old in (False, True) if r % 2 else (True, False):
+                for timer in timers:
+                    timer.use_old, timer.seconds = use_old, 0.0
+                step()
+                seconds[use_old].append(sum(t.seconds for t in timers))
+    new, old = seconds[False], seconds[True]
+    print(
+        f"{args.arch} {'training step' if args.train else 'inference'}, CBAM time per pass: "
+        f"this checkout {statistics.median(new) * 1e3:.2f} ms, {args.ref} {statistics.median(old) * 1e3:.2f} ms, "
+        f"paired ratio {statistics.median(a / b for a, b in zip(new, old)):.3f} ({args.rounds} rounds)"
+    )
+
+
+if __name__ == "__main__":
+    main()
