@@ -24,11 +24,10 @@ from io import BytesIO
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smp_cbam import CBAM, kernels
-from smp_cbam.bench import build_model
+from smp_cbam.bench import _infer_fn, _train_step_fn, build_model, paired_ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,39 +100,30 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old_cbam = load_old(args.ref, Path(tmp))
         torch.manual_seed(0)
-        model = build_model(args.arch, "cbam").train(args.train)
+        model = build_model(args.arch, "cbam")
         timers = []
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
                 if isinstance(child, CBAM):
-                    old = old_cbam(child.channel.in_channels, inplace=child.inplace).train(args.train)
+                    old = old_cbam(child.channel.in_channels, inplace=child.inplace)
                     old.load_state_dict(child.state_dict())
                     timers.append(_Timed(child, old))
                     setattr(parent, name, timers[-1])
-        image = torch.randn(4, 3, 160, 160)
-        target = torch.randint(0, 2, (4, 1, 160, 160)).float()
-
-        def step() -> None:
-            if args.train:
-                model.zero_grad()
-                F.binary_cross_entropy_with_logits(model(image), target).backward()
-            else:
-                with torch.no_grad():
-                    model(image)
-
+        # the benchmark's steps (section 2), which also set train or eval mode
+        step = (_train_step_fn if args.train else _infer_fn)(model, 4, 160, torch.device("cpu"))
         step()
-        seconds: dict[bool, list[float]] = {False: [], True: []}
+        times: dict[str, list[float]] = {"new": [], "old": []}
         for r in range(args.rounds):
-            for use_old in (False, True) if r % 2 else (True, False):
+            for version in ("new", "old") if r % 2 else ("old", "new"):
                 for timer in timers:
-                    timer.use_old, timer.seconds = use_old, 0.0
+                    timer.use_old, timer.seconds = version == "old", 0.0
                 step()
-                seconds[use_old].append(sum(t.seconds for t in timers))
-    new, old = seconds[False], seconds[True]
+                times[version].append(sum(t.seconds for t in timers))
     print(
         f"{args.arch} {'training step' if args.train else 'inference'}, CBAM time per pass: "
-        f"this checkout {statistics.median(new) * 1e3:.2f} ms, {args.ref} {statistics.median(old) * 1e3:.2f} ms, "
-        f"paired ratio {statistics.median(a / b for a, b in zip(new, old)):.3f} ({args.rounds} rounds)"
+        f"this checkout {statistics.median(times['new']) * 1e3:.2f} ms, "
+        f"{args.ref} {statistics.median(times['old']) * 1e3:.2f} ms, "
+        f"paired ratio {paired_ratio(times, 'new', 'old'):.3f} ({args.rounds} rounds)"
     )
 
 
