@@ -40,6 +40,7 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 def test_channel_pool(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x = _tied(shape, dtype)
     x[0, 0, -1] = float("nan")  # the max is the NaN, its index the NaN's
+    x[0, 1, shape[2] // 2] = float("nan")  # mid-row: found through the sum, not the vector max
     x[-1, -1] = float("inf")
     x[-1, -1, 1::2] = -float("inf")  # mean NaN from inf - inf, but no NaN element: max is inf
     mean, mx, idx = ops.channel_pool(x, True)
