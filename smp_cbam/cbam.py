@@ -18,7 +18,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
-from torch.autograd.graph import increment_version
 
 from . import kernels
 
@@ -34,6 +33,19 @@ def _check_channels(x: torch.Tensor, in_channels: int) -> None:
             f"expected an input with {in_channels} channels, got {x.shape[1]} "
             f"(input shape {list(x.shape)})"
         )
+
+
+def _fetch(module: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
+    """``getattr(module, name)`` for a parameter or submodule, read from the module's tables.
+
+    ``nn.Module.__getattr__`` runs only after Python's ordinary lookup has failed: about 1 us per
+    name, several times that between a network's large ops. A name not in the tables (a pruned or
+    parametrized weight) goes through ``getattr``.
+    """
+    for table in (module._parameters, module._modules):
+        if name in table:
+            return table[name]
+    return getattr(module, name)
 
 
 def _channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,7 +125,7 @@ class SpatialAttention(nn.Module):
     def _affine(self) -> tuple[float, float] | None:
         """``(a, b)`` with ``bn(z) == a * z + b``; None where the BatchNorm normalizes with batch
         statistics (training mode, or no running statistics)."""
-        bn = self.bn
+        bn = _fetch(self, "bn")
         if isinstance(bn, nn.Identity):
             return 1.0, 0.0
         if bn.training or bn.running_var is None:
@@ -180,32 +192,43 @@ class CBAM(nn.Module):
 
     @torch.jit.unused
     def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+        channel, spatial = _fetch(self, "channel"), _fetch(self, "spatial")
+        if (
+            torch.compiler.is_compiling()
+            or type(x) is not torch.Tensor
+            or channel._forward_hooks
+            or channel._forward_pre_hooks
+            or spatial._forward_hooks
+            or spatial._forward_pre_hooks
+        ):
+            return self.forward_plain(x)
+        train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        if not train and self.kernels and kernels.available():
+            out = _kernel_infer(self, channel, spatial, x)
+            if out is not None:
+                return out
         path = self._fast_path(x)
         if path is None:
             return self.forward_plain(x)
-        _check_channels(x, self.channel.in_channels)
+        _check_channels(x, channel.in_channels)
         use_kernels = path == "kernels"
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if train:
             return _training_function(self, use_kernels).apply(x, self, *self.parameters())
-        affine = self.spatial._affine() if use_kernels else None
-        if affine is not None:
-            return _kernel_attend(self, x, affine)
         with torch.no_grad():
             return (_kernel_forward if use_kernels else _fused_forward)(self, x, track=False)[0]
 
     @torch.jit.unused
     def _fast_path(self, x: torch.Tensor) -> str | None:
-        """``"kernels"``, ``"eager"``, or None where the plain formula must run. Each property of
-        ``x`` is read once: in a network, with cold caches, every call into torch costs microseconds."""
-        if torch.compiler.is_compiling() or type(x) is not torch.Tensor or x.dim() != 4:
+        """``"kernels"``, ``"eager"``, or None where the plain formula must run, by the dimensions,
+        layout, device and dtype of ``x``, and autocast. Each property of ``x`` is read once: in a
+        network, with cold caches, every call into torch costs microseconds."""
+        if x.dim() != 4:
             return None
         nchw = x.is_contiguous()
         if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
             return None
         device = x.device.type
-        if torch.is_autocast_enabled(device) or any(
-            m._forward_hooks or m._forward_pre_hooks for m in (self.channel, self.spatial)
-        ):
+        if torch.is_autocast_enabled(device):
             return None
         kernels_apply = (
             self.kernels
@@ -233,7 +256,7 @@ class CBAM(nn.Module):
 # Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
 # the eager path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
 # The kernel paths compute the same in fewer passes over full-size tensors. Without gradients
-# (_kernel_attend): pool over H*W, then pool over C, convolve and scale one block of rows at a time
+# (_kernel_infer): pool over H*W, then pool over C, convolve and scale one block of rows at a time
 # while the block is in cache (over x itself when inplace). Training without spatial BatchNorm
 # (_KernelCBAM): those two passes into a new tensor; backward, dL/ds, sum_hw T s, argmax_c, dL/dP
 # and sum_hw x dP_avg one block of rows at a time (G, x), then dL/dx (G -> dx); one kernel call
@@ -371,20 +394,22 @@ def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Ten
     return out.view(n, c, h, w), (avg, mx, g_c, pooled, z, g_s, idx_c)
 
 
-def _kernel_attend(cbam: CBAM, x: torch.Tensor, affine: tuple[float, float]) -> torch.Tensor:
+def _kernel_infer(
+    cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor
+) -> torch.Tensor | None:
     """The no-grad forward in one call and two passes over ``x``: its channel pool, then
     ``attend``, which pools over channels, convolves and scales row blocks while they are in cache
-    (over ``x`` itself if inplace)."""
-    first, _, second = cbam.channel.mlp
-    conv = cbam.spatial.conv
-    out = x if cbam.inplace else torch.empty_like(x)
-    torch.ops.smp_cbam.cbam_infer(
-        x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias,
-        *affine, cbam.residual, out,
+    (over ``x`` itself if inplace). None where the BatchNorm normalizes with batch statistics, or
+    where the kernels do not take ``x`` (``cbam_infer`` says which)."""
+    affine = spatial._affine()
+    if affine is None:
+        return None
+    first, _, second = _fetch(channel, "mlp")
+    conv = _fetch(spatial, "conv")
+    return torch.ops.smp_cbam.cbam_infer(
+        x, _fetch(first, "weight"), _fetch(first, "bias"), _fetch(second, "weight"), _fetch(second, "bias"),
+        _fetch(conv, "weight"), _fetch(conv, "bias"), *affine, cbam.residual, cbam.inplace,
     )  # fmt: skip
-    if cbam.inplace:
-        increment_version(x)
-    return out
 
 
 def _training_function(cbam: CBAM, use_kernels: bool) -> type[torch.autograd.Function]:

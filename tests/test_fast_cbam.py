@@ -5,6 +5,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.utils.parametrizations
+import torch.nn.utils.prune
 
 from smp_cbam import CBAM, kernels
 from smp_cbam.bench import build_model, params_and_macs
@@ -229,6 +231,22 @@ def test_fallbacks_still_match() -> None:
         assert fast(x).shape == x.shape
     with pytest.raises(ValueError, match="channels"):
         fast(torch.randn(1, 4, 6, 6))
+
+
+def test_inference_reads_pruned_and_parametrized_weights(path: str) -> None:
+    fast, _ = _pair(16, mlp_bias=True)
+    torch.nn.utils.prune.l1_unstructured(fast.spatial.conv, "weight", amount=0.5)
+    torch.nn.utils.parametrizations.weight_norm(fast.channel.mlp[2])
+    with torch.no_grad():
+        fast.channel.mlp[2].parametrizations.weight.original0.mul_(3)  # weight = g v / |v| changes
+    fast.eval()
+    x = torch.randn(2, 16, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(fast(x), fast.forward_plain(x), rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the plain formula, in bfloat16
+            assert torch.equal(fast(x), fast.forward_plain(x))
+        with pytest.raises(ValueError, match="expected an input with 16 channels, got 4"):
+            fast(torch.randn(1, 4, 6, 6))
 
 
 def test_torchscript_falls_back_to_plain() -> None:

@@ -128,6 +128,42 @@ def test_bad_input_names_the_argument(ops: object) -> None:
         ops.spatial_pool(x, torch.rand(2, 4, 1))
 
 
+def test_cbam_infer_declines_what_it_does_not_take(ops: object) -> None:
+    torch.manual_seed(0)
+    module = CBAM(8, reduction=4, mlp_bias=True).eval()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    params = [first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias]
+
+    def infer(x: torch.Tensor, *, inplace: bool = False, swap: dict | None = None) -> torch.Tensor | None:
+        args = [(swap or {}).get(i, p) for i, p in enumerate(params)]
+        return ops.cbam_infer(x, *args, 1.0, 0.0, False, inplace)
+
+    x = torch.randn(2, 8, 6, 6)
+    with torch.no_grad():
+        expected = module.forward_plain(x)
+        _close(infer(x), expected)
+        y, version = x.clone(), x._version
+        assert infer(y, inplace=True) is y and y._version == version + 1
+        _close(y, expected)
+        declined = {
+            "channels_last": x.contiguous(memory_format=torch.channels_last),
+            "float16": x.half(),
+            "empty": x[:0],
+            "3-d": x[0],
+            "other channels": torch.randn(2, 4, 6, 6),
+        }
+        for name, bad in declined.items():
+            assert infer(bad) is None, name
+        assert infer(x, swap={0: first.weight.double()}) is None
+        assert infer(x, swap={5: conv.bias.double()}) is None
+        assert infer(x, swap={4: conv.weight.transpose(2, 3)}) is None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert infer(x) is None
+        y = x.clone()
+        assert infer(y[:0], inplace=True) is None and y._version == version
+
+
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
     def fail() -> None:
         raise RuntimeError("no compiler")

@@ -5,6 +5,7 @@
 // as torch.max(dim) does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -882,13 +883,29 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
   return {descriptors, hidden, g, idx};
 }
 
-// The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend.
-// One call, so a small module costs little Python.
-at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, double a, double b, bool residual, at::Tensor out) {
+// The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
+// into x itself with inplace (its version bumped, as by any in-place op). Returns nothing where it
+// does not apply, for the caller to take another path: x and the parameters must be contiguous CPU
+// tensors of one floating dtype, x (N, C, H, W) non-empty with C = w2's rows, CPU autocast off.
+// One call that also makes these checks, so a module costs little Python: in a network, with cold
+// caches, each call into torch from Python costs 10-25 us.
+std::optional<at::Tensor> cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias, double a,
+                                     double b, bool residual, bool inplace) {
+  const auto fits = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.is_contiguous();
+  };
+  const auto fits_optional = [&](const std::optional<at::Tensor>& t) { return !t || fits(*t); };
+  const bool applies = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() == 4 &&
+                       x.numel() > 0 && fits(x) && fits(w1) && fits(w2) && fits(weight) && fits_optional(b1) &&
+                       fits_optional(b2) && fits_optional(bias) && w2.size(0) == x.size(1) &&
+                       !at::autocast::is_autocast_enabled(at::kCPU);
+  if (!applies) return std::nullopt;
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
+  const at::Tensor out = inplace ? x : at::empty_like(x);
   attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
+  if (inplace) x.unsafeGetTensorImpl()->bump_version();
   return out;
 }
 
@@ -1010,7 +1027,7 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("spatial_conv_backward", &spatial_conv_backward);
   m.def("cbam_train", &cbam_train);
   m.def("cbam_backward", &cbam_backward);
-  m.def("cbam_infer(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, float a, "
-        "float b, bool residual, Tensor(a!) out) -> Tensor(a!)",
+  m.def("cbam_infer(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, "
+        "float a, float b, bool residual, bool inplace) -> Tensor?",
         &cbam_infer);
 }
