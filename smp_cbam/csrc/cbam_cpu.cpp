@@ -190,23 +190,46 @@ void for_tiles(int64_t n, int64_t hw, const F& f) {
 }
 
 // Mean and max over the c channels of x * g (x: one batch item's (C, HW), g: its (C) gate) for
-// the pixels [p0, p0 + len), into sum and max.
+// the pixels [p0, p0 + len), into sum and max. Four channels per pass over sum and max, added in
+// channel order (the same sums as one at a time, with a quarter of the loads and stores of them).
 template <typename T>
 void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_t len, T* sum, T* max) {
   using Vec = at::vec::Vectorized<T>;
   std::fill(sum, sum + len, T(0));
   std::fill(max, max + len, -std::numeric_limits<T>::infinity());
-  for (int64_t ch = 0; ch < c; ++ch) {
-    const T w = g[ch];
+  int64_t ch = 0;
+  for (; ch + 4 <= c; ch += 4) {
     const T* row = x + ch * hw + p0;
+    const Vec g0(g[ch]), g1(g[ch + 1]), g2(g[ch + 2]), g3(g[ch + 3]);
     // the rows kAhead channels on lie hw apart, too far for the hardware prefetcher to find
-    const T* ahead = ch + kAhead < c ? row + kAhead * hw : nullptr;
+    const T* ahead = ch + kAhead + 4 <= c ? row + kAhead * hw : nullptr;
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
-      if (ahead) __builtin_prefetch(ahead + i);
+      if (ahead) {
+        for (int64_t k = 0; k < 4; ++k) __builtin_prefetch(ahead + k * hw + i);
+      }
+      const Vec v0 = Vec::loadu(row + i) * g0, v1 = Vec::loadu(row + hw + i) * g1;
+      const Vec v2 = Vec::loadu(row + 2 * hw + i) * g2, v3 = Vec::loadu(row + 3 * hw + i) * g3;
+      (Vec::loadu(sum + i) + v0 + v1 + v2 + v3).store(sum + i);
+      const Vec m01 = at::vec::maximum(at::vec::maximum(Vec::loadu(max + i), v0), v1);  // NaN-propagating
+      at::vec::maximum(at::vec::maximum(m01, v2), v3).store(max + i);
+    }
+    for (; i < len; ++i) {
+      for (int64_t k = 0; k < 4; ++k) {
+        const T v = row[k * hw + i] * g[ch + k];
+        sum[i] += v;
+        max[i] = beats(v, max[i]) ? v : max[i];
+      }
+    }
+  }
+  for (; ch < c; ++ch) {
+    const T w = g[ch];
+    const T* row = x + ch * hw + p0;
+    int64_t i = 0;
+    for (; i + Vec::size() <= len; i += Vec::size()) {
       const Vec v = Vec::loadu(row + i) * Vec(w);
       (Vec::loadu(sum + i) + v).store(sum + i);
-      at::vec::maximum(Vec::loadu(max + i), v).store(max + i);  // NaN-propagating, as beats
+      at::vec::maximum(Vec::loadu(max + i), v).store(max + i);
     }
     for (; i < len; ++i) {
       const T v = row[i] * w;
