@@ -911,7 +911,7 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
 // does not apply, for the caller to take another path: x and the parameters must be contiguous CPU
 // tensors of one floating dtype, x (N, C, H, W) non-empty with C = w2's rows, CPU autocast off.
 // One call that also makes these checks, so a module costs little Python: in a network, with cold
-// caches, each call into torch from Python costs 10-25 us.
+// caches, each call into torch from Python costs 10-40 us.
 std::optional<at::Tensor> cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                                      const at::Tensor& w2, const std::optional<at::Tensor>& b2,
                                      const at::Tensor& weight, const std::optional<at::Tensor>& bias, double a,
