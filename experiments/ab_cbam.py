@@ -9,7 +9,7 @@ timer holding both versions with the same weights; forward passes (training step
 reported as a median. With ``--train`` the backward is timed too, between marks on the module's
 output and input. Whole-step timings on a shared machine move by several percent between rounds;
 this measures only the attention's own time, in place, with the caches as the network leaves them.
-The commit must have the compiled kernels (``smp_cbam/csrc``).
+The commit must have the compiled kernels (``smp_cbam/attention/csrc``, earlier ``smp_cbam/csrc``).
 """
 
 import argparse
@@ -26,8 +26,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smp_cbam import CBAM, kernels
-from smp_cbam.bench import _infer_fn, _train_step_fn, build_model, paired_ratio
+from smp_cbam import CBAM
+from smp_cbam.attention import kernels
+from smp_cbam.benchmarks.cbam_bench import build_bench_model, infer_fn, paired_ratio, train_step_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -42,14 +43,16 @@ def load_old(ref: str, into: Path) -> type[nn.Module]:
     package = into / "smp_cbam_old"
     (into / "smp_cbam").rename(package)
     (package / "__init__.py").write_text("")  # no registration into smp
-    for path in [*package.glob("*.py"), package / "csrc" / "cbam_cpu.cpp"]:
+    # the attention modules sit in smp_cbam/attention/ since the package layout, before in smp_cbam/
+    attention = "smp_cbam_old.attention" if (package / "attention").is_dir() else "smp_cbam_old"
+    for path in [*package.rglob("*.py"), *package.rglob("cbam_cpu.cpp")]:
         text = path.read_text().replace("torch.ops.smp_cbam", "torch.ops.smp_cbam_old")
         text = text.replace("TORCH_LIBRARY(smp_cbam,", "TORCH_LIBRARY(smp_cbam_old,")
         path.write_text(text.replace('name=f"smp_cbam_cpu_', 'name=f"smp_cbam_old_cpu_'))
     sys.path.insert(0, str(into))
-    if not importlib.import_module("smp_cbam_old.kernels").available():
+    if not importlib.import_module(f"{attention}.kernels").available():
         raise SystemExit(f"the kernels of {ref} did not build")
-    return importlib.import_module("smp_cbam_old.cbam").CBAM
+    return importlib.import_module(f"{attention}.cbam").CBAM
 
 
 class _Mark(torch.autograd.Function):
@@ -100,7 +103,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         old_cbam = load_old(args.ref, Path(tmp))
         torch.manual_seed(0)
-        model = build_model(args.arch, "cbam")
+        model = build_bench_model(args.arch, "cbam")
         timers = []
         for parent in list(model.modules()):
             for name, child in list(parent.named_children()):
@@ -110,7 +113,7 @@ def main() -> None:
                     timers.append(_Timed(child, old))
                     setattr(parent, name, timers[-1])
         # the benchmark's steps (section 2), which also set train or eval mode
-        step = (_train_step_fn if args.train else _infer_fn)(model, 4, 160, torch.device("cpu"))
+        step = (train_step_fn if args.train else infer_fn)(model, 4, 160, torch.device("cpu"))
         step()
         times: dict[str, list[float]] = {"new": [], "old": []}
         for r in range(args.rounds):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from smp_cbam.bench import main  # noqa: E402
+from smp_cbam.benchmarks.cbam_bench import main  # noqa: E402
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -6,11 +6,6 @@ import sys
 import warnings
 from pathlib import Path
 
-from .compare import ConfigError, compare, load_config
-from .data import DatasetError
-from .malloc import keep_heap
-from .report import write_report
-
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
@@ -77,6 +72,8 @@ def _quiet_lightning() -> None:
 
 
 def _run(config: dict) -> int:
+    from .training.runner import compare
+
     _quiet_lightning()
     results = compare(config)
     print()
@@ -108,11 +105,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "bench":
-        from .bench import main as bench_main
+        from .benchmarks.cbam_bench import main as bench_main
 
         return bench_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    # the runner's dependencies are imported only now, so that --help answers at once
+    from .report import write_report
+    from .training.data import DatasetError
+    from .training.malloc import keep_heap
+    from .training.runner import ConfigError, load_config
+
     try:
         if args.command == "report":
             print(write_report(args.output))

@@ -26,9 +26,7 @@ import torch
 from segmentation_models_pytorch.base.modules import Attention, SCSEModule
 from torch import nn
 
-from .cbam import CBAM, ChannelAttention, SpatialAttention
-from .eca import ECA
-from .se import SqueezeExcite
+from .attention import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
 
 Gates = tuple[torch.Tensor | None, torch.Tensor | None]
 

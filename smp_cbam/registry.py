@@ -12,9 +12,7 @@ from functools import partial
 from segmentation_models_pytorch.base import modules as smp_modules
 from torch import nn
 
-from .cbam import CBAM, ChannelAttention, SpatialAttention
-from .eca import ECA
-from .se import SqueezeExcite
+from .attention import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
 
 AttentionFactory = Callable[[int], nn.Module]
 

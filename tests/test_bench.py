@@ -10,15 +10,15 @@ import pytest
 import torch
 
 from smp_cbam import CBAM
-from smp_cbam.bench import (
+from smp_cbam.benchmarks.cbam_bench import (
     STEP_TYPES,
-    _in_fresh_process,
-    build_model,
+    build_bench_model,
+    in_fresh_process,
     interleaved_times,
     main,
     paired_ratio,
 )
-from smp_cbam.malloc import keep_heap
+from smp_cbam.training.malloc import keep_heap
 
 
 def test_interleaved_times_calls_every_function_each_round() -> None:
@@ -39,7 +39,7 @@ def test_paired_ratio_is_the_median_of_per_round_ratios() -> None:
 
 @pytest.mark.parametrize("attention", STEP_TYPES)
 def test_step_models_train(attention: str) -> None:
-    model = build_model("Unet", attention, encoder_depth=3, decoder_channels=(64, 32, 16))
+    model = build_bench_model("Unet", attention, encoder_depth=3, decoder_channels=(64, 32, 16))
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
@@ -64,7 +64,7 @@ def test_unknown_section_is_an_error() -> None:
 
 
 def test_one_model_in_a_fresh_process() -> None:
-    ms = _in_fresh_process("Unet", "cbam", True, 1, 1, 64)
+    ms = in_fresh_process("Unet", "cbam", True, 1, 1, 64)
     assert ms > 0
 
 

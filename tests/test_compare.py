@@ -15,8 +15,8 @@ import yaml
 
 import smp_cbam
 from smp_cbam.cli import main
-from smp_cbam.compare import DEFAULT_CONFIG, ConfigError, compare, load_config
-from smp_cbam.synthetic import CLASS_NAMES
+from smp_cbam.training.runner import DEFAULT_CONFIG, ConfigError, compare, load_config
+from smp_cbam.training.synthetic import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
@@ -170,7 +170,7 @@ def test_bad_data_stops_before_training_naming_the_file(tmp_path: Path, capsys) 
 @pytest.mark.parametrize("flag", [[], ["--malloc-default"]], ids=["keep-heap", "malloc-default"])
 def test_runs_keep_the_heap_unless_told_not_to(tmp_path: Path, monkeypatch, flag: list[str]) -> None:
     calls = []
-    monkeypatch.setattr("smp_cbam.cli.keep_heap", lambda: calls.append(1) or True)
+    monkeypatch.setattr("smp_cbam.training.malloc.keep_heap", lambda: calls.append(1) or True)
     missing = str(tmp_path / "missing")
     code = main(["train", "--dataset", "folder", "--data-root", missing, "--classes", "2", *flag])
     assert code == 2  # the missing folder stops the run after the allocator is set

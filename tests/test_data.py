@@ -1,4 +1,4 @@
-"""Tests for smp_cbam.data and smp_cbam.synthetic on tiny generated data."""
+"""Tests for smp_cbam.training.data and smp_cbam.training.synthetic on tiny generated data."""
 
 import random
 import time
@@ -11,8 +11,15 @@ import pytorch_lightning as pl
 import torch
 from torch import nn
 
-from smp_cbam.data import IMAGENET_MEAN, IMAGENET_STD, PAD_INDEX, DatasetError, SegmentationDataModule, seeded_split
-from smp_cbam.synthetic import CLASS_NAMES, PLAIN, generate, generate_splits, label
+from smp_cbam.training.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PAD_INDEX,
+    DatasetError,
+    SegmentationDataModule,
+    seeded_split,
+)
+from smp_cbam.training.synthetic import CLASS_NAMES, PLAIN, generate, generate_splits, label
 
 SMALL = {"n_train": 24, "n_val": 8, "n_test": 8}
 

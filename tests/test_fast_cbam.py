@@ -8,9 +8,10 @@ import torch
 import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 
-from smp_cbam import CBAM, kernels
-from smp_cbam.bench import build_model, params_and_macs
-from smp_cbam.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelBatchNormCBAM, _KernelCBAM
+from smp_cbam import CBAM
+from smp_cbam.attention import kernels
+from smp_cbam.attention.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelBatchNormCBAM, _KernelCBAM
+from smp_cbam.benchmarks.cbam_bench import build_bench_model, params_and_macs
 
 VARIANTS = [
     {},
@@ -269,7 +270,7 @@ def test_table_params_and_macs() -> None:
     scse_params, _ = params_and_macs("Unet", "scse", size=64)
     cbam_params, cbam_macs = params_and_macs("Unet", "cbam", size=64)
     assert none_params < scse_params and none_params < cbam_params
-    model = build_model("Unet", "cbam")
+    model = build_bench_model("Unet", "cbam")
     expected, expected_macs = 0, 0
     sizes: dict[CBAM, tuple[int, int]] = {}
     cbams = [m for m in model.modules() if isinstance(m, CBAM)]
@@ -383,7 +384,7 @@ def test_no_grad_train_mode_batchnorm_uses_batch_statistics(path: str) -> None:
 
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus"])
 def test_decoders_build_inplace_cbam_with_plain_outputs(arch: str, path: str) -> None:
-    model = build_model(arch, "cbam", encoder_depth=3, decoder_channels=(32, 16, 8)).eval()
+    model = build_bench_model(arch, "cbam", encoder_depth=3, decoder_channels=(32, 16, 8)).eval()
     modules = [m for m in model.modules() if isinstance(m, CBAM)]
     assert modules and all(m.inplace for m in modules)
     images = torch.randn(2, 3, 32, 32)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from smp_cbam import CBAM, kernels
+from smp_cbam import CBAM
+from smp_cbam.attention import kernels
 
 pytestmark = pytest.mark.skipif(
     os.environ.get("SMP_CBAM_KERNELS") == "0", reason="kernels disabled by SMP_CBAM_KERNELS=0"
@@ -191,7 +192,8 @@ def test_default_capability_build_matches_the_formula(tmp_path: Path) -> None:
     """The kernels built for a CPU without AVX2 (ATen's scalar Vectorized), in a fresh process."""
     code = """
 import torch
-from smp_cbam import CBAM, kernels
+from smp_cbam import CBAM
+from smp_cbam.attention import kernels
 torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
 assert kernels.available()
 assert "-DCPU_CAPABILITY=DEFAULT" in kernels._capability_flags("DEFAULT")

@@ -7,7 +7,7 @@ import segmentation_models_pytorch as smp
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from smp_cbam.model import NonFiniteLossError, SegmentationModule, build_model
+from smp_cbam.training.module import NonFiniteLossError, SegmentationModule, build_model
 
 SMALL = dict(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 16])
 

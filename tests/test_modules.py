@@ -13,10 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smp_cbam import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
-from smp_cbam.eca import eca_kernel_size
-
-
-
+from smp_cbam.attention.eca import eca_kernel_size
 
 # ---------------------------------------------------------------------------------------------
 # helpers

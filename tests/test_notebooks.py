@@ -4,8 +4,8 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from smp_cbam.compare import compare, load_config
-from smp_cbam.synthetic import CLASS_NAMES
+from smp_cbam.training.runner import compare, load_config
+from smp_cbam.training.synthetic import CLASS_NAMES
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["compare_results.ipynb", "attention_maps.ipynb"]

@@ -2,7 +2,7 @@
 
 Paired design: for one seed, every run sees the same data order and augmentations (the data
 module derives them from the seed and the epoch) and starts from the same encoder and decoder
-weights (:func:`smp_cbam.model.build_model`). Each run keeps its best epoch on the validation
+weights (:func:`smp_cbam.training.module.build_model`). Each run keeps its best epoch on the validation
 split and evaluates that checkpoint on the test split, when there is one.
 
 Layout of the output directory::
@@ -37,9 +37,9 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
 
+from ..report import atomic_write_csv, atomic_write_text, write_report
 from .data import SegmentationDataModule
-from .model import SegmentationModule
-from .report import atomic_write_csv, atomic_write_text, write_report
+from .module import SegmentationModule
 
 DEFAULT_CONFIG: dict[str, Any] = {
     "output": "runs/synthetic",

@@ -5,7 +5,7 @@ import math
 import torch
 from torch import nn
 
-from .cbam import _check_channels, _check_positive
+from .checks import check_channels, check_positive
 
 
 def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
@@ -19,7 +19,7 @@ class ECA(nn.Module):
 
     def __init__(self, in_channels: int, kernel_size: int | None = None):
         super().__init__()
-        _check_positive("in_channels", in_channels)
+        check_positive("in_channels", in_channels)
         if kernel_size is None:
             kernel_size = eca_kernel_size(in_channels)
         if kernel_size < 1 or kernel_size % 2 == 0:
@@ -28,6 +28,6 @@ class ECA(nn.Module):
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels(x, self.in_channels)
+        check_channels(x, self.in_channels)
         y = self.conv(x.mean(dim=(2, 3)).unsqueeze(1))  # (N, 1, C)
         return x * torch.sigmoid(y).transpose(1, 2).unsqueeze(-1)

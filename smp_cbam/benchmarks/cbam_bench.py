@@ -25,8 +25,8 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from .cbam import CBAM
-from .malloc import keep_heap
+from ..attention import CBAM
+from ..training.malloc import keep_heap
 
 MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
 STEP_TYPES = ("none", "scse", "cbam", "cbam_eager", "cbam_plain")
@@ -76,7 +76,7 @@ def _geomean(values: Sequence[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def build_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
+def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     """A resnet18 ``arch`` with random weights.
 
     ``cbam_eager`` is CBAM's fast path without the compiled kernels, ``cbam_plain`` the formula.
@@ -145,7 +145,7 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
     return "\n".join(lines)
 
 
-def _train_step_fn(
+def train_step_fn(
     model: nn.Module, batch: int, size: int, device: torch.device
 ) -> Callable[[], object]:
     model.to(device).train()
@@ -161,7 +161,7 @@ def _train_step_fn(
     return step
 
 
-def _infer_fn(model: nn.Module, batch: int, size: int, device: torch.device) -> Callable[[], object]:
+def infer_fn(model: nn.Module, batch: int, size: int, device: torch.device) -> Callable[[], object]:
     model.to(device).eval()
     image = torch.randn(batch, 3, size, size, device=device)
 
@@ -183,13 +183,13 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
         "of the time over none's in the same round)",
         f"{'setting':<22}{'none ms':>9}" + "".join(f"{t:>12}" for t in STEP_TYPES[1:]),
     ]
-    settings = [(f"{arch} train", arch, _train_step_fn, rounds) for arch in ARCHS]
-    settings.append(("Unet inference", "Unet", _infer_fn, INFERENCE_ROUNDS * rounds))
+    settings = [(f"{arch} train", arch, train_step_fn, rounds) for arch in ARCHS]
+    settings.append(("Unet inference", "Unet", infer_fn, INFERENCE_ROUNDS * rounds))
     for label, arch, make, setting_rounds in settings:
         fns = {}
         for attention in STEP_TYPES:
             torch.manual_seed(0)
-            fns[attention] = make(build_model(arch, attention), batch, size, device)
+            fns[attention] = make(build_bench_model(arch, attention), batch, size, device)
         times = interleaved_times(fns, setting_rounds, device, warmup=1)
         lines.append(
             f"{label:<22}{statistics.median(times['none']) * 1e3:9.1f}"
@@ -210,7 +210,7 @@ def process_step_ms(
     if heap and not keep_heap():
         raise RuntimeError("keep_heap needs glibc")
     torch.manual_seed(0)
-    step = _train_step_fn(build_model(arch, attention), batch, size, torch.device("cpu"))
+    step = train_step_fn(build_bench_model(arch, attention), batch, size, torch.device("cpu"))
     for _ in range(warmup):
         step()
     times = []
@@ -221,9 +221,9 @@ def process_step_ms(
     return statistics.median(times) * 1e3
 
 
-def _in_fresh_process(*args: object) -> float:
+def in_fresh_process(*args: object) -> float:
     code = (
-        "import torch; from smp_cbam.bench import process_step_ms; "
+        "import torch; from smp_cbam.benchmarks.cbam_bench import process_step_ms; "
         f"torch.set_num_threads({torch.get_num_threads()}); print(process_step_ms{args!r})"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
@@ -251,7 +251,7 @@ def process_benchmark(rounds: int, steps: int, batch: int = 4, size: int = 160) 
         for _ in range(rounds):
             rng.shuffle(jobs)
             for attention, heap in jobs:
-                ms = _in_fresh_process(arch, attention, heap, steps, batch, size)
+                ms = in_fresh_process(arch, attention, heap, steps, batch, size)
                 times[attention, heap].append(ms)
         for heap in (False, True):
             by_type = {t: times[t, heap] for t in PROCESS_TYPES}
@@ -299,7 +299,7 @@ def peak_memory_of_step(
     CUDA: ``torch.cuda.max_memory_allocated``; CPU: glibc's in-use bytes sampled after each op.
     """
     torch.manual_seed(0)
-    step = _train_step_fn(build_model(arch, attention), batch, size, device)
+    step = train_step_fn(build_bench_model(arch, attention), batch, size, device)
     step()
     gc.collect()
     if device.type == "cuda":
@@ -334,7 +334,7 @@ def params_and_macs(arch: str, attention: str, size: int = 256) -> tuple[int, fl
 
     CBAM is counted by its plain formula: FlopCounterMode does not see inside the CPU kernels.
     """
-    model = build_model(arch, "cbam_plain" if attention == "cbam" else attention).eval()
+    model = build_bench_model(arch, "cbam_plain" if attention == "cbam" else attention).eval()
     params = sum(p.numel() for p in model.parameters())
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(torch.randn(1, 3, size, size))
@@ -366,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--keep-heap",
         action="store_true",
-        help="glibc: keep freed tensors' memory in the heap (smp_cbam.malloc.keep_heap)",
+        help="glibc: keep freed tensors' memory in the heap (smp_cbam.training.malloc.keep_heap)",
     )
     parser.add_argument(
         "--sections",

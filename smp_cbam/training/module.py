@@ -9,7 +9,6 @@ from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
 
-
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
 

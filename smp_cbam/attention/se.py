@@ -3,7 +3,7 @@
 import torch
 from torch import nn
 
-from .cbam import _check_channels, _check_positive
+from .checks import check_channels, check_positive
 
 
 class SqueezeExcite(nn.Module):
@@ -11,8 +11,8 @@ class SqueezeExcite(nn.Module):
 
     def __init__(self, in_channels: int, reduction: int = 16):
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("reduction", reduction)
+        check_positive("in_channels", in_channels)
+        check_positive("reduction", reduction)
         self.in_channels = in_channels
         hidden = max(in_channels // reduction, 1)
         self.fc = nn.Sequential(
@@ -22,5 +22,5 @@ class SqueezeExcite(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_channels(x, self.in_channels)
+        check_channels(x, self.in_channels)
         return x * torch.sigmoid(self.fc(x.mean(dim=(2, 3), keepdim=True)))

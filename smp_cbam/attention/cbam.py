@@ -20,19 +20,7 @@ from torch import nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from . import kernels
-
-
-def _check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-
-
-def _check_channels(x: torch.Tensor, in_channels: int) -> None:
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"expected an input with {in_channels} channels, got {x.shape[1]} "
-            f"(input shape {list(x.shape)})"
-        )
+from .checks import check_channels, check_positive
 
 
 def _fetch(module: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
@@ -67,8 +55,8 @@ class ChannelAttention(nn.Module):
 
     def __init__(self, in_channels: int, reduction: int = 16, mlp_bias: bool = False):
         super().__init__()
-        _check_positive("in_channels", in_channels)
-        _check_positive("reduction", reduction)
+        check_positive("in_channels", in_channels)
+        check_positive("reduction", reduction)
         self.in_channels = in_channels
         hidden = max(in_channels // reduction, 1)
         self.mlp = nn.Sequential(
@@ -79,7 +67,7 @@ class ChannelAttention(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, shape ``(N, C, 1, 1)``."""
-        _check_channels(x, self.in_channels)
+        check_channels(x, self.in_channels)
         avg, mx = _channel_pool(x)
         return self._mlp_gate(avg, mx)
 
@@ -106,7 +94,7 @@ class SpatialAttention(nn.Module):
 
     def __init__(self, kernel_size: int = 7, spatial_bn: bool = False):
         super().__init__()
-        _check_positive("kernel_size", kernel_size)
+        check_positive("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn)
@@ -210,7 +198,7 @@ class CBAM(nn.Module):
         path = self._fast_path(x)
         if path is None:
             return self.forward_plain(x)
-        _check_channels(x, channel.in_channels)
+        check_channels(x, channel.in_channels)
         use_kernels = path == "kernels"
         if train:
             return _training_function(self, use_kernels).apply(x, self, *self.parameters())

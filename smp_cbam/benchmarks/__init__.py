@@ -1,0 +1,1 @@
+"""Developer benchmarks (``smp-cbam bench``); never imported by ``import smp_cbam``."""
