@@ -140,7 +140,7 @@ def test_synthetic_labels_depend_on_the_global_cue():
 
 def test_synthetic_datamodule_batches():
     dm = SegmentationDataModule(batch_size=4, synthetic=SMALL)
-    assert (dm.num_classes, dm.in_channels, dm.ignore_index, dm.class_names) == (4, 3, PAD_INDEX, list(CLASS_NAMES))
+    assert (dm.num_classes, dm.in_channels, dm.ignore_index, dm.class_names) == (4, 3, PAD_INDEX, CLASS_NAMES)
     dm.setup("fit")
     assert dm.has_test
     batch = next(iter(dm.train_dataloader()))
@@ -181,8 +181,9 @@ def test_camvid_layout_and_eval_padding(tmp_path):
     stored = cv2.imread(str(root / "valannot" / "val_000.png"), cv2.IMREAD_UNCHANGED)
     assert torch.equal(mask[0, :40, :50], torch.from_numpy(stored).long())
     assert (mask[:, 40:] == 11).all() and (mask[:, :, 50:] == 11).all()
-    black = (0 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    assert torch.allclose(image[:, :, 40:], black[None, :, None, None].expand(2, 3, 24, 64))
+    # the padding reflects the frame (no black band that training never shows)
+    rows, cols = torch.arange(38, 14, -1), torch.arange(48, 34, -1)
+    assert torch.equal(image[:, :, 40:], image[:, :, rows]) and torch.equal(image[..., 50:], image[..., cols])
 
     dm = SegmentationDataModule("camvid", str(root), ignore_index=255, eval_mode="resize", resize=(32, 64))
     dm.setup()
@@ -193,7 +194,7 @@ def test_camvid_layout_and_eval_padding(tmp_path):
 def test_pets_layout(tmp_path):
     root = make_pets(tmp_path / "pets")
     dm = SegmentationDataModule("pets", str(root), batch_size=2, resize=(32, 32), val_fraction=0.2)
-    assert (dm.num_classes, dm.class_names, dm.ignore_index) == (2, ["background", "pet"], PAD_INDEX)
+    assert (dm.num_classes, dm.class_names, dm.ignore_index) == (2, ("background", "pet"), PAD_INDEX)
     dm.setup()
     assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 8, "val": 2, "test": 3}
     image, mask = dm.datasets["test"][0]
@@ -202,10 +203,14 @@ def test_pets_layout(tmp_path):
     trimap = cv2.resize(cv2.imread(str(name), cv2.IMREAD_UNCHANGED), (32, 32), interpolation=cv2.INTER_NEAREST)
     assert torch.equal(mask, torch.from_numpy(np.where(trimap == 2, 0, 1)).long())  # border counts as pet
 
-    dm = SegmentationDataModule("pets", str(root), ignore_index=255, resize=(32, 32))
-    dm.setup()
-    _, mask = dm.datasets["test"][0]
-    assert torch.equal(mask, torch.from_numpy(np.select([trimap == 1, trimap == 2], [1, 0], 255)).long())
+    for ignore_index in (255, 7):  # void_label=3 ignores the border
+        dm = SegmentationDataModule("pets", str(root), void_label=3, ignore_index=ignore_index, resize=(32, 32))
+        dm.setup()
+        _, mask = dm.datasets["test"][0]
+        expected = np.select([trimap == 1, trimap == 2], [1, 0], ignore_index)
+        assert torch.equal(mask, torch.from_numpy(expected).long())
+    with pytest.raises(ValueError, match="void_label of pets must be one of"):
+        SegmentationDataModule("pets", str(root), void_label=2)
 
     dm = SegmentationDataModule("pets", str(make_pets(tmp_path / "no_test", test=0)), resize=(32, 32))
     dm.setup()
@@ -216,9 +221,8 @@ def test_pets_layout(tmp_path):
 def test_folder_flat_formats(tmp_path, ext, channels):
     root = make_folder(tmp_path / "data", [f"img{i}" for i in range(10)], ext=ext, channels=channels)
     dm = SegmentationDataModule("folder", str(root), num_classes=3, batch_size=3, val_fraction=0.2, test_fraction=0.1)
-    assert dm.in_channels is None
+    assert dm.in_channels == channels  # from the headers, right after __init__
     dm.setup()
-    assert dm.in_channels == channels
     assert {s: len(d) for s, d in dm.datasets.items()} == {"train": 7, "val": 2, "test": 1}
     image, mask = next(iter(dm.train_dataloader()))
     assert image.shape == (3, channels, 64, 64) and mask.shape == (3, 64, 64)
@@ -247,11 +251,16 @@ def test_folder_binary_0_255_masks(tmp_path):
 
 def test_folder_multiclass_with_ignore_index(tmp_path):
     root = make_folder(tmp_path / "data", [f"img{i}" for i in range(6)], values=(0, 1, 2, 255))
-    dm = SegmentationDataModule("folder", str(root), num_classes=3, ignore_index=255)
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, void_label=255)
+    assert (dm.ignore_index, dm.hparams["void_label"]) == (255, 255)
     dm.setup()
     assert set(torch.cat([m for _, m in dm.val_dataloader()]).unique().tolist()) == {0, 1, 2, 255}
-    with pytest.raises(DatasetError, match=r"not valid.*\n.*: \[255\]"):
-        SegmentationDataModule("folder", str(root), num_classes=3).setup()
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, void_label=255, ignore_index=100)
+    dm.setup()
+    assert set(torch.cat([m for _, m in dm.val_dataloader()]).unique().tolist()) == {0, 1, 2, 100}
+    for ignore_index in (None, 255):  # ignore_index alone says what batches carry, not what masks store
+        with pytest.raises(DatasetError, match=r"not valid.*\n.*: \[255\][\s\S]*void_label"):
+            SegmentationDataModule("folder", str(root), num_classes=3, ignore_index=ignore_index).setup()
 
 
 def test_folder_split_folders(tmp_path):
@@ -404,7 +413,7 @@ def test_bad_arguments():
         SegmentationDataModule(crop=(48, 48))
     with pytest.raises(ValueError, match="eval_mode='resize' needs resize"):
         SegmentationDataModule(eval_mode="resize")
-    with pytest.raises(ValueError, match="is a class index"):
+    with pytest.raises(ValueError, match="not a class index"):
         SegmentationDataModule("folder", "somewhere", num_classes=3, ignore_index=2)
 
 

@@ -1,44 +1,41 @@
-"""Data for training and comparing attention types: one LightningDataModule, four dataset types.
+"""Data for training and comparing attention types: one LightningDataModule over the data sources
+of :mod:`smp_cbam.training.sources` (``"synthetic"``, ``"camvid"``, ``"pets"``, ``"folder"``).
 
-``dataset=``
+Files are read by :mod:`smp_cbam.training.readers` (EXIF orientation, palette masks, grey/colour
+rules), both by the check in :meth:`SegmentationDataModule.setup` and by training.
 
-- ``"synthetic"``: generated in memory (:mod:`smp_cbam.synthetic`), 4 classes, 64x64 RGB.
-- ``"camvid"``: SegNet layout ``ROOT/{train,trainannot,val,valannot,test,testannot}/*.png``,
-  11 classes; label 11 is void and is the default ``ignore_index``.
-- ``"pets"``: Oxford-IIIT Pet as smp's ``OxfordPetDataset`` reads it (``ROOT/images/*.jpg``,
-  ``ROOT/annotations/trimaps/*.png``, ``ROOT/annotations/{trainval,test}.txt``). Trimap 1 (pet)
-  and 3 (border) become class 1 like in smp, 2 becomes background; with an explicit
-  ``ignore_index`` the border becomes ``ignore_index`` instead. trainval is split into
-  train/val with a seeded split; ``test.txt`` is optional.
-- ``"folder"``: ``ROOT/images/*`` with ``ROOT/masks/<stem>.png``, split with a seeded split, or
-  ``ROOT/{train,val,test}/{images,masks}`` (val and test optional: missing ones are split off
-  train). Masks hold class indices; with ``num_classes=2``, masks holding only 0 and 255 are
-  read as 0/1. Grayscale images give ``in_channels=1``, colour ones 3 (from the first image, or
-  pass ``in_channels``).
+``num_classes``, ``in_channels``, ``class_names`` (a tuple) and ``ignore_index`` (an int) are
+resolved by ``__init__`` and saved in the data module's hyperparameters with their resolved values,
+so Lightning's merge with a module's hyperparameters never conflicts. ``ignore_index`` is the given
+one, else the dataset's void label (CamVid 11), else ``PAD_INDEX`` (255), which then marks only
+padding. ``in_channels`` is the given one, else the source's (3 for synthetic, CamVid, Pets), else
+detected from the image headers (folder): 1 when every image is grey, 3 otherwise; images whose
+channels differ from the resolved count are converted (grey repeated into RGB, colour to luma)
+with a warning naming them, unless ``in_channels`` was given.
 
-Images are read with OpenCV and converted to RGB (or grayscale); 16-bit images become 8-bit.
+Training and evaluation see the same kind of input, so nothing reaches the attention's global
+pools at test time that training never showed (docs/data.md):
 
-``ignore_index`` is always an int after ``__init__``: the given one, else the dataset's void label
-(CamVid 11), else ``PAD_INDEX`` (255), which marks only padding. Padded pixels (random crops,
-padding to a multiple of 32 for evaluation) get ``ignore_index`` in the mask, so losses and
-metrics that honour ``ignore_index`` never count them.
+- every image is resized to ``resize`` when given (train and eval);
+- training: a random zoom-in by a factor in ``scale`` (low >= 1), cropped back to the frame (or
+  to ``crop``), a horizontal flip (``hflip``), brightness/contrast jitter for RGB;
+- padding, where needed, reflects the image at its bottom and right borders (never a constant
+  black band) and gives the mask ``ignore_index``: evaluation pads every frame to a multiple of 32
+  (``eval_mode="pad"``), and so does training on whole frames (``crop=None``), with the same rule
+  and position; ``eval_mode="resize"`` (``resize`` multiples of 32) pads nothing anywhere.
 
-Transforms (albumentations): training does ``resize`` (if given), a random scale in ``scale``,
-a random crop to ``crop`` (padded where needed), a horizontal flip, brightness/contrast jitter for
-RGB, then normalization (ImageNet statistics; their channel means for grayscale). ``crop``
-defaults to the image size rounded up to a multiple of 32. Evaluation does ``resize`` (if given)
-and then pads to a multiple of 32 (bottom and right, ``eval_mode="pad"``) or nothing more
-(``eval_mode="resize"``, which needs ``resize``). Pets default to ``resize=(256, 256)``.
+Batches are ``(image, mask)``: float32 (B, C, H, W) normalized images, int64 (B, H, W) masks; the
+synthetic val/test batches carry a third element, ``context``: bool (B, H, W), the pixels whose
+label depends on the image's global cue (padding excluded). Each dataset has ``ids`` (file stems,
+or indices for synthetic data) in loader order.
 
-Determinism: the training loader's :class:`SeededSampler` derives the order from
-``(seed, epoch)`` and a seed for each sample's augmentation from ``(seed, epoch, index)``; the
-dataset seeds the albumentations pipeline with it. So a given ``seed`` gives the same batches
-whatever the model, ``num_workers`` or RNG state, and Lightning's ``set_epoch`` call makes a run
-resumed at epoch e see the same batches as an uninterrupted one. Splits use ``split_seed``, so
-every training seed sees the same split.
-
-:meth:`SegmentationDataModule.setup` reads every file once and raises one :class:`DatasetError`
-per kind of problem (listing the first files); results are cached in memory per file.
+Determinism: the training loader's :class:`SeededSampler` derives the order from ``(seed,
+epoch)`` and a seed for each sample's augmentation from ``(seed, epoch, index)``. A given ``seed``
+gives the same batches whatever the model, ``num_workers``, RNG state or resumption. Under DDP
+every rank draws the same permutation and rank r of R takes positions r, r+R, ... (the tail of
+n mod R samples is dropped), so step k of an R-process run with ``batch_size`` b trains on exactly
+the samples (and augmentations) of step k of a 1-process run with ``batch_size`` R*b. Splits use
+``split_seed``, so every training seed sees the same split.
 """
 
 import os
@@ -52,7 +49,6 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import albumentations as A
 import cv2
@@ -60,72 +56,50 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from albumentations.pytorch import ToTensorV2
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from .synthetic import CLASS_NAMES as SYNTHETIC_CLASSES
+from .readers import DatasetError, FileInfo, ReadError, check_exif_rule, file_info, read_image, read_mask
+from .sources import (
+    PAD_INDEX,
+    SOURCES,
+    Classes,
+    DataSource,
+    Pair,
+    fail,
+    get_source,
+    listing,
+    seeded_split,
+)
 from .synthetic import DEFAULTS as SYNTHETIC_DEFAULTS
 from .synthetic import SyntheticSet, generate_splits
 
-DATASETS = ("synthetic", "camvid", "pets", "folder")
-CAMVID_CLASSES = (
-    "sky", "building", "pole", "road", "pavement", "tree",
-    "signsymbol", "fence", "car", "pedestrian", "bicyclist",
-)  # fmt: skip
-CAMVID_VOID = 11
-CAMVID_SPLITS = {"train": ("train", "trainannot"), "val": ("val", "valannot"), "test": ("test", "testannot")}
-PETS_CLASSES = ("background", "pet")
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
-PAD_INDEX = 255
+__all__ = [
+    "DATASETS", "PAD_INDEX", "DatasetError", "Pair", "ReadError", "SegmentationDataModule", "SeededSampler",
+    "read_image", "read_mask", "seeded_split",
+]  # fmt: skip
+
+DATASETS = tuple(SOURCES)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 GRAY_MEAN = (0.449,)
 GRAY_STD = (0.226,)
 DIVISOR = 32
-MAX_LISTED = 10
-FOLDER_LAYOUT = "ROOT/images/* with ROOT/masks/<stem>.png, or ROOT/{train,val,test}/{images,masks} (val, test optional)"
-CAMVID_LAYOUT = "ROOT/{train,trainannot,val,valannot,test,testannot}/*.png"
-PETS_LAYOUT = "ROOT/images/<name>.jpg, ROOT/annotations/trimaps/<name>.png, ROOT/annotations/{trainval,test}.txt"
-
-T = TypeVar("T")
+EVAL_MODES = ("pad", "resize")
 
 
-class DatasetError(ValueError):
-    """Bad input found before training; the message names the file(s) and the fix."""
-
-
-@dataclass(frozen=True)
-class Pair:
-    """An image file and its mask file."""
-
-    image: Path
-    mask: Path
+# the check: every file read once by the same readers as training
 
 
 @dataclass(frozen=True)
 class PairInfo:
-    """What reading a pair found: shapes (None when unreadable), the mask's values, a mask
-    format problem."""
+    """What reading a pair found: the headers, the mask's stored values, and per file the
+    problem (``ReadError.kind``, message) when it could not be read."""
 
-    image_shape: tuple[int, ...] | None
-    mask_shape: tuple[int, ...] | None
+    image: FileInfo | None
+    mask: FileInfo | None
     mask_values: tuple[int, ...] = ()
-    mask_problem: str | None = None
-
-
-def read_image(path: Path, channels: int) -> np.ndarray | None:
-    """An RGB (H, W, 3) or grayscale (H, W) uint8 image; None when OpenCV cannot read it."""
-    image = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE if channels == 1 else cv2.IMREAD_COLOR)
-    if image is None or channels == 1:
-        return image
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-
-
-def read_mask(path: Path) -> np.ndarray | None:
-    """The mask as stored (IMREAD_UNCHANGED); a colour mask whose channels agree becomes (H, W)."""
-    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if mask is not None and mask.ndim == 3 and (mask == mask[..., :1]).all():
-        return mask[..., 0]
-    return mask
+    image_problem: tuple[str, str] | None = None
+    mask_problem: tuple[str, str] | None = None
 
 
 def _stamp(path: Path) -> tuple[int, int]:
@@ -136,35 +110,31 @@ def _stamp(path: Path) -> tuple[int, int]:
     return (stat.st_mtime_ns, stat.st_size)
 
 
-def scan_pair(pair: Pair) -> PairInfo:
-    """Read a pair once (cached per file version) and report shapes, mask values and problems."""
-    return _scan_cached(pair.image, _stamp(pair.image), pair.mask, _stamp(pair.mask))
+def scan_pair(pair: Pair, exif: str = "apply") -> PairInfo:
+    """Read a pair once (cached per file version and EXIF rule) with the training readers."""
+    return _scan_cached(pair.image, _stamp(pair.image), pair.mask, _stamp(pair.mask), exif)
+
+
+def _problem(err: ReadError) -> tuple[str, str]:
+    return (err.kind, str(err))
 
 
 @functools.lru_cache(maxsize=50_000)
-def _scan_cached(image_path: Path, image_stamp: tuple[int, int], mask_path: Path, mask_stamp: tuple[int, int]) -> PairInfo:
+def _scan_cached(image_path: Path, image_stamp: tuple, mask_path: Path, mask_stamp: tuple, exif: str) -> PairInfo:
     # the stamps are part of the cache key, so a changed file is read again
-    image = cv2.imread(str(image_path), cv2.IMREAD_UNCHANGED)
-    mask = read_mask(mask_path)
-    image_shape = None if image is None else image.shape
-    if mask is None:
-        return PairInfo(image_shape, None)
-    if mask.ndim != 2:
-        return PairInfo(image_shape, mask.shape, mask_problem=f"{mask.shape[2]} channels that differ")
-    if mask.dtype not in (np.uint8, np.uint16):
-        return PairInfo(image_shape, mask.shape, mask_problem=f"dtype {mask.dtype}")
-    return PairInfo(image_shape, mask.shape, tuple(np.unique(mask).tolist()))
-
-
-def _listing(lines: Sequence[str]) -> str:
-    shown = "\n".join(f"  {line}" for line in lines[:MAX_LISTED])
-    more = f"\n  ... and {len(lines) - MAX_LISTED} more" if len(lines) > MAX_LISTED else ""
-    return shown + more
-
-
-def _fail(what: str, lines: Sequence[str], fix: str) -> None:
-    if lines:
-        raise DatasetError(f"{len(lines)} {what}:\n{_listing(lines)}\nFix: {fix}")
+    image = mask = image_problem = mask_problem = None
+    values: tuple[int, ...] = ()
+    try:
+        image = file_info(image_path)
+        read_image(image_path, image.channels, exif)  # decodes everything: damaged data shows here
+    except ReadError as err:
+        image_problem = _problem(err)
+    try:
+        mask = file_info(mask_path)
+        values = tuple(np.unique(read_mask(mask_path, exif)).tolist())
+    except ReadError as err:
+        mask_problem = _problem(err)
+    return PairInfo(image, mask, values, image_problem, mask_problem)
 
 
 def mask_lut(mapping: dict[int, int]) -> np.ndarray:
@@ -175,29 +145,39 @@ def mask_lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str) -> None:
-    """Raise a DatasetError for the first kind of problem found (unreadable files, bad mask format,
-    image/mask size mismatch, invalid mask values), listing the files; ``valid`` describes the
-    valid mask values for the message."""
+def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str, exif: str) -> None:
+    """Raise a DatasetError for the first kind of problem found, listing the files: unreadable
+    files, EXIF orientation refused, bad mask format, image/mask size mismatch, invalid mask
+    values. ``valid`` describes the valid mask values for the message."""
     rows = [(p, i) for split in pairs for p, i in zip(pairs[split], infos[split])]
-    unreadable = [str(p.image) for p, i in rows if i.image_shape is None]
-    unreadable += [str(p.mask) for p, i in rows if i.mask_shape is None]
-    _fail(
-        "files could not be read (cv2.imread returned None: missing, corrupt or not an image)",
-        unreadable,
+    problems = [problem for _, i in rows for problem in (i.image_problem, i.mask_problem) if problem]
+    fail(
+        "files could not be read (missing, damaged or not an image)",
+        [message for kind, message in problems if kind == "unreadable"],
         "replace the files with readable images, or remove them together with their image/mask partner.",
     )
-    _fail(
-        "masks are not single-channel 8- or 16-bit images",
-        [f"{p.mask}: {i.mask_problem}" for p, i in rows if i.mask_problem],
-        "save masks as single-channel PNGs holding class indices (not colours).",
+    fail(
+        "files carry an EXIF orientation and exif='refuse'",
+        [message for kind, message in problems if kind == "exif"],
+        "save the pixels turned (e.g. PIL.ImageOps.exif_transpose) without the tag, or pass exif='apply' / 'ignore'.",
     )
-    _fail(
+    fail(
+        "files are not single-channel or palette masks / 8- or 16-bit images",
+        [message for kind, message in problems if kind == "format"],
+        "save masks as single-channel or palette (mode P) PNGs holding class indices, images as 8/16-bit.",
+    )
+    mismatched = [(p, i) for p, i in rows if i.image.size(exif) != i.mask.size(exif)]
+    turned = [(p, i) for p, i in mismatched if exif == "apply" and i.image.size("ignore") == i.mask.size("ignore")]
+    fail(
+        "image/mask pairs match in size only without the EXIF orientation of the image or the mask",
+        [f"{p.image} (Orientation {i.image.orientation}) vs {p.mask} (Orientation {i.mask.orientation})" for p, i in turned],
+        "if the masks were drawn on the stored pixels, pass exif='ignore'; otherwise fix these masks.",
+    )
+    fail(
         "image/mask pairs differ in size",
         [
-            f"{p.image} ({i.image_shape[0]}x{i.image_shape[1]}) vs {p.mask} ({i.mask_shape[0]}x{i.mask_shape[1]})"
-            for p, i in rows
-            if i.image_shape[:2] != i.mask_shape[:2]
+            f"{p.image} ({'x'.join(map(str, i.image.size(exif)))}) vs {p.mask} ({'x'.join(map(str, i.mask.size(exif)))})"
+            for p, i in mismatched
         ],
         "make every mask the same height and width as its image.",
     )
@@ -205,227 +185,212 @@ def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut
     for p, i in rows:
         values = [v for v in i.mask_values if lut[v] < 0]
         if values:
-            bad.append(f"{p.mask}: {values[:MAX_LISTED]}")
-    _fail(
+            bad.append(f"{p.mask}: {values[:10]}")
+    fail(
         f"masks hold values that are not valid ({valid})",
         bad,
-        "fix these masks, or pass num_classes / ignore_index that match how the masks are stored.",
+        "fix these masks, or pass num_classes / void_label (the stored value of void pixels, e.g. 255) that match how the masks are stored.",
     )
 
 
-def seeded_split(items: Sequence[T], fractions: dict[str, float], seed: int) -> dict[str, list[T]]:
-    """Split ``items`` reproducibly: ``round(n * fraction)`` items (at least 1) go to each named
-    split with a positive fraction, the rest to ``"train"``; each split keeps the input order."""
-    order = np.random.default_rng(seed).permutation(len(items))
-    splits, start = {}, 0
-    for name, fraction in fractions.items():
-        if fraction > 0:
-            count = max(1, round(len(items) * fraction))
-            splits[name] = [items[i] for i in sorted(order[start : start + count])]
-            start += count
-    splits["train"] = [items[i] for i in sorted(order[start:])]
-    return splits
-
-
-def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-
-
-def pair_folder(images_dir: Path, masks_dir: Path, mask_suffix: str = ".png") -> list[Pair]:
-    """Pair every image with ``masks_dir/<stem><mask_suffix>``; raise if an image has no mask,
-    warn about masks without an image."""
-    images = _image_files(images_dir)
-    if not images:
-        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}. Fix: add images or remove the folder.")
-    stems: dict[str, list[Path]] = {}
-    for image in images:
-        stems.setdefault(image.stem, []).append(image)
-    _fail(
-        f"image stems in {images_dir} are used by several files, so their masks are ambiguous",
-        [", ".join(map(str, paths)) for paths in stems.values() if len(paths) > 1],
-        "keep one image per stem.",
-    )
-    _fail(
-        f"images have no mask (expected {masks_dir}/<stem>{mask_suffix})",
-        [str(image) for image in images if not (masks_dir / f"{image.stem}{mask_suffix}").is_file()],
-        "add the missing masks or remove these images.",
-    )
-    orphans = sorted(str(m) for m in masks_dir.glob(f"*{mask_suffix}") if m.stem not in stems)
-    if orphans:
-        warnings.warn(f"{len(orphans)} masks have no image and are not used:\n{_listing(orphans)}", stacklevel=2)
-    return [Pair(image, masks_dir / f"{image.stem}{mask_suffix}") for image in images]
-
-
-def _require_dirs(root: Path, names: Sequence[str], layout: str) -> None:
-    if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder. Fix: pass root= a folder laid out as {layout}.")
-    missing = [str(root / name) for name in names if not (root / name).is_dir()]
-    _fail(f"required folders are missing in {root}", missing, f"lay the dataset out as {layout}.")
-
-
-def camvid_pairs(root: Path) -> dict[str, list[Pair]]:
-    """The train/val/test pairs of a SegNet-layout CamVid folder."""
-    _require_dirs(root, [d for dirs in CAMVID_SPLITS.values() for d in dirs], CAMVID_LAYOUT)
-    return {split: pair_folder(root / images, root / masks) for split, (images, masks) in CAMVID_SPLITS.items()}
-
-
-def pets_pairs(root: Path, val_fraction: float, split_seed: int) -> dict[str, list[Pair]]:
-    """Oxford-IIIT Pet pairs: trainval.txt split into train/val, and test.txt when present."""
-    _require_dirs(root, ["images", "annotations/trimaps"], PETS_LAYOUT)
-    lists = {"trainval": root / "annotations" / "trainval.txt", "test": root / "annotations" / "test.txt"}
-    if not lists["trainval"].is_file():
-        raise DatasetError(f"{lists['trainval']} is missing. Fix: lay the dataset out as {PETS_LAYOUT}.")
-    pairs = {}
-    for name, list_file in lists.items():
-        if not list_file.is_file():
-            continue
-        names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
-        if not names:
-            raise DatasetError(f"{list_file} lists no images. Fix: list one image name per line.")
-        found = [Pair(root / "images" / f"{n}.jpg", root / "annotations" / "trimaps" / f"{n}.png") for n in names]
-        _fail(
-            f"names in {list_file} have no image",
-            [str(p.image) for p in found if not p.image.is_file()],
-            f"add the images or remove the names from {list_file.name}.",
-        )
-        _fail(
-            f"images in {list_file} have no trimap",
-            [str(p.mask) for p in found if not p.mask.is_file()],
-            f"add the trimaps or remove the names from {list_file.name}.",
-        )
-        pairs[name] = found
-    splits = seeded_split(pairs.pop("trainval"), {"val": val_fraction}, split_seed)
-    return splits | pairs
-
-
-def folder_pairs(root: Path, val_fraction: float, test_fraction: float, split_seed: int) -> dict[str, list[Pair]]:
-    """Pairs of a user folder, flat (seeded split) or with split folders (missing val/test split
-    off train)."""
-    _require_dirs(root, [], FOLDER_LAYOUT)
-    if (root / "images").is_dir():
-        _require_dirs(root, ["masks"], FOLDER_LAYOUT)
-        pool = pair_folder(root / "images", root / "masks")
-        return seeded_split(pool, {"val": val_fraction, "test": test_fraction}, split_seed)
-    present = [s for s in ("train", "val", "test") if s == "train" or (root / s).is_dir()]
-    _require_dirs(root, [f"{s}/{d}" for s in present for d in ("images", "masks")], FOLDER_LAYOUT)
-    given = {s: pair_folder(root / s / "images", root / s / "masks") for s in present}
-    missing = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in given}
-    return seeded_split(given.pop("train"), missing, split_seed) | given
+# datasets
 
 
 class SegmentationDataset(Dataset):
     """Base dataset: ``load(index)`` gives the raw (image, mask); ``__getitem__`` applies the
     transform seeded for the sample. Items are an index or an ``(index, sample_seed)`` pair from
-    :class:`SeededSampler` (a bare index uses the index as the seed)."""
+    :class:`SeededSampler` (a bare index uses the index as the seed). ``ids`` names the samples."""
 
-    def __init__(self, transform: A.Compose):
-        self.transform = transform
+    def __init__(self, transform: A.Compose, ignore_index: int):
+        self.transform, self.ignore_index = transform, ignore_index
+
+    @property
+    def ids(self) -> list[str]:
+        raise NotImplementedError
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def context(self, index: int) -> np.ndarray | None:
+        """The (H, W) bool map of context pixels of a sample, or None when the dataset has none."""
+        return None
+
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, ...]:
         index, sample_seed = item if isinstance(item, tuple) else (item, item)
         image, mask = self.load(index)
+        context = self.context(index)
         self.transform.set_random_state(np.random.default_rng(sample_seed), random.Random(sample_seed))
-        out = self.transform(image=image, mask=mask)
-        return out["image"], out["mask"].long()
+        if context is None:
+            out = self.transform(image=image, mask=mask)
+            return out["image"], out["mask"].long()
+        out = self.transform(image=image, mask=mask, context=context.astype(np.uint8))
+        mask = out["mask"].long()
+        return out["image"], mask, out["context"].bool() & (mask != self.ignore_index)
 
 
 class ArrayDataset(SegmentationDataset):
-    """Images (N, H, W[, C]) uint8 and masks (N, H, W) of class indices held in memory."""
+    """Images (N, H, W[, C]) uint8 and masks (N, H, W) of class indices held in memory, and
+    optionally ``contexts`` (N, H, W) bool; ids are the indices."""
 
-    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose):
-        super().__init__(transform)
-        self.images, self.masks = images, masks
+    def __init__(self, images: np.ndarray, masks: np.ndarray, transform: A.Compose, ignore_index: int = PAD_INDEX,
+                 contexts: np.ndarray | None = None):  # fmt: skip
+        super().__init__(transform, ignore_index)
+        self.images, self.masks, self.contexts = images, masks, contexts
 
     def __len__(self) -> int:
         return len(self.images)
 
+    @property
+    def ids(self) -> list[str]:
+        return [str(i) for i in range(len(self))]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.images[index], self.masks[index]
 
+    def context(self, index: int) -> np.ndarray | None:
+        return None if self.contexts is None else self.contexts[index]
+
 
 class FileDataset(SegmentationDataset):
-    """Image/mask files; stored mask values are mapped through ``lut`` (see :func:`mask_lut`)."""
+    """Image/mask files read by :mod:`readers`; stored mask values are mapped through ``lut`` (see
+    :func:`mask_lut`); ids are the image file stems."""
 
-    def __init__(self, pairs: Sequence[Pair], lut: np.ndarray, in_channels: int, transform: A.Compose):
-        super().__init__(transform)
-        self.pairs, self.lut, self.in_channels = list(pairs), lut, in_channels
+    def __init__(self, pairs: Sequence[Pair], lut: np.ndarray, in_channels: int, transform: A.Compose,
+                 ignore_index: int, exif: str = "apply"):  # fmt: skip
+        super().__init__(transform, ignore_index)
+        self.pairs, self.lut, self.in_channels, self.exif = list(pairs), lut, in_channels, exif
 
     def __len__(self) -> int:
         return len(self.pairs)
 
+    @property
+    def ids(self) -> list[str]:
+        return [pair.image.stem for pair in self.pairs]
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         pair = self.pairs[index]
-        image, mask = read_image(pair.image, self.in_channels), read_mask(pair.mask)
-        if image is None or mask is None:
-            raise DatasetError(f"{pair.image} or {pair.mask} could not be read any more. Fix: restore the file.")
+        image, mask = read_image(pair.image, self.in_channels, self.exif), read_mask(pair.mask, self.exif)
         return image, self.lut[mask].astype(np.uint8)
 
 
-class SeededSampler(Sampler[tuple[int, int]]):
+# sampling
+
+
+class SeededSampler(DistributedSampler):
     """Yields ``(index, sample_seed)``: the order depends only on ``(seed, epoch)`` and each
     sample's seed only on ``(seed, epoch, index)``. Lightning calls :meth:`set_epoch` at the start
-    of every training epoch, also after resuming from a checkpoint."""
+    of every training epoch, also after resuming from a checkpoint.
 
-    def __init__(self, length: int, seed: int):
+    With ``num_replicas`` R > 1 (DDP) every rank draws the same permutation, drops its last
+    ``n mod R`` positions and takes positions ``rank, rank + R, ...``: R ranks with batch size b
+    train on the same samples per step as one process with batch size R*b.
+
+    A :class:`DistributedSampler` subclass only so that Lightning keeps it under DDP instead of
+    wrapping it in one that re-splits (and pads) its output; it calls no process group.
+    """
+
+    def __init__(self, length: int, seed: int, num_replicas: int = 1, rank: int = 0):
+        # DistributedSampler.__init__ is not called: it needs a dataset and an initialized process group
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas must be >= 1, got {num_replicas}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.length, self.seed, self.epoch = length, seed, 0
+        self.num_replicas, self.rank = num_replicas, rank
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length
+        return self.length // self.num_replicas
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.length)
         sample_seeds = rng.integers(0, 2**32, self.length)
-        for index in order:
+        used = self.length - self.length % self.num_replicas
+        for index in order[self.rank : used : self.num_replicas]:
             yield int(index), int(sample_seeds[index])
 
 
-def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack samples into an ``(images, masks)`` tuple."""
-    images, masks = zip(*batch)
-    return torch.stack(images), torch.stack(masks)
+def collate(batch: Sequence[tuple[torch.Tensor, ...]]) -> tuple[torch.Tensor, ...]:
+    """Stack samples into an ``(images, masks)`` or ``(images, masks, contexts)`` tuple."""
+    return tuple(torch.stack(column) for column in zip(*batch))
 
 
-def _normalize(in_channels: int) -> list:
+# transforms
+
+
+class ReflectPad(A.DualTransform):
+    """Pad bottom and right to at least ``min_size`` and to a multiple of ``divisor``: the image by
+    reflection (no constant band the global pools would see), masks with ``fill_mask``."""
+
+    def __init__(self, divisor: int = 1, min_size: tuple[int, int] = (0, 0), fill_mask: int = PAD_INDEX, p: float = 1.0):
+        super().__init__(p=p)
+        self.divisor, self.min_size, self.fill_mask = divisor, tuple(min_size), fill_mask
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        height, width = params["shape"][:2]
+        target = [-(-max(s, m) // self.divisor) * self.divisor for s, m in zip((height, width), self.min_size)]
+        return {"pad_h": target[0] - height, "pad_w": target[1] - width}
+
+    def apply(self, img: np.ndarray, pad_h: int = 0, pad_w: int = 0, **params) -> np.ndarray:
+        if not (pad_h or pad_w):
+            return img
+        padded = cv2.copyMakeBorder(img, 0, pad_h, 0, pad_w, cv2.BORDER_REFLECT_101)
+        return padded.reshape(padded.shape[:2] + img.shape[2:])  # OpenCV drops a trailing channel axis of 1
+
+    def apply_to_mask(self, mask: np.ndarray, pad_h: int = 0, pad_w: int = 0, **params) -> np.ndarray:
+        if not (pad_h or pad_w):
+            return mask
+        return cv2.copyMakeBorder(mask, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self.fill_mask)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("divisor", "min_size", "fill_mask")
+
+
+def _finish(in_channels: int) -> list:
     mean, std = (IMAGENET_MEAN, IMAGENET_STD) if in_channels == 3 else (GRAY_MEAN, GRAY_STD)
     return [A.Normalize(mean=mean, std=std), ToTensorV2()]
 
 
+def _compose(steps: list) -> A.Compose:
+    return A.Compose(steps, additional_targets={"context": "mask"})
+
+
 def train_transform(
-    crop: tuple[int, int], resize: tuple[int, int] | None, scale: tuple[float, float], in_channels: int, ignore_index: int
-) -> A.Compose:
-    """Resize (optional), random scale, random crop (padding the mask with ``ignore_index``),
-    horizontal flip, brightness/contrast jitter (RGB), normalize, to tensor."""
+    frame: tuple[int, int], crop: tuple[int, int] | None, resize: tuple[int, int] | None, scale: tuple[float, float],
+    hflip: bool, in_channels: int, ignore_index: int, eval_mode: str = "pad",
+) -> A.Compose:  # fmt: skip
+    """Resize (optional), zoom in by a factor in ``scale`` and crop back to ``frame`` (or to
+    ``crop``, reflect-padding frames smaller than it), flip, jitter (RGB); whole frames are then
+    padded exactly like :func:`eval_transform` pads them. ``frame`` is the size after resize."""
     steps = [A.Resize(*resize)] if resize else []
     if tuple(scale) != (1.0, 1.0):
         steps.append(A.RandomScale(scale_limit=(scale[0] - 1.0, scale[1] - 1.0), p=1.0))
-    steps += [
-        A.RandomCrop(*crop, pad_if_needed=True, pad_position="random", fill=0, fill_mask=ignore_index),
-        A.HorizontalFlip(p=0.5),
-    ]
+        if crop is None:
+            steps.append(A.RandomCrop(*frame))
+    if crop is not None:
+        steps += [ReflectPad(min_size=crop, fill_mask=ignore_index), A.RandomCrop(*crop)]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
     if in_channels == 3:
         steps.append(A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.2, p=0.5))
-    return A.Compose(steps + _normalize(in_channels))
+    if crop is None and eval_mode == "pad":
+        steps.append(ReflectPad(DIVISOR, fill_mask=ignore_index))
+    return _compose(steps + _finish(in_channels))
 
 
 def eval_transform(resize: tuple[int, int] | None, eval_mode: str, in_channels: int, ignore_index: int) -> A.Compose:
-    """Resize (optional), then pad bottom/right to a multiple of 32 with ``ignore_index`` in the
-    mask (``"pad"``) or nothing more (``"resize"``); normalize, to tensor."""
+    """Resize (optional), then reflect-pad bottom/right to a multiple of 32 with ``ignore_index``
+    in the mask (``"pad"``) or nothing more (``"resize"``); normalize, to tensor."""
     steps = [A.Resize(*resize)] if resize else []
     if eval_mode == "pad":
-        steps.append(
-            A.PadIfNeeded(
-                min_height=None, min_width=None, pad_height_divisor=DIVISOR, pad_width_divisor=DIVISOR,
-                position="top_left", fill=0, fill_mask=ignore_index,
-            )  # fmt: skip
-        )
-    return A.Compose(steps + _normalize(in_channels))
+        steps.append(ReflectPad(DIVISOR, fill_mask=ignore_index))
+    return _compose(steps + _finish(in_channels))
+
+
+# the data module
 
 
 @functools.lru_cache(maxsize=4)
@@ -433,21 +398,55 @@ def _synthetic_splits(options: tuple[tuple[str, object], ...]) -> dict[str, Synt
     return generate_splits(**dict(options))
 
 
-def _round_up(size: Sequence[int]) -> tuple[int, int]:
-    return tuple(-(-s // DIVISOR) * DIVISOR for s in size)
+def _pair(value: Sequence[float] | None, name: str, kind: type) -> tuple | None:
+    """``value`` as a 2-tuple of ``kind`` (YAML and CLIs give lists), or a ValueError naming ``name``."""
+    if value is None:
+        return None
+    try:
+        first, second = value
+        return kind(first), kind(second)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be two numbers (height, width) / (low, high), got {value!r}") from None
+
+
+def _check_geometry(resize: tuple | None, crop: tuple | None, scale: tuple, eval_mode: str) -> None:
+    if eval_mode not in EVAL_MODES:
+        raise ValueError(f"eval_mode must be one of {EVAL_MODES}, got {eval_mode!r}")
+    if resize is not None and min(resize) < 1:
+        raise ValueError(f"resize must be positive (height, width), got {resize}")
+    if eval_mode == "resize" and (resize is None or any(s % DIVISOR for s in resize)):
+        raise ValueError(f"eval_mode='resize' needs resize=(H, W) with multiples of {DIVISOR}, got {resize}")
+    if crop is not None and (min(crop) < 1 or any(s % DIVISOR for s in crop)):
+        raise ValueError(f"crop must be multiples of {DIVISOR} (smp encoders downsample 32x), got {crop}")
+    if not 1.0 <= scale[0] <= scale[1]:
+        raise ValueError(
+            f"scale must be (low, high) zoom factors with 1 <= low <= high, got {scale}: zooming out would show "
+            "training a padded border that evaluation never shows"
+        )
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    """Train/val/test loaders for ``dataset`` in ``("synthetic", "camvid", "pets", "folder")``.
+    """Train/val/test loaders for ``dataset`` in :data:`DATASETS` (see :mod:`sources`).
 
-    Batches are ``(image, mask)``: float32 (B, C, H, W) normalized images and int64 (B, H, W)
-    masks of class indices, ``ignore_index`` where void or padded. ``num_classes``,
-    ``ignore_index`` and ``class_names`` are set by ``__init__``; ``in_channels`` too, except for
-    ``"folder"`` without ``in_channels``, where :meth:`setup` detects it from the first image.
-
-    Additions to the basic interface: ``split_seed`` seeds the train/val/test splits (separate from
-    the training ``seed`` so every run sees the same split), ``in_channels`` (1 or 3) forces
-    grayscale or colour reading of file datasets, ``class_names`` names folder classes.
+    Args:
+        dataset: the data source's name.
+        root: the dataset folder (file datasets).
+        num_classes / class_names / in_channels: the dataset's own values when not given (folder
+            needs ``num_classes``); resolved by ``__init__``.
+        ignore_index: the index batches carry where pixels are void or padding (not a class
+            index); default: the void label where masks store class indices, else 255.
+        void_label: the stored mask value of void pixels: CamVid 11; Pets 3 ignores the border
+            (None counts it as pet, like smp); folder any value that is not a class index.
+        resize: (H, W) every image is resized to, train and eval.
+        crop: (h, w) random training crops (multiples of 32); None trains on whole frames.
+        scale: (low, high) random zoom-in for training (1 <= low); None: the source's default.
+        hflip: random horizontal flips in training.
+        eval_mode: ``"pad"`` (reflect-pad to a multiple of 32) or ``"resize"``.
+        exif: EXIF orientation rule, ``"apply"``, ``"ignore"`` or ``"refuse"`` (see readers).
+        batch_size / num_workers: per-device loader settings.
+        seed: the training order and augmentations; split_seed: the train/val/test split.
+        val_fraction / test_fraction: split off train where the dataset has no such split.
+        synthetic: options of the synthetic generator.
     """
 
     def __init__(
@@ -456,157 +455,184 @@ class SegmentationDataModule(pl.LightningDataModule):
         root: str | None = None,
         num_classes: int | None = None,
         ignore_index: int | None = None,
+        void_label: int | None = None,
+        class_names: Sequence[str] | None = None,
+        in_channels: int | None = None,
         resize: tuple[int, int] | None = None,
         crop: tuple[int, int] | None = None,
-        scale: tuple[float, float] = (0.75, 1.25),
+        scale: tuple[float, float] | None = None,
+        hflip: bool = True,
         eval_mode: str = "pad",
+        exif: str = "apply",
         batch_size: int = 8,
         num_workers: int = 0,
         seed: int = 0,
+        split_seed: int = 0,
         val_fraction: float = 0.15,
         test_fraction: float = 0.15,
         synthetic: dict | None = None,
-        split_seed: int = 0,
-        in_channels: int | None = None,
-        class_names: Sequence[str] | None = None,
     ):
         super().__init__()
-        self.save_hyperparameters()
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {dataset!r}")
-        if dataset != "synthetic" and root is None:
+        self.source: DataSource = get_source(dataset)
+        if not self.source.in_memory and root is None:
             raise ValueError(f"dataset={dataset!r} needs root= the dataset folder")
-        if eval_mode not in ("pad", "resize"):
-            raise ValueError(f"eval_mode must be 'pad' or 'resize', got {eval_mode!r}")
-        if dataset == "pets" and resize is None:
-            resize = (256, 256)
-        if eval_mode == "resize" and (resize is None or any(s % DIVISOR for s in resize)):
-            raise ValueError(f"eval_mode='resize' needs resize=(H, W) with multiples of {DIVISOR}, got {resize}")
-        if crop is not None and any(s % DIVISOR for s in crop):
-            raise ValueError(f"crop must be multiples of {DIVISOR} (smp encoders downsample 32x), got {crop}")
-        if not (0 < scale[0] <= scale[1]):
-            raise ValueError(f"scale must be (low, high) with 0 < low <= high, got {scale}")
-        if in_channels not in (None, 1, 3) or (dataset == "synthetic" and in_channels == 1):
-            raise ValueError(f"in_channels must be 1 or 3 (3 for synthetic), got {in_channels}")
-        self.synthetic_options = {**SYNTHETIC_DEFAULTS, **(synthetic or {})} if dataset == "synthetic" else {}
-        if self.synthetic_options.keys() - SYNTHETIC_DEFAULTS.keys():
-            unknown = sorted(self.synthetic_options.keys() - SYNTHETIC_DEFAULTS.keys())
-            raise ValueError(f"unknown synthetic options {unknown}; valid: {sorted(SYNTHETIC_DEFAULTS)}")
+        if self.source.in_channels is not None and in_channels not in (None, self.source.in_channels):
+            raise ValueError(f"in_channels of {dataset} must be {self.source.in_channels}, got {in_channels!r}")
+        if in_channels not in (None, 1, 3):
+            raise ValueError(f"in_channels must be 1 or 3, got {in_channels!r}")
+        check_exif_rule(exif)
+        self.resize = _pair(resize, "resize", int) or self.source.default_resize
+        self.crop = _pair(crop, "crop", int)
+        self.scale = _pair(scale, "scale", float) or self.source.default_scale
+        _check_geometry(self.resize, self.crop, self.scale, eval_mode)
+        self.synthetic_options = self._synthetic_options(synthetic) if self.source.in_memory else {}
+        classes: Classes = self.source.classes(num_classes, class_names, ignore_index, void_label)
+        self.num_classes, self.class_names, self.ignore_index = len(classes.names), classes.names, classes.ignore_index
+        self.classes = classes
 
-        fixed = {"synthetic": SYNTHETIC_CLASSES, "camvid": CAMVID_CLASSES, "pets": PETS_CLASSES}.get(dataset)
-        if fixed is not None and num_classes not in (None, len(fixed)):
-            raise ValueError(f"{dataset} has {len(fixed)} classes, got num_classes={num_classes}")
-        if fixed is None and num_classes is None:
-            raise ValueError("dataset='folder' needs num_classes=")
-        self.num_classes = len(fixed) if fixed is not None else num_classes
-        if not 2 <= self.num_classes < PAD_INDEX:
-            raise ValueError(f"num_classes must be in 2..{PAD_INDEX - 1}, got {self.num_classes}")
-        if ignore_index is not None and 0 <= ignore_index < self.num_classes:
-            raise ValueError(f"ignore_index {ignore_index} is a class index (num_classes={self.num_classes})")
-        if ignore_index is not None and not 0 <= ignore_index <= PAD_INDEX:
-            raise ValueError(f"ignore_index must be in {self.num_classes}..{PAD_INDEX}, got {ignore_index}")
-        if fixed is not None:
-            self.class_names = list(fixed)
-        elif class_names is not None:
-            if len(class_names) != self.num_classes:
-                raise ValueError(f"class_names has {len(class_names)} names for {self.num_classes} classes")
-            self.class_names = list(class_names)
-        else:
-            self.class_names = ["background", "foreground"] if self.num_classes == 2 else [f"class_{i}" for i in range(self.num_classes)]
-        self.void = CAMVID_VOID if dataset == "camvid" else ignore_index  # stored value of void pixels
-        self.ignore_index = ignore_index if ignore_index is not None else (self.void if self.void is not None else PAD_INDEX)
-        self.in_channels = in_channels or (None if dataset == "folder" else 3)
-
-        self.dataset, self.root = dataset, None if root is None else Path(root)
-        self.resize, self.crop, self.scale, self.eval_mode = resize, crop, tuple(scale), eval_mode
+        self.root = None if root is None else Path(root)
+        self.hflip, self.eval_mode, self.exif = hflip, eval_mode, exif
         self.batch_size, self.num_workers, self.seed, self.split_seed = batch_size, num_workers, seed, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
+        self.channels_given = in_channels is not None or self.source.in_channels is not None
+        self.pairs: dict[str, list[Pair]] = {}
+        if not self.source.in_memory:
+            self.pairs = self.source.pairs(self.root, val_fraction, test_fraction, split_seed)
+        self.in_channels: int = in_channels or self.source.in_channels or self._detect_channels()
         self.has_test = False
         self.lut: np.ndarray | None = None  # stored mask value -> class index, for file datasets
         self.datasets: dict[str, SegmentationDataset] = {}
+        self.save_hyperparameters(
+            dict(
+                dataset=dataset, root=root, num_classes=self.num_classes, ignore_index=self.ignore_index,
+                void_label=classes.void, class_names=self.class_names, in_channels=self.in_channels, resize=self.resize, crop=self.crop,
+                scale=self.scale, hflip=hflip, eval_mode=eval_mode, exif=exif, batch_size=batch_size,
+                num_workers=num_workers, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
+                test_fraction=test_fraction, synthetic=synthetic,
+            )  # fmt: skip
+        )
+
+    @staticmethod
+    def _synthetic_options(synthetic: dict | None) -> dict:
+        options = {**SYNTHETIC_DEFAULTS, **(synthetic or {})}
+        unknown = sorted(options.keys() - SYNTHETIC_DEFAULTS.keys())
+        if unknown:
+            raise ValueError(f"unknown synthetic options {unknown}; valid: {sorted(SYNTHETIC_DEFAULTS)}")
+        return options
+
+    def _detect_channels(self) -> int:
+        """1 when every image's header says grey, else 3 (the grey ones are warned about in setup)."""
+        infos = [self._header(pair.image) for found in self.pairs.values() for pair in found]
+        return 1 if infos and all(info is not None and info.channels == 1 for info in infos) else 3
+
+    @staticmethod
+    def _header(path: Path) -> FileInfo | None:
+        try:
+            return file_info(path)
+        except ReadError:
+            return None  # reported by setup's check
 
     def setup(self, stage: str | None = None) -> None:
         """Build all splits once, reading and validating every file; raise DatasetError on bad input."""
         if self.datasets:
             return
-        if self.dataset == "synthetic":
-            arrays = _synthetic_splits(tuple(sorted(self.synthetic_options.items())))
-            raw = {s: (a.images, a.masks) for s, a in arrays.items() if len(a.images)}
-            size = (self.synthetic_options["size"],) * 2
+        if self.source.in_memory:
+            raw, frame = self._setup_arrays()
         else:
-            raw, size = self._setup_files()
+            raw, frame = self._setup_files()
         for split in ("train", "val"):
             if split not in raw:
-                fix = f"set synthetic n_{split} > 0" if self.dataset == "synthetic" else f"add a {split} folder or set {split}_fraction > 0"
+                fix = f"set synthetic n_{split} > 0" if self.source.in_memory else f"add a {split} folder or set {split}_fraction > 0"
                 raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: {fix}.")
         self.has_test = "test" in raw
-        size = self.resize or size
-        crop = self.crop or _round_up(size)
+        frame = self.resize or frame
         transforms = {
-            "train": train_transform(crop, self.resize, self.scale, self.in_channels, self.ignore_index),
+            "train": train_transform(frame, self.crop, self.resize, self.scale, self.hflip, self.in_channels,
+                                     self.ignore_index, self.eval_mode),  # fmt: skip
             "eval": eval_transform(self.resize, self.eval_mode, self.in_channels, self.ignore_index),
         }
-        for split, data in raw.items():
-            transform = transforms["train" if split == "train" else "eval"]
-            if self.dataset == "synthetic":
-                self.datasets[split] = ArrayDataset(*data, transform)
-            else:
-                self.datasets[split] = FileDataset(data, self.lut, self.in_channels, transform)
+        for split, make in raw.items():
+            self.datasets[split] = make(transform=transforms["train" if split == "train" else "eval"])
 
-    def _setup_files(self) -> tuple[dict[str, list[Pair]], tuple[int, int]]:
-        """Find, pair, read and validate the files; set ``lut`` and ``in_channels``. Returns the
-        splits and the size of the first training image."""
-        root = self.root
-        if self.dataset == "camvid":
-            pairs = camvid_pairs(root)
-        elif self.dataset == "pets":
-            pairs = pets_pairs(root, self.val_fraction, self.split_seed)
-        else:
-            pairs = folder_pairs(root, self.val_fraction, self.test_fraction, self.split_seed)
-        _fail(
+    def _setup_arrays(self) -> tuple[dict, tuple[int, int]]:
+        arrays = _synthetic_splits(tuple(sorted(self.synthetic_options.items())))
+        raw = {}
+        for split, data in arrays.items():
+            if len(data.images):
+                contexts = None if split == "train" else getattr(data, "context", None)
+                raw[split] = functools.partial(ArrayDataset, data.images, data.masks, ignore_index=self.ignore_index,
+                                               contexts=contexts)  # fmt: skip
+        return raw, arrays["train"].images.shape[1:3]
+
+    def _setup_files(self) -> tuple[dict, tuple[int, int]]:
+        """Read and validate every file with the training readers; set ``lut``. Returns a dataset
+        factory per split and the size of the first training image."""
+        pairs, root = self.pairs, self.root
+        fail(
             f"splits of {root} are empty after splitting",
             [split for split, found in pairs.items() if not found],
             "add images, or lower val_fraction / test_fraction.",
         )
-
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            infos = {split: list(pool.map(scan_pair, found)) for split, found in pairs.items()}
-        if self.dataset == "pets":
-            mapping, valid = {1: 1, 2: 0, 3: 1 if self.void is None else self.void}, "trimap values 1, 2, 3"
-        else:
-            values = {v for found in infos.values() for info in found for v in info.mask_values}
-            if self.num_classes == 2 and self.void != 255 and 255 in values and values <= {0, 255}:
-                mapping, valid = {0: 0, 255: 1}, "0 and 255"
-            else:
-                mapping = {c: c for c in range(self.num_classes)}
-                if self.void is not None:
-                    mapping[self.void] = self.ignore_index
-                void = "" if self.void is None else f" or the void label {self.void}"
-                valid = f"class indices 0..{self.num_classes - 1}{void}"
+            infos = {split: list(pool.map(functools.partial(scan_pair, exif=self.exif), found)) for split, found in pairs.items()}
+        values = {v for found in infos.values() for info in found for v in info.mask_values}
+        mapping, valid = self.source.mask_mapping(self.classes, values)
         self.lut = mask_lut(mapping)
-        validate(pairs, infos, self.lut, valid)
+        validate(pairs, infos, self.lut, valid, self.exif)
+        rows = [(p, i) for split in pairs for p, i in zip(pairs[split], infos[split])]
+        self._warn_conversions(rows)
 
-        first = infos["train"][0].image_shape
-        if self.in_channels is None:
-            self.in_channels = 1 if len(first) == 2 or first[2] == 1 else 3
-        examples: dict[tuple[int, int], str] = {}  # one image per size
-        for split in pairs:
-            for pair, info in zip(pairs[split], infos[split]):
-                examples.setdefault(info.image_shape[:2], str(pair.image))
-        if self.resize is None and len(examples) > 1:
+        sizes: dict[tuple[int, int], str] = {}  # one image per size
+        for pair, info in rows:
+            sizes.setdefault(info.image.size(self.exif), str(pair.image))
+        if self.resize is None and len(sizes) > 1:
             raise DatasetError(
                 f"images under {root} differ in size, so they cannot be batched:\n"
-                f"{_listing([f'{p}: {h}x{w}' for (h, w), p in examples.items()])}\nFix: pass resize=(H, W)."
+                f"{listing([f'{p}: {h}x{w}' for (h, w), p in sizes.items()])}\nFix: pass resize=(H, W)."
             )
-        return pairs, first[:2]
+        make = functools.partial(FileDataset, lut=self.lut, in_channels=self.in_channels, ignore_index=self.ignore_index,
+                                 exif=self.exif)  # fmt: skip
+        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(self.exif)
+
+    def _warn_conversions(self, rows: list[tuple[Pair, PairInfo]]) -> None:
+        """One warning naming the files turned by their EXIF orientation, one naming the images
+        converted to ``in_channels`` without the user asking for it."""
+        if self.exif == "apply":
+            turned = [f"{info.path} (Orientation {info.orientation})" for _, i in rows for info in (i.image, i.mask) if info.turned]
+            if turned:
+                warnings.warn(
+                    f"EXIF orientation applied to {len(turned)} files (turned as photo viewers show them, images and "
+                    f"masks alike):\n{listing(turned)}\nPass exif='ignore' to use the stored pixels, or 'refuse'.",
+                    stacklevel=3,
+                )
+        if not self.channels_given:
+            other = [str(p.image) for p, i in rows if i.image.channels != self.in_channels]
+            if other:
+                kind = "grey, repeated into 3 channels" if self.in_channels == 3 else "colour, converted to grey"
+                warnings.warn(
+                    f"{len(other)} of {len(rows)} images are {kind} to match the others (in_channels="
+                    f"{self.in_channels}):\n{listing(other)}\nPass in_channels=1 or 3 to choose.",
+                    stacklevel=3,
+                )
+
+    def _replicas(self) -> tuple[int, int]:
+        """(world size, global rank) of the attached trainer, or of a plain process group."""
+        trainer = self.trainer
+        if trainer is not None:
+            return trainer.world_size, trainer.global_rank
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_world_size(), torch.distributed.get_rank()
+        return 1, 0
 
     def train_dataloader(self) -> DataLoader:
         train = self.datasets["train"]
+        num_replicas, rank = self._replicas()
+        sampler = SeededSampler(len(train), self.seed, num_replicas, rank)
         return DataLoader(
             train,
             batch_size=self.batch_size,
-            sampler=SeededSampler(len(train), self.seed),
-            drop_last=len(train) > self.batch_size,
+            sampler=sampler,
+            drop_last=len(sampler) > self.batch_size,
             collate_fn=collate,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
