@@ -2,7 +2,9 @@
 
 import random
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -10,12 +12,14 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils.data import DistributedSampler
 
 from smp_cbam.training.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     PAD_INDEX,
     DatasetError,
+    SeededSampler,
     SegmentationDataModule,
     seeded_split,
 )
@@ -499,3 +503,150 @@ def test_lightning_resume_sees_the_same_batches(tmp_path):
     assert set(resumed.seen) == {1, 2}
     assert resumed.seen[1] == uninterrupted.seen[1] and resumed.seen[2] == uninterrupted.seen[2]
     assert uninterrupted.seen[0] != uninterrupted.seen[1]
+
+
+# contracts: ids (C2), context (C3), resolved attributes and hyperparameters (C4)
+
+
+def test_test_datasets_expose_ids_in_loader_order(tmp_path):
+    root = make_camvid(tmp_path / "camvid", {"train": 3, "val": 2, "test": 3})
+    dm = SegmentationDataModule("camvid", str(root), batch_size=2)
+    dm.setup()
+    assert dm.datasets["test"].ids == ["test_000", "test_001", "test_002"]
+    first = next(iter(dm.test_dataloader()))[1][0]
+    stored = cv2.imread(str(root / "testannot" / "test_000.png"), cv2.IMREAD_UNCHANGED)
+    assert torch.equal(first[:40, :50], torch.from_numpy(stored).long())
+    synthetic = SegmentationDataModule(synthetic=SMALL)
+    synthetic.setup()
+    assert synthetic.datasets["test"].ids == [str(i) for i in range(SMALL["n_test"])]
+
+
+@dataclass(frozen=True)
+class WithContext:
+    """A synthetic split with the ``context`` array of contract C3."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    context: np.ndarray
+
+
+def fake_splits(size: int = 40, n: int = 4) -> dict[str, WithContext]:
+    rng = np.random.default_rng(0)
+    splits = {}
+    for split in ("train", "val", "test"):
+        images = rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+        masks = rng.integers(0, 4, (n, size, size), dtype=np.uint8)
+        splits[split] = WithContext(images, masks, masks >= 2)
+    return splits
+
+
+def test_synthetic_eval_items_carry_the_context_pixels(monkeypatch):
+    monkeypatch.setattr("smp_cbam.training.data._synthetic_splits", lambda options: fake_splits())
+    dm = SegmentationDataModule(batch_size=4)
+    dm.setup()
+    assert len(dm.datasets["train"][0]) == 2  # training batches stay (image, mask)
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        image, mask, context = next(iter(loader))
+        assert image.shape == (4, 3, 64, 64) and context.shape == mask.shape == (4, 64, 64)
+        assert context.dtype == torch.bool
+        expected = torch.from_numpy(fake_splits()[split].context)
+        assert torch.equal(context[:, :40, :40], expected) and not context[:, 40:].any() and not context[..., 40:].any()
+
+
+def test_resolved_attributes_right_after_init_and_in_the_hparams(tmp_path):
+    cases = {
+        "synthetic": SegmentationDataModule(synthetic=SMALL),
+        "camvid": SegmentationDataModule("camvid", str(make_camvid(tmp_path / "camvid"))),
+        "folder": SegmentationDataModule("folder", str(make_folder(tmp_path / "folder", [f"i{k}" for k in range(5)])), num_classes=3),
+    }
+    for name, dm in cases.items():
+        resolved = (dm.num_classes, dm.in_channels, dm.class_names, dm.ignore_index)
+        assert all(value is not None for value in resolved), name
+        assert isinstance(dm.class_names, tuple) and isinstance(dm.ignore_index, int)
+        assert tuple(dm.hparams_initial[k] for k in ("num_classes", "in_channels", "class_names", "ignore_index")) == resolved
+        again = SegmentationDataModule(**dm.hparams_initial)  # the saved values re-create the same data module
+        assert dict(again.hparams_initial) == dict(dm.hparams_initial), name
+    assert cases["camvid"].hparams_initial["ignore_index"] == 11 and cases["folder"].hparams_initial["in_channels"] == 3
+
+
+def test_module_and_data_module_in_a_users_trainer_with_a_logger(tmp_path):
+    from pytorch_lightning.loggers import CSVLogger
+
+    from smp_cbam.training.module import SegmentationModule
+
+    dm = SegmentationDataModule(batch_size=8, synthetic={"size": 32, "n_train": 8, "n_val": 8, "n_test": 8})
+    module = SegmentationModule(
+        arch="unet", encoder="resnet18", attention="scse", encoder_depth=3, decoder_channels=[32, 16, 16],
+        num_classes=dm.num_classes, in_channels=dm.in_channels, class_names=dm.class_names, ignore_index=dm.ignore_index,
+    )  # fmt: skip
+    trainer = pl.Trainer(
+        max_epochs=1, logger=CSVLogger(tmp_path), accelerator="cpu", enable_progress_bar=False,
+        enable_model_summary=False, enable_checkpointing=False,
+    )  # fmt: skip
+    trainer.fit(module, datamodule=dm)  # raised "Error while merging hparams" when the data module saved raw arguments
+    logged = (Path(trainer.logger.log_dir) / "hparams.yaml").read_text()
+    assert "num_classes: 4" in logged and "dots" in logged
+
+
+# evaluation matches training
+
+
+def test_whole_frames_train_with_the_padding_evaluation_uses(tmp_path):
+    root = make_camvid(tmp_path / "camvid", size=(40, 50))
+    dm = SegmentationDataModule("camvid", str(root), batch_size=4, scale=(1.0, 1.5))
+    dm.setup()
+    train_image, train_mask = next(iter(dm.train_dataloader()))
+    val_image, val_mask = next(iter(dm.val_dataloader()))
+    assert train_image.shape[1:] == val_image.shape[1:] == (3, 64, 64)
+    for image, mask in ((train_image, train_mask), (val_image, val_mask)):
+        # the same rule: the frame's 40x50 pixels top left, reflected below and to the right, void there
+        assert (mask[:, 40:] == 11).all() and (mask[:, :, 50:] == 11).all()
+        assert torch.equal(image[:, :, 40:], image[:, :, torch.arange(38, 14, -1)])
+    assert (train_mask[:, :40, :50] != 11).float().mean() > 0.8  # zooming in shows no padding inside the frame
+
+
+def test_resized_frames_are_never_padded(tmp_path):
+    root = make_camvid(tmp_path / "camvid", size=(45, 60))
+    dm = SegmentationDataModule("camvid", str(root), batch_size=4, resize=(96, 128), eval_mode="resize")
+    dm.setup()
+    (train_image, train_mask), (val_image, val_mask) = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
+    assert train_image.shape[2:] == val_image.shape[2:] == (96, 128)
+
+
+def test_zooming_out_is_refused():
+    with pytest.raises(ValueError, match=r"scale must be \(low, high\) zoom factors with 1 <= low"):
+        SegmentationDataModule(scale=(0.75, 1.25))
+
+
+# DDP: the same permutation split across ranks
+
+
+@pytest.mark.parametrize("length", [37, 40])
+def test_ranks_split_the_single_process_order(length):
+    batch = 3
+    single = list(SeededSampler(length, seed=4))
+    for world in (1, 2, 3, 4):
+        ranks = [list(SeededSampler(length, seed=4, num_replicas=world, rank=r)) for r in range(world)]
+        assert len({len(r) for r in ranks}) == 1 and len(ranks[0]) == length // world
+        steps = len(ranks[0]) // batch  # drop_last, as the training loader does
+        for step in range(steps):
+            together = sorted(item for r in ranks for item in r[step * batch : (step + 1) * batch])
+            assert together == sorted(single[step * batch * world : (step + 1) * batch * world]), (world, step)
+        used = {i for r in ranks for i, _ in r}
+        assert len(used) == length - length % world  # no sample twice, none padded in
+    other_epoch = SeededSampler(length, seed=4, num_replicas=2, rank=0)
+    other_epoch.set_epoch(1)
+    assert list(other_epoch) != list(SeededSampler(length, seed=4, num_replicas=2, rank=0))
+    with pytest.raises(ValueError, match="rank must be in 0..1, got 2"):
+        SeededSampler(length, seed=4, num_replicas=2, rank=2)
+
+
+def test_the_training_loader_follows_the_trainers_world_size():
+    dm = SegmentationDataModule(batch_size=2, seed=3, synthetic=SMALL)
+    dm.setup()
+    whole = [i for i, _ in dm.train_dataloader().sampler]
+    dm.trainer = SimpleNamespace(world_size=2, global_rank=1)
+    sampler = dm.train_dataloader().sampler
+    # a DistributedSampler, so that Lightning's DDP keeps it instead of wrapping it
+    assert isinstance(sampler, DistributedSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
+    assert [i for i, _ in sampler] == whole[1::2]
