@@ -9,7 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from smp_cbam.training.module import NonFiniteLossError, SegmentationModule, build_model
 
-SMALL = dict(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 16])
+TINY = dict(in_channels=3, classes=4, decoder_channels=[32, 16, 16, 16, 16])
+SMALL = dict(encoder="resnet18", in_channels=3, decoder_channels=[32, 16, 16, 16, 16])
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -18,15 +19,15 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["unet", "unetplusplus"])
 def test_same_seed_gives_same_weights_outside_attention(arch: str) -> None:
-    none = build_model(arch, "resnet18", None, 3, 4, [32, 16, 16, 16, 16], seed=3)
-    cbam = build_model(arch, "resnet18", "cbam", 3, 4, [32, 16, 16, 16, 16], seed=3)
-    scse = build_model(arch, "resnet18", "scse", 3, 4, [32, 16, 16, 16, 16], seed=3)
+    none = build_model(arch, "resnet18", None, **TINY, seed=3)
+    cbam = build_model(arch, "resnet18", "cbam", **TINY, seed=3)
+    scse = build_model(arch, "resnet18", "scse", **TINY, seed=3)
     reference = _state(none)
     for model in (cbam, scse):
         state = _state(model)
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in reference)
-    other = _state(build_model(arch, "resnet18", None, 3, 4, [32, 16, 16, 16, 16], seed=4))
+    other = _state(build_model(arch, "resnet18", None, **TINY, seed=4))
     assert not all(torch.equal(other[k], reference[k]) for k in reference)
 
 
