@@ -28,6 +28,7 @@ __all__ = [
     "build_model",
     "confusion_counts",
     "count_parameters",
+    "distributed_order",
     "used_parameters",
 ]
 
