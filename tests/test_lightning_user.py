@@ -187,13 +187,17 @@ def test_aux_params_train_a_class_presence_head() -> None:
     assert all(not torch.equal(before[k], after[k]) for k in before)  # the head is trained
     images, _ = _test_images(datamodule)
     assert module(images).shape == (6, 4, 32, 32)  # forward gives the mask logits only
-    assert {"classification_head.3.weight", "classification_head.3.bias"} <= set(used_parameters(module.model, images[:1]))
+    assert {"classification_head.3.weight", "classification_head.3.bias"} <= set(
+        used_parameters(module.model, images[:1])
+    )
 
 
 def test_given_values_that_contradict_the_data_module_are_named() -> None:
     datamodule = SegmentationDataModule(**DATA)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
-    with pytest.raises(ValueError, match="num_classes=3 was given to SegmentationModule, but the data module has num_classes=4"):
+    with pytest.raises(
+        ValueError, match="num_classes=3 was given to SegmentationModule, but the data module has num_classes=4"
+    ):
         trainer.fit(SegmentationModule(num_classes=3, **MODEL), datamodule=datamodule)
 
 
@@ -238,6 +242,10 @@ def test_per_image_counts_of_trainer_test_match_the_predictions() -> None:
         keep = masks[i] != datamodule.ignore_index
         p, t = predictions[i][keep], masks[i][keep]
         for c in range(4):
-            assert counts[i, :, c].tolist() == [np.sum((p == c) & (t == c)), np.sum((p == c) & (t != c)), np.sum((p != c) & (t == c))]
+            assert counts[i, :, c].tolist() == [
+                np.sum((p == c) & (t == c)),
+                np.sum((p == c) & (t != c)),
+                np.sum((p != c) & (t == c)),
+            ]
     trainer.test(module, datamodule=datamodule, verbose=False)  # a second test starts afresh
     np.testing.assert_array_equal(module.per_image_counts, counts)

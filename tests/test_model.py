@@ -65,9 +65,9 @@ def test_binary_uses_one_logit_and_dice_plus_bce() -> None:
     image, mask = _batch(2, None)
     logits = module(image)
     assert logits.shape == (2, 1, 32, 32)
-    expected = smp.losses.DiceLoss("binary")(logits, mask.unsqueeze(1)) + torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, mask.unsqueeze(1).float()
-    )
+    expected = smp.losses.DiceLoss("binary")(
+        logits, mask.unsqueeze(1)
+    ) + torch.nn.functional.binary_cross_entropy_with_logits(logits, mask.unsqueeze(1).float())
     assert torch.allclose(module.compute_loss(logits, mask), expected)
     assert torch.equal(module.predict_labels(logits), (logits[:, 0] > 0).long())
 
@@ -118,7 +118,10 @@ def test_epoch_metrics_accumulate_over_the_whole_epoch() -> None:
     np.testing.assert_allclose(metrics["val_miou"], np.nanmean(expected), rtol=1e-6)
     np.testing.assert_allclose(metrics["val_dice"], np.nanmean(2 * expected / (1 + expected)), rtol=1e-6)
     batch_means = np.mean(
-        [np.nanmean(_iou_by_hand([l.argmax(1).numpy()], [m.numpy()], num_classes, ignore)) for l, m in zip(logits, masks)]
+        [
+            np.nanmean(_iou_by_hand([lg.argmax(1).numpy()], [m.numpy()], num_classes, ignore))
+            for lg, m in zip(logits, masks)
+        ]
     )
     assert not math.isclose(metrics["val_miou"], batch_means, rel_tol=1e-4)
 
@@ -129,7 +132,11 @@ def test_training_step_updates_weights_and_logs_loss() -> None:
     loader = DataLoader(TensorDataset(image, mask), batch_size=2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )
     trainer.fit(module, loader, loader)
@@ -186,7 +193,9 @@ def test_confusion_counts_match_a_brute_force_count(ignore: int | None) -> None:
     counts = confusion_counts(labels, target, 5, ignore)
     assert counts.dtype == torch.int64 and counts.shape == (3, 3, 5)
     for i in range(3):
-        np.testing.assert_array_equal(counts[i].numpy(), _counts_by_hand(labels[i].numpy(), target[i].numpy(), 5, ignore))
+        np.testing.assert_array_equal(
+            counts[i].numpy(), _counts_by_hand(labels[i].numpy(), target[i].numpy(), 5, ignore)
+        )
 
 
 def test_test_run_keeps_per_image_counts_and_context_miou() -> None:
@@ -212,7 +221,9 @@ def test_test_run_keeps_per_image_counts_and_context_miou() -> None:
     assert not math.isclose(metrics["test_context_miou"], metrics["test_miou"], rel_tol=1e-3)
 
     module.model.calls = 0
-    metrics = trainer.test(module, DataLoader(TensorDataset(torch.zeros(5, 3, 8, 8), masks), batch_size=2), verbose=False)[0]
+    metrics = trainer.test(
+        module, DataLoader(TensorDataset(torch.zeros(5, 3, 8, 8), masks), batch_size=2), verbose=False
+    )[0]
     np.testing.assert_array_equal(module.per_image_counts, expected)  # reset, not appended
     assert "test_context_miou" not in metrics  # two-element batches have no context
 
@@ -240,7 +251,9 @@ def test_aux_presence_target_lists_the_classes_in_each_mask() -> None:
 
 @pytest.mark.parametrize("attention", [None, "cbam"])
 def test_count_parameters_leaves_out_unused_encoder_stages(attention: str | None) -> None:
-    model = build_model("unet", "resnet18", attention, in_channels=3, classes=2, encoder_depth=3, decoder_channels=[32, 16, 16])
+    model = build_model(
+        "unet", "resnet18", attention, in_channels=3, classes=2, encoder_depth=3, decoder_channels=[32, 16, 16]
+    )
     total = sum(p.numel() for p in model.parameters())
     # smp keeps the stages a depth-3 encoder never runs, and builds an attention before the last
     # decoder block's skip concatenation although that block has no skip

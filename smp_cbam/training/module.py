@@ -162,7 +162,9 @@ class SegmentationModule(pl.LightningModule):
             decoder_channels = [int(c) for c in decoder_channels]  # a plain list in hparams.yaml
         if model is None:
             normalize_attention(attention)  # an unknown name fails here, not when training starts
-        given = dict(num_classes=num_classes, in_channels=in_channels, class_names=class_names, ignore_index=ignore_index)
+        given = dict(
+            num_classes=num_classes, in_channels=in_channels, class_names=class_names, ignore_index=ignore_index
+        )
         # data values taken from the data module later are logged by the data module, not here
         self.save_hyperparameters(ignore=["model", *[key for key, value in given.items() if value is None]])
         self._given = given
@@ -352,7 +354,7 @@ class SegmentationModule(pl.LightningModule):
                 raise NonFiniteLossError(
                     f"non-finite training loss ({loss.item()}) at epoch {self.current_epoch}, step {self.global_step}"
                 )
-            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+            self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
             return loss
         labels = self.predict_labels(logits)
         getattr(self, f"{stage}_iou").update(labels, mask)
@@ -362,7 +364,15 @@ class SegmentationModule(pl.LightningModule):
             self._context_seen[stage] = True
         if stage == "test":
             self._counts.append(confusion_counts(labels, mask, self.num_classes, self.ignore_index))
-        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=size)
+        self.log(
+            f"{stage}_loss",
+            loss,
+            on_step=False,
+            on_epoch=True,
+            prog_bar=stage == "val",
+            batch_size=size,
+            sync_dist=True,
+        )
         return loss
 
     # ------------------------------------------------------------------ Lightning hooks
@@ -403,13 +413,16 @@ class SegmentationModule(pl.LightningModule):
         metric = getattr(self, f"{stage}_iou")
         iou = metric.compute()
         metric.reset()
-        self.log(f"{stage}_miou", iou.nanmean(), prog_bar=stage == "val")
-        self.log(f"{stage}_dice", (2 * iou / (1 + iou)).nanmean())  # per class, Dice = 2 IoU / (1 + IoU)
+        # compute() already gathers every process's counts: the values agree, syncing them is a no-op
+        self.log(f"{stage}_miou", iou.nanmean(), prog_bar=stage == "val", sync_dist=True)
+        self.log(
+            f"{stage}_dice", (2 * iou / (1 + iou)).nanmean(), sync_dist=True
+        )  # per class, Dice = 2 IoU / (1 + IoU)
         for name, value in zip(self.class_names, iou):
-            self.log(f"{stage}_iou_{name}", value)
+            self.log(f"{stage}_iou_{name}", value, sync_dist=True)
         context = getattr(self, f"{stage}_context_iou")
         if self._context_seen[stage]:
-            self.log(f"{stage}_context_miou", context.compute().nanmean())
+            self.log(f"{stage}_context_miou", context.compute().nanmean(), sync_dist=True)
         context.reset()
 
     def _gather_counts(self) -> np.ndarray:
