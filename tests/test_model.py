@@ -1,4 +1,6 @@
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -163,6 +165,8 @@ def test_non_finite_loss_raises() -> None:
         (dict(placement="middle"), "placement"),
         (dict(predict_output="logits"), "predict_output"),
         (dict(aux_weight=-1.0), "aux_weight"),
+        (dict(encoder="resnet81"), "unknown encoder 'resnet81'"),
+        (dict(arch="segnet"), "unknown arch 'segnet'"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
@@ -273,17 +277,24 @@ def test_count_parameters_leaves_out_unused_encoder_stages(attention: str | None
 # ---------------------------------------------------------------- build_model placement (C5)
 
 
-def test_placement_other_than_the_decoder_goes_through_add_attention(monkeypatch) -> None:
+def _stand_in_placement(monkeypatch, calls: list, unsupported: tuple[str, ...] = ()) -> None:
+    """Stand-ins for smp_cbam.add_attention and smp_cbam.placement.supports (the arch helper's C5)."""
     import smp_cbam
-
-    calls = []
 
     def add_attention(model, attention="cbam", where="decoder"):
         calls.append((type(model).__name__, attention, where))
         model.added = torch.nn.Linear(1, 1)  # stands in for the attention modules
         return model
 
+    placement = types.ModuleType("smp_cbam.placement")
+    placement.supports = lambda arch, where: arch not in unsupported
     monkeypatch.setattr(smp_cbam, "add_attention", add_attention, raising=False)
+    monkeypatch.setitem(sys.modules, "smp_cbam.placement", placement)
+
+
+def test_placement_other_than_the_decoder_goes_through_add_attention(monkeypatch) -> None:
+    calls = []
+    _stand_in_placement(monkeypatch, calls, unsupported=("pan",))
     fpn = build_model("fpn", "resnet18", "cbam", in_channels=3, classes=2, seed=5)
     plain = build_model("fpn", "resnet18", None, in_channels=3, classes=2, seed=5)
     assert calls == [("FPN", "cbam", "decoder")]
@@ -291,12 +302,16 @@ def test_placement_other_than_the_decoder_goes_through_add_attention(monkeypatch
     assert all(torch.equal(v, reference[k]) for k, v in fpn.state_dict().items() if not k.startswith("added"))
     build_model("unet", "resnet18", "scse", "encoder", in_channels=3, classes=2)
     assert calls[-1] == ("Unet", "scse", "encoder")
+    with pytest.raises(ValueError, match="placement='both' is not supported for arch 'pan'"):
+        SegmentationModule(arch="pan", attention="cbam", placement="both", num_classes=3)
+    assert len(calls) == 2  # refused before anything was built
 
 
 def test_without_add_attention_other_placements_are_refused(monkeypatch) -> None:
     import smp_cbam
 
     monkeypatch.delattr(smp_cbam, "add_attention", raising=False)
+    monkeypatch.setitem(sys.modules, "smp_cbam.placement", None)  # import fails
     with pytest.raises(ValueError, match="arch 'fpn' with placement='decoder' needs smp_cbam.add_attention"):
         build_model("fpn", "resnet18", "cbam", in_channels=3, classes=2)
     assert build_model("fpn", "resnet18", "none", in_channels=3, classes=2) is not None  # no attention: plain
@@ -309,6 +324,8 @@ def test_without_add_attention_other_placements_are_refused(monkeypatch) -> None
         (("segnet", "resnet18", None), {}, "unknown arch 'segnet'"),
         (("unet", "resnet18", "nope"), {}, "unknown decoder attention type 'nope'"),
         (("unet", "resnet18", "cbam"), {"decoder_attention_type": "scse"}, "attention="),
+        (("unet", "resnet81", "cbam"), {}, "unknown encoder 'resnet81'"),
+        (("unet", "tu-nonet", "cbam"), {}, "unknown encoder 'tu-nonet'"),
     ],
 )
 def test_build_model_names_bad_arguments(args: tuple, kwargs: dict, match: str) -> None:

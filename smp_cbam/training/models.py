@@ -42,6 +42,43 @@ def _arch_class(arch: str) -> type[nn.Module]:
         raise ValueError(f"unknown arch {arch!r}; smp has: {names}") from None
 
 
+def check_model_args(arch: str, encoder: str, attention: str | None, placement: str = "decoder") -> None:
+    """Raise ValueError naming the argument when ``build_model`` would refuse these names, before
+    anything is built or trained: an unknown arch, encoder (smp's names, or ``"tu-<timm model>"``),
+    attention or placement, or a placement that :mod:`smp_cbam.placement` does not support for
+    ``arch``."""
+    _arch_class(arch)
+    attention = normalize_attention(attention)
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if not _encoder_exists(encoder):
+        raise ValueError(
+            f"unknown encoder {encoder!r}: use one of smp.encoders.get_encoder_names() or 'tu-<timm model name>'"
+        )
+    if attention is None or (placement == "decoder" and has_native_decoder_attention(arch)):
+        return
+    try:
+        from ..placement import supports
+    except ImportError:
+        raise ValueError(_NO_PLACEMENT.format(arch=arch, placement=placement)) from None
+    if not supports(arch, placement):
+        raise ValueError(f"attention placement={placement!r} is not supported for arch {arch!r}")
+
+
+def _encoder_exists(encoder: str) -> bool:
+    if encoder.startswith("tu-"):
+        import timm
+
+        return timm.is_model(encoder[3:])
+    return encoder in smp.encoders.get_encoder_names()
+
+
+_NO_PLACEMENT = (
+    "arch {arch!r} with placement={placement!r} needs smp_cbam.add_attention, which this version of "
+    "smp_cbam lacks; use Unet or Unet++ with placement='decoder'"
+)
+
+
 def build_model(
     arch: str,
     encoder: str,
@@ -67,9 +104,8 @@ def build_model(
     same model without attention, so runs that differ only in the attention type start from the
     same encoder and decoder.
     """
+    check_model_args(arch, encoder, attention, placement)
     attention = normalize_attention(attention)
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if "decoder_attention_type" in smp_kwargs:
         raise ValueError("pass the attention as attention=, not decoder_attention_type= in smp_kwargs")
     kwargs = dict(
@@ -84,7 +120,6 @@ def build_model(
         kwargs["decoder_channels"] = list(decoder_channels)
     native = placement == "decoder" and has_native_decoder_attention(arch)
     if attention is None or not native:
-        _arch_class(arch)  # an unknown arch is reported as such, not as a create_model KeyError
         if seed is not None:
             torch.manual_seed(seed)
         model = smp.create_model(arch, **kwargs)
@@ -108,10 +143,7 @@ def _add_attention(model: nn.Module, arch: str, attention: str, placement: str) 
     try:
         from .. import add_attention  # provided by smp_cbam.placement
     except ImportError:
-        raise ValueError(
-            f"arch {arch!r} with placement={placement!r} needs smp_cbam.add_attention, which this "
-            f"version of smp_cbam lacks; use Unet or Unet++ with placement='decoder'"
-        ) from None
+        raise ValueError(_NO_PLACEMENT.format(arch=arch, placement=placement)) from None
     return add_attention(model, attention=attention, where=placement)
 
 

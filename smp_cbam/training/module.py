@@ -20,12 +20,13 @@ import torch
 from torch import nn
 from torchmetrics.classification import MulticlassJaccardIndex
 
-from .models import PLACEMENTS, build_model, count_parameters, normalize_attention, used_parameters
+from .models import PLACEMENTS, build_model, check_model_args, count_parameters, used_parameters
 
 __all__ = [
     "NonFiniteLossError",
     "SegmentationModule",
     "build_model",
+    "check_model_args",
     "confusion_counts",
     "count_parameters",
     "distributed_order",
@@ -160,8 +161,8 @@ class SegmentationModule(pl.LightningModule):
                 raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         if decoder_channels is not None:
             decoder_channels = [int(c) for c in decoder_channels]  # a plain list in hparams.yaml
-        if model is None:
-            normalize_attention(attention)  # an unknown name fails here, not when training starts
+        if model is None:  # unknown names fail here, not when training starts
+            check_model_args(arch, encoder, attention, placement)
         given = dict(
             num_classes=num_classes, in_channels=in_channels, class_names=class_names, ignore_index=ignore_index
         )
