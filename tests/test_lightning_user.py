@@ -249,3 +249,24 @@ def test_per_image_counts_of_trainer_test_match_the_predictions() -> None:
             ]
     trainer.test(module, datamodule=datamodule, verbose=False)  # a second test starts afresh
     np.testing.assert_array_equal(module.per_image_counts, counts)
+
+
+def test_lightning_cli_sets_every_argument_of_both_classes(tmp_path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    args = [
+        "fit",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=4",
+        f"--data.synthetic={DATA['synthetic']}",
+        "--model.attention=cbam_spatial",
+        "--model.encoder_depth=3",
+        "--model.decoder_channels=[32, 16, 16]",
+        "--model.lr=0.005",
+    ]
+    cli = LightningCLI(SegmentationModule, SegmentationDataModule, args=args)
+    assert cli.model.num_classes == 4 and cli.model.hparams.lr == 0.005
+    assert "val_miou" in cli.trainer.callback_metrics
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
