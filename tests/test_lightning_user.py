@@ -270,3 +270,44 @@ def test_lightning_cli_sets_every_argument_of_both_classes(tmp_path) -> None:
     assert cli.model.num_classes == 4 and cli.model.hparams.lr == 0.005
     assert "val_miou" in cli.trainer.callback_metrics
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+
+DDP_SCRIPT = """
+import sys
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from smp_cbam import SegmentationDataModule, SegmentationModule
+
+devices, out = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+datamodule = SegmentationDataModule(**{data})
+module = SegmentationModule(arch="unet", attention="cbam", init_seed=0, **{model})
+trainer = pl.Trainer(
+    accelerator="cpu", devices=devices, strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
+    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+)
+trainer.test(module, datamodule=datamodule, verbose=False)
+if trainer.is_global_zero:
+    np.save(out, module.per_image_counts)
+"""
+
+
+@pytest.mark.slow
+def test_per_image_counts_under_two_process_ddp_keep_the_loader_order(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = {**DATA, "synthetic": {**DATA["synthetic"], "n_test": 7}, "batch_size": 2}  # 7 images: padded sampler
+    script = tmp_path / "ddp_test.py"
+    script.write_text(DDP_SCRIPT.format(data=data, model=MODEL))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        subprocess.run(
+            [sys.executable, str(script), str(devices), str(tmp_path / f"counts{devices}.npy")],
+            check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300,
+        )  # fmt: skip
+    one, two = np.load(tmp_path / "counts1.npy"), np.load(tmp_path / "counts2.npy")
+    assert one.shape == (7, 3, 4)
+    np.testing.assert_array_equal(two, one)
