@@ -1,15 +1,25 @@
 import math
+import sys
+import types
 
 import numpy as np
 import pytest
 import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from smp_cbam.training.module import NonFiniteLossError, SegmentationModule, build_model
+from smp_cbam.training.module import (
+    NonFiniteLossError,
+    SegmentationModule,
+    build_model,
+    confusion_counts,
+    count_parameters,
+    distributed_order,
+)
 
-SMALL = dict(encoder="resnet18", decoder_channels=[32, 16, 16, 16, 16])
+TINY = dict(in_channels=3, classes=4, decoder_channels=[32, 16, 16, 16, 16])
+SMALL = dict(encoder="resnet18", in_channels=3, decoder_channels=[32, 16, 16, 16, 16])
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -18,15 +28,15 @@ def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("arch", ["unet", "unetplusplus"])
 def test_same_seed_gives_same_weights_outside_attention(arch: str) -> None:
-    none = build_model(arch, "resnet18", None, 3, 4, [32, 16, 16, 16, 16], seed=3)
-    cbam = build_model(arch, "resnet18", "cbam", 3, 4, [32, 16, 16, 16, 16], seed=3)
-    scse = build_model(arch, "resnet18", "scse", 3, 4, [32, 16, 16, 16, 16], seed=3)
+    none = build_model(arch, "resnet18", None, **TINY, seed=3)
+    cbam = build_model(arch, "resnet18", "cbam", **TINY, seed=3)
+    scse = build_model(arch, "resnet18", "scse", **TINY, seed=3)
     reference = _state(none)
     for model in (cbam, scse):
         state = _state(model)
         assert state.keys() == reference.keys()
         assert all(torch.equal(state[k], reference[k]) for k in reference)
-    other = _state(build_model(arch, "resnet18", None, 3, 4, [32, 16, 16, 16, 16], seed=4))
+    other = _state(build_model(arch, "resnet18", None, **TINY, seed=4))
     assert not all(torch.equal(other[k], reference[k]) for k in reference)
 
 
@@ -57,9 +67,9 @@ def test_binary_uses_one_logit_and_dice_plus_bce() -> None:
     image, mask = _batch(2, None)
     logits = module(image)
     assert logits.shape == (2, 1, 32, 32)
-    expected = smp.losses.DiceLoss("binary")(logits, mask.unsqueeze(1)) + torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, mask.unsqueeze(1).float()
-    )
+    expected = smp.losses.DiceLoss("binary")(
+        logits, mask.unsqueeze(1)
+    ) + torch.nn.functional.binary_cross_entropy_with_logits(logits, mask.unsqueeze(1).float())
     assert torch.allclose(module.compute_loss(logits, mask), expected)
     assert torch.equal(module.predict_labels(logits), (logits[:, 0] > 0).long())
 
@@ -110,7 +120,10 @@ def test_epoch_metrics_accumulate_over_the_whole_epoch() -> None:
     np.testing.assert_allclose(metrics["val_miou"], np.nanmean(expected), rtol=1e-6)
     np.testing.assert_allclose(metrics["val_dice"], np.nanmean(2 * expected / (1 + expected)), rtol=1e-6)
     batch_means = np.mean(
-        [np.nanmean(_iou_by_hand([l.argmax(1).numpy()], [m.numpy()], num_classes, ignore)) for l, m in zip(logits, masks)]
+        [
+            np.nanmean(_iou_by_hand([lg.argmax(1).numpy()], [m.numpy()], num_classes, ignore))
+            for lg, m in zip(logits, masks)
+        ]
     )
     assert not math.isclose(metrics["val_miou"], batch_means, rel_tol=1e-4)
 
@@ -121,7 +134,11 @@ def test_training_step_updates_weights_and_logs_loss() -> None:
     loader = DataLoader(TensorDataset(image, mask), batch_size=2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     trainer = pl.Trainer(
-        accelerator="cpu", max_epochs=1, logger=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu",
+        max_epochs=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
         enable_checkpointing=False,
     )
     trainer.fit(module, loader, loader)
@@ -145,8 +162,172 @@ def test_non_finite_loss_raises() -> None:
         (dict(scheduler="step"), "scheduler"),
         (dict(num_classes=3, class_names=["a", "b"]), "class_names"),
         (dict(attention="nope"), "unknown decoder attention type 'nope'"),
+        (dict(placement="middle"), "placement"),
+        (dict(predict_output="logits"), "predict_output"),
+        (dict(aux_weight=-1.0), "aux_weight"),
+        (dict(encoder="resnet81"), "unknown encoder 'resnet81'"),
+        (dict(arch="segnet"), "unknown arch 'segnet'"),
     ],
 )
 def test_invalid_arguments(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         SegmentationModule(**{**SMALL, **kwargs})
+
+
+# ---------------------------------------------------------------- per-image counts (C2), context (C3)
+
+
+def _counts_by_hand(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore: int | None) -> np.ndarray:
+    keep = np.ones_like(target, bool) if ignore is None else target != ignore
+    p, t = pred[keep], target[keep]
+    return np.array(
+        [[np.sum((p == c) & (t == c)) for c in range(num_classes)],
+         [np.sum((p == c) & (t != c)) for c in range(num_classes)],
+         [np.sum((p != c) & (t == c)) for c in range(num_classes)]]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ignore", [255, None])
+def test_confusion_counts_match_a_brute_force_count(ignore: int | None) -> None:
+    g = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 5, (3, 7, 9), generator=g)
+    target = torch.randint(0, 5, (3, 7, 9), generator=g)
+    if ignore is not None:
+        target[torch.rand(3, 7, 9, generator=g) < 0.2] = ignore
+    counts = confusion_counts(labels, target, 5, ignore)
+    assert counts.dtype == torch.int64 and counts.shape == (3, 3, 5)
+    for i in range(3):
+        np.testing.assert_array_equal(
+            counts[i].numpy(), _counts_by_hand(labels[i].numpy(), target[i].numpy(), 5, ignore)
+        )
+
+
+def test_test_run_keeps_per_image_counts_and_context_miou() -> None:
+    num_classes, ignore = 3, 255
+    g = torch.Generator().manual_seed(2)
+    masks = torch.randint(0, num_classes, (5, 8, 8), generator=g)
+    masks[1, :3] = ignore
+    context = torch.rand(5, 8, 8, generator=g) < 0.3
+    logits = torch.randn(5, num_classes, 8, 8, generator=g)
+    module = SegmentationModule(arch="unet", attention=None, num_classes=num_classes, ignore_index=ignore, **SMALL)
+    module.model = _Fixed([logits[:2], logits[2:4], logits[4:]])
+    loader = DataLoader(TensorDataset(torch.zeros(5, 3, 8, 8), masks, context), batch_size=2)
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    metrics = trainer.test(module, loader, verbose=False)[0]
+
+    pred = logits.argmax(1).numpy()
+    expected = np.stack([_counts_by_hand(pred[i], masks[i].numpy(), num_classes, ignore) for i in range(5)])
+    assert module.per_image_counts.dtype == np.int64
+    np.testing.assert_array_equal(module.per_image_counts, expected)
+    keep = context.numpy()
+    in_context = _iou_by_hand([pred[keep]], [masks.numpy()[keep]], num_classes, ignore)
+    np.testing.assert_allclose(metrics["test_context_miou"], np.nanmean(in_context), rtol=1e-6)
+    assert not math.isclose(metrics["test_context_miou"], metrics["test_miou"], rel_tol=1e-3)
+
+    module.model.calls = 0
+    metrics = trainer.test(
+        module, DataLoader(TensorDataset(torch.zeros(5, 3, 8, 8), masks), batch_size=2), verbose=False
+    )[0]
+    np.testing.assert_array_equal(module.per_image_counts, expected)  # reset, not appended
+    assert "test_context_miou" not in metrics  # two-element batches have no context
+
+
+def test_distributed_order_undoes_the_distributed_sampler() -> None:
+    dataset = list(range(11))
+    world = 3
+    per_rank = [list(DistributedSampler(dataset, num_replicas=world, rank=r, shuffle=False)) for r in range(world)]
+    gathered = torch.tensor(per_rank).unsqueeze(-1)  # (world, n_per_rank, 1), as all_gather stacks them
+    assert distributed_order(gathered, len(dataset)).squeeze(-1).tolist() == dataset
+
+
+def test_aux_presence_target_lists_the_classes_in_each_mask() -> None:
+    module = SegmentationModule(arch="unet", attention=None, num_classes=4, ignore_index=255, **SMALL)
+    mask = torch.zeros(2, 4, 4, dtype=torch.long)
+    mask[0, 0, 0], mask[1] = 3, 255
+    mask[1, 0, :2] = 1
+    assert module.presence(mask, 4).tolist() == [[1, 0, 0, 1], [0, 1, 0, 0]]
+    binary = SegmentationModule(arch="unet", attention=None, num_classes=2, **SMALL)
+    assert binary.presence(torch.tensor([[[0, 1]], [[0, 0]]]), 1).tolist() == [[1], [0]]
+
+
+# ---------------------------------------------------------------- parameters in the forward pass
+
+
+@pytest.mark.parametrize("attention", [None, "cbam"])
+def test_count_parameters_leaves_out_unused_encoder_stages(attention: str | None) -> None:
+    model = build_model(
+        "unet", "resnet18", attention, in_channels=3, classes=2, encoder_depth=3, decoder_channels=[32, 16, 16]
+    )
+    total = sum(p.numel() for p in model.parameters())
+    # smp keeps the stages a depth-3 encoder never runs, and builds an attention before the last
+    # decoder block's skip concatenation although that block has no skip
+    never_run = (model.encoder.layer3, model.encoder.layer4, model.decoder.blocks[-1].attention1)
+    unused = sum(p.numel() for part in never_run for p in part.parameters())
+    assert unused > 0
+    x = torch.randn(1, 3, 32, 32)
+    assert count_parameters(model, x) == total - unused
+    model.encoder.layer1.requires_grad_(False)  # frozen parameters still take part
+    model.train()
+    running = model.encoder.bn1.running_mean.clone()
+    assert count_parameters(model, x) == total - unused
+    assert model.training and not model.encoder.layer1[0].conv1.weight.requires_grad
+    assert torch.equal(model.encoder.bn1.running_mean, running) and model.encoder.conv1.weight.grad is None
+
+
+# ---------------------------------------------------------------- build_model placement (C5)
+
+
+def _stand_in_placement(monkeypatch, calls: list, unsupported: tuple[str, ...] = ()) -> None:
+    """Stand-ins for smp_cbam.add_attention and smp_cbam.placement.supports (the arch helper's C5)."""
+    import smp_cbam
+
+    def add_attention(model, attention="cbam", where="decoder"):
+        calls.append((type(model).__name__, attention, where))
+        model.added = torch.nn.Linear(1, 1)  # stands in for the attention modules
+        return model
+
+    placement = types.ModuleType("smp_cbam.placement")
+    placement.supports = lambda arch, where: arch not in unsupported
+    monkeypatch.setattr(smp_cbam, "add_attention", add_attention, raising=False)
+    monkeypatch.setitem(sys.modules, "smp_cbam.placement", placement)
+
+
+def test_placement_other_than_the_decoder_goes_through_add_attention(monkeypatch) -> None:
+    calls = []
+    _stand_in_placement(monkeypatch, calls, unsupported=("pan",))
+    fpn = build_model("fpn", "resnet18", "cbam", in_channels=3, classes=2, seed=5)
+    plain = build_model("fpn", "resnet18", None, in_channels=3, classes=2, seed=5)
+    assert calls == [("FPN", "cbam", "decoder")]
+    reference = plain.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in fpn.state_dict().items() if not k.startswith("added"))
+    build_model("unet", "resnet18", "scse", "encoder", in_channels=3, classes=2)
+    assert calls[-1] == ("Unet", "scse", "encoder")
+    with pytest.raises(ValueError, match="placement='both' is not supported for arch 'pan'"):
+        SegmentationModule(arch="pan", attention="cbam", placement="both", num_classes=3)
+    assert len(calls) == 2  # refused before anything was built
+
+
+def test_without_add_attention_other_placements_are_refused(monkeypatch) -> None:
+    import smp_cbam
+
+    monkeypatch.delattr(smp_cbam, "add_attention", raising=False)
+    monkeypatch.setitem(sys.modules, "smp_cbam.placement", None)  # import fails
+    with pytest.raises(ValueError, match="arch 'fpn' with placement='decoder' needs smp_cbam.add_attention"):
+        build_model("fpn", "resnet18", "cbam", in_channels=3, classes=2)
+    assert build_model("fpn", "resnet18", "none", in_channels=3, classes=2) is not None  # no attention: plain
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        (("unet", "resnet18", "cbam", "middle"), {}, "placement must be one of"),
+        (("segnet", "resnet18", None), {}, "unknown arch 'segnet'"),
+        (("unet", "resnet18", "nope"), {}, "unknown decoder attention type 'nope'"),
+        (("unet", "resnet18", "cbam"), {"decoder_attention_type": "scse"}, "attention="),
+        (("unet", "resnet81", "cbam"), {}, "unknown encoder 'resnet81'"),
+        (("unet", "tu-nonet", "cbam"), {}, "unknown encoder 'tu-nonet'"),
+    ],
+)
+def test_build_model_names_bad_arguments(args: tuple, kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        build_model(*args, **kwargs)

@@ -1,0 +1,313 @@
+"""The scripts of a Lightning user (issue 16, item 1): SegmentationModule and SegmentationDataModule
+in a plain ``pl.Trainer`` with loggers, predict, step-sized schedules, a prebuilt model and smp's
+auxiliary head. Tiny synthetic data and a depth-3 model keep each run to a few seconds."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import pytorch_lightning as pl
+import segmentation_models_pytorch as smp
+import torch
+from pytorch_lightning.callbacks import LearningRateMonitor
+from pytorch_lightning.core.saving import load_hparams_from_yaml
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+from smp_cbam import SegmentationDataModule, SegmentationModule
+from smp_cbam.training.models import used_parameters
+
+DATA = dict(dataset="synthetic", batch_size=4, synthetic={"size": 32, "n_train": 8, "n_val": 4, "n_test": 6})
+MODEL = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 16))
+QUIET = dict(enable_model_summary=False, enable_progress_bar=False)
+
+# C4: the data module saves its resolved values as hyperparameters (the data helper's branch); only
+# then can a module given the same values by hand log its hyperparameters beside the data module's
+DATA_MODULE_SAVES_RESOLVED = SegmentationDataModule(**DATA).hparams.get("num_classes") == 4
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+
+
+def _test_images(datamodule: SegmentationDataModule) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(datamodule.test_dataloader())
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def test_default_trainer_fits_validates_and_reloads(tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="cbam", **MODEL)
+    assert module.model is None  # waits for the data module's number of classes
+    trainer = pl.Trainer(max_epochs=1, log_every_n_steps=1)
+    trainer.fit(module, datamodule=datamodule)
+
+    assert module.num_classes == 4 and module.in_channels == 3
+    assert module.class_names == list(datamodule.class_names)
+    assert module.ignore_index == datamodule.ignore_index
+    assert module.hparams.num_classes == 4 and "model" not in module.hparams
+    assert {"train_loss", "val_loss", "val_miou"} <= trainer.callback_metrics.keys()
+    assert {"train_loss_step", "val_loss", "val_miou"} <= trainer.progress_bar_metrics.keys()
+    assert (tmp_path / "lightning_logs" / "version_0").is_dir()
+
+    best = trainer.checkpoint_callback.best_model_path
+    reloaded = SegmentationModule.load_from_checkpoint(best)  # built at once from the saved values
+    images, _ = _test_images(datamodule)
+    module.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), module(images))
+    assert reloaded.class_names == module.class_names
+
+
+def test_csv_logger_records_step_loss_epoch_metrics_and_learning_rate(tmp_path) -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="cbam", **MODEL)
+    logger = CSVLogger(tmp_path, name="csv")
+    trainer = pl.Trainer(
+        max_epochs=2, logger=logger, log_every_n_steps=1, callbacks=[LearningRateMonitor("step")], **QUIET
+    )
+    trainer.fit(module, datamodule=datamodule)
+
+    metrics = pd.read_csv(f"{logger.log_dir}/metrics.csv")
+    assert metrics["train_loss_step"].notna().sum() == 4  # 2 epochs of 2 steps
+    assert metrics["train_loss_epoch"].notna().sum() == 2
+    assert metrics["val_miou"].dropna().between(0, 1).all() and metrics["val_miou"].notna().sum() == 2
+    assert {"val_loss", "val_dice", "val_iou_background"} <= set(metrics.columns)
+    lrs = metrics["lr-AdamW"].dropna().to_numpy()
+    assert len(lrs) == 4 and lrs[0] == pytest.approx(1e-3) and np.all(np.diff(lrs) < 0)
+    hparams = load_hparams_from_yaml(f"{logger.log_dir}/hparams.yaml")
+    assert hparams["arch"] == "unet" and hparams["attention"] == "cbam" and hparams["dataset"] == "synthetic"
+
+
+def test_tensorboard_logger_writes_the_metrics(tmp_path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="scse", **MODEL)
+    logger = TensorBoardLogger(tmp_path, name="tb")
+    trainer = pl.Trainer(max_epochs=1, logger=logger, log_every_n_steps=1, **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule)
+
+    events = EventAccumulator(logger.log_dir)
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    assert {"train_loss_step", "train_loss_epoch", "val_loss", "val_miou", "test_miou", "test_dice"} <= scalars
+    assert len(events.Scalars("train_loss_step")) == 2
+    assert 0 <= events.Scalars("test_miou")[0].value <= 1
+
+
+def test_predict_returns_labels_or_probabilities(tmp_path) -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unetplusplus", attention="cbam", **MODEL)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+
+    labels = trainer.predict(module, dataloaders=datamodule.test_dataloader())
+    images, _ = _test_images(datamodule)
+    assert [p.shape for p in labels] == [(4, 32, 32), (2, 32, 32)] and labels[0].dtype == torch.int64
+    module.eval()
+    with torch.no_grad():
+        expected = module(images).argmax(1)
+    assert torch.equal(torch.cat(labels), expected)
+
+    module.predict_output = "probabilities"
+    probabilities = torch.cat(trainer.predict(module, dataloaders=datamodule.test_dataloader()))
+    assert probabilities.shape == (6, 4, 32, 32)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(6, 32, 32))
+    assert torch.equal(probabilities.argmax(1), expected)
+    # plain image batches work too
+    plain = torch.utils.data.DataLoader(images[:3], batch_size=3)
+    assert torch.equal(torch.cat(pl.Trainer(logger=False, **QUIET).predict(module, plain)).argmax(1), expected[:3])
+
+
+def test_max_steps_gets_a_schedule_of_that_many_steps() -> None:
+    datamodule = SegmentationDataModule(**DATA)  # 2 steps per epoch
+    module = SegmentationModule(arch="unet", attention="cbam", lr=0.01, **MODEL)
+    seen: list[float] = []
+
+    class RecordLR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = pl.Trainer(
+        max_steps=5, logger=False, enable_checkpointing=False, callbacks=[RecordLR()], limit_val_batches=0, **QUIET
+    )
+    trainer.fit(module, datamodule=datamodule)
+    config = trainer.lr_scheduler_configs[0]
+    assert config.interval == "step" and config.scheduler.T_max == 5 and trainer.global_step == 5
+    expected = [0.01 * (1 + math.cos(math.pi * k / 5)) / 2 for k in range(5)]
+    np.testing.assert_allclose(seen, expected, rtol=1e-6)
+    assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prebuilt_smp_model_trains_and_reloads(tmp_path) -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=4)
+    module = SegmentationModule(model=model)
+    before = _weights(model)
+    trainer = pl.Trainer(max_epochs=1, logger=CSVLogger(tmp_path), **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+    assert module.model is model and "model" not in module.hparams
+    after = _weights(model)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+    fresh = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=4)
+    reloaded = SegmentationModule.load_from_checkpoint(trainer.checkpoint_callback.best_model_path, model=fresh)
+    assert reloaded.model is fresh and reloaded.num_classes == 4
+    images, _ = _test_images(datamodule)
+    module.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), module(images))
+
+
+def test_prebuilt_model_with_the_wrong_number_of_outputs_is_named() -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=3)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
+    with pytest.raises(ValueError, match="outputs 3 channels, but num_classes=4"):
+        trainer.fit(SegmentationModule(model=model), datamodule=datamodule)
+
+
+def test_aux_params_train_a_class_presence_head() -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="cbam", model_kwargs={"aux_params": {"dropout": 0.1}}, **MODEL)
+    before: dict[str, torch.Tensor] = {}
+
+    class Before(pl.Callback):
+        def on_fit_start(self, trainer, pl_module):  # after configure_model built the model
+            before.update(_weights(pl_module.model.classification_head))
+
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, callbacks=[Before()], **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+    linear = [m for m in module.model.classification_head.modules() if isinstance(m, torch.nn.Linear)]
+    assert linear[0].out_features == 4  # classes filled in from the data module
+    after = _weights(module.model.classification_head)
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # the head is trained
+    images, _ = _test_images(datamodule)
+    assert module(images).shape == (6, 4, 32, 32)  # forward gives the mask logits only
+    assert {"classification_head.3.weight", "classification_head.3.bias"} <= set(
+        used_parameters(module.model, images[:1])
+    )
+
+
+def test_given_values_that_contradict_the_data_module_are_named() -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
+    with pytest.raises(
+        ValueError, match="num_classes=3 was given to SegmentationModule, but the data module has num_classes=4"
+    ):
+        trainer.fit(SegmentationModule(num_classes=3, **MODEL), datamodule=datamodule)
+
+
+def test_without_a_data_module_num_classes_is_required() -> None:
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, 32, dtype=torch.long))
+    )
+    trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, **QUIET)
+    with pytest.raises(ValueError, match="num_classes is not known"):
+        trainer.fit(SegmentationModule(**MODEL), loader)
+
+
+@pytest.mark.skipif(not DATA_MODULE_SAVES_RESOLVED, reason="C4: needs the data module that saves resolved hparams")
+def test_values_given_by_hand_log_beside_the_data_modules(tmp_path) -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(
+        num_classes=datamodule.num_classes,
+        in_channels=datamodule.in_channels,
+        class_names=datamodule.class_names,
+        ignore_index=datamodule.ignore_index,
+        **MODEL,
+    )
+    logger = CSVLogger(tmp_path)
+    pl.Trainer(max_epochs=1, logger=logger, **QUIET).fit(module, datamodule=datamodule)
+    hparams = load_hparams_from_yaml(f"{logger.log_dir}/hparams.yaml")
+    assert hparams["num_classes"] == 4
+
+
+def test_per_image_counts_of_trainer_test_match_the_predictions() -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="cbam", **MODEL)
+    trainer = pl.Trainer(max_epochs=1, logger=False, enable_checkpointing=False, **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+    trainer.test(module, datamodule=datamodule, verbose=False)
+    counts = module.per_image_counts
+    assert counts.shape == (6, 3, 4) and counts.dtype == np.int64
+
+    predictions = torch.cat(trainer.predict(module, dataloaders=datamodule.test_dataloader())).numpy()
+    _, masks = _test_images(datamodule)
+    masks = masks.numpy()
+    for i in range(6):
+        keep = masks[i] != datamodule.ignore_index
+        p, t = predictions[i][keep], masks[i][keep]
+        for c in range(4):
+            assert counts[i, :, c].tolist() == [
+                np.sum((p == c) & (t == c)),
+                np.sum((p == c) & (t != c)),
+                np.sum((p != c) & (t == c)),
+            ]
+    trainer.test(module, datamodule=datamodule, verbose=False)  # a second test starts afresh
+    np.testing.assert_array_equal(module.per_image_counts, counts)
+
+
+def test_lightning_cli_sets_every_argument_of_both_classes(tmp_path) -> None:
+    from pytorch_lightning.cli import LightningCLI
+
+    args = [
+        "fit",
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_epochs=1",
+        "--trainer.enable_progress_bar=false",
+        "--data.batch_size=4",
+        f"--data.synthetic={DATA['synthetic']}",
+        "--model.attention=cbam_spatial",
+        "--model.encoder_depth=3",
+        "--model.decoder_channels=[32, 16, 16]",
+        "--model.lr=0.005",
+    ]
+    cli = LightningCLI(SegmentationModule, SegmentationDataModule, args=args)
+    assert cli.model.num_classes == 4 and cli.model.hparams.lr == 0.005
+    assert "val_miou" in cli.trainer.callback_metrics
+    assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+
+DDP_SCRIPT = """
+import sys
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from smp_cbam import SegmentationDataModule, SegmentationModule
+
+devices, out = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+datamodule = SegmentationDataModule(**{data})
+module = SegmentationModule(arch="unet", attention="cbam", init_seed=0, **{model})
+trainer = pl.Trainer(
+    accelerator="cpu", devices=devices, strategy="ddp_find_unused_parameters_true" if devices > 1 else "auto",
+    logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+)
+trainer.test(module, datamodule=datamodule, verbose=False)
+if trainer.is_global_zero:
+    np.save(out, module.per_image_counts)
+"""
+
+
+@pytest.mark.slow
+def test_per_image_counts_under_two_process_ddp_keep_the_loader_order(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    data = {**DATA, "synthetic": {**DATA["synthetic"], "n_test": 7}, "batch_size": 2}  # 7 images: padded sampler
+    script = tmp_path / "ddp_test.py"
+    script.write_text(DDP_SCRIPT.format(data=data, model=MODEL))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        subprocess.run(
+            [sys.executable, str(script), str(devices), str(tmp_path / f"counts{devices}.npy")],
+            check=True, env=env, cwd=tmp_path, capture_output=True, timeout=300,
+        )  # fmt: skip
+    one, two = np.load(tmp_path / "counts1.npy"), np.load(tmp_path / "counts2.npy")
+    assert one.shape == (7, 3, 4)
+    np.testing.assert_array_equal(two, one)
