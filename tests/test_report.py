@@ -107,7 +107,7 @@ def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() 
     assert one["n_pairs"] == 1
     assert one["mean_diff"] == pytest.approx(0.02)
     assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
-    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 pair, no CI) |" in report.summary_markdown(results[~drop])
+    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) |" in report.summary_markdown(results[~drop])
 
     no_scse = results[results["attention"] != "scse"]
     diff = report.paired_differences(no_scse, "scse")
@@ -129,7 +129,7 @@ def test_summarize_against_numpy() -> None:
         assert row["std"] == pytest.approx(ok.std(ddof=1))
         assert row["val_miou_mean"] == pytest.approx(ok.mean() + 0.01)
         assert row["params"] == PARAMS[attention]
-        assert row["latency_ms"] == pytest.approx(10.0 + np.arange(len(ok)).mean())
+        assert "latency_ms" not in summary  # latency is a cost, in the cost table
     cbam = row_of(summary, "unet", "cbam")
     assert cbam["diff_vs_none"] == pytest.approx(0.02)
     assert cbam["diff_vs_scse"] == pytest.approx(np.mean([0.01, 0.02, 0.0]))
@@ -151,13 +151,18 @@ def test_markdown_contents() -> None:
     assert "**test mIoU**" in text
     assert "## unet · encoder resnet18 · dataset toy" in text
     # unet cbam: mean 72.00, std 2.65; Δ vs none +2.00 with CI ±2.48; Δ vs scse +1.00
-    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M | 11.0 |" in text
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M |" in text
     assert "| `none` | 3 | 70.00 ± 2.00 | baseline |" in text
-    # unet++ scse vs none: differences [0.01, 0.02, 0.02] -> CI excludes 0 -> bold
-    assert "| `scse` | 3 | 63.67 ± 2.52 | **+1.67 [+0.23, +3.10]** | baseline |" in text
+    # unet++ scse vs none: differences [0.01, 0.02, 0.02]: the raw CI excludes 0 (p = 0.038), but not
+    # after Holm across the table's three comparisons (3 x 0.038 = 0.113): no bold
+    assert "| `scse` | 3 | 63.67 ± 2.52 | +1.67 [+0.23, +3.10] | baseline |" in text
+    assert "| `scse` − `none` | 3 | +1.67 | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
     assert "| `cbam` | 2 (1 failed) |" in text
-    assert f"- unetplusplus / cbam / seed 2 (resnet18, toy): {FAILURE}" in text
-    assert "CI excludes 0" in text and "with few seeds the CI is wide" in text
+    assert f"- unetplusplus / `cbam` / seed 2 (resnet18, toy): {FAILURE}" in text
+    assert "No difference in these tables holds." in text and "beyond" not in text
+    assert "**" not in text.split("### How to read")[0].split("\n", 3)[3]  # nothing bold in the tables
+    # latency left the accuracy table for the cost table
+    assert "## Cost" in text and "| unet | resnet18 | `cbam` | 14.50M | +1.4% | 11.0 | +0.0% |" in text
 
 
 def test_markdown_shows_untrained_miou_when_recorded() -> None:
@@ -165,7 +170,7 @@ def test_markdown_shows_untrained_miou_when_recorded() -> None:
     results = make_results().assign(untrained_miou=lambda d: 0.05 + 0.01 * d["seed"])
     text = report.summary_markdown(results)
     # unet none: untrained mean of 0.05, 0.06, 0.07 = 6.00 percentage points
-    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M | 11.0 |" in text
+    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M |" in text
     assert "Untrained mIoU: the same metric" in text
 
 
@@ -207,7 +212,7 @@ def test_write_report(tmp_path: Path) -> None:
     assert "72.00 ± 2.65" in text and FAILURE in text
     summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False, na_values=[""])
     assert len(summary) == 6
-    for name in ("miou", "learning_curves", "per_class_iou"):
+    for name in ("miou", "differences", "learning_curves", "per_class_iou"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert 1_000 < png.stat().st_size < 200_000
