@@ -219,17 +219,23 @@ def test_holm_family_is_each_tables_distinct_comparisons(tmp_path: Path) -> None
     other = results.assign(arch="unetplusplus", test_miou=results["test_miou"][::-1].to_numpy(), run_dir="")
     both = pd.concat([results, other], ignore_index=True)
     diffs = report.comparisons(both, tmp_path)
-    for arch, rows in diffs.groupby("arch"):
-        distinct = rows.drop_duplicates(subset=None).assign(
-            pair=[tuple(sorted(p)) for p in zip(rows["attention"], rows["baseline"])]
-        ).drop_duplicates("pair")
+    for _arch, rows in diffs.groupby("arch"):
+        distinct = (
+            rows.drop_duplicates(subset=None)
+            .assign(pair=[tuple(sorted(p)) for p in zip(rows["attention"], rows["baseline"])])
+            .drop_duplicates("pair")
+        )
         assert len(distinct) == 3  # cbam-none, scse-none, cbam-scse: none-vs-scse counted once
         expected = dict(zip(distinct["pair"], report.holm(distinct["p_value"].to_numpy())))
         for _, row in rows.iterrows():
             assert row["p_holm"] == pytest.approx(expected[tuple(sorted((row["attention"], row["baseline"])))])
     # the reverse orientation is the same comparison: mirrored difference, same adjusted p
-    scse_none = diffs[(diffs["arch"] == "unet") & (diffs["attention"] == "scse") & (diffs["baseline"] == "none")].iloc[0]
-    none_scse = diffs[(diffs["arch"] == "unet") & (diffs["attention"] == "none") & (diffs["baseline"] == "scse")].iloc[0]
+    scse_none = diffs[(diffs["arch"] == "unet") & (diffs["attention"] == "scse") & (diffs["baseline"] == "none")].iloc[
+        0
+    ]
+    none_scse = diffs[(diffs["arch"] == "unet") & (diffs["attention"] == "none") & (diffs["baseline"] == "scse")].iloc[
+        0
+    ]
     assert none_scse["mean_diff"] == pytest.approx(-scse_none["mean_diff"])
     assert none_scse["p_holm"] == scse_none["p_holm"] and none_scse["boot_p_holm"] == scse_none["boot_p_holm"]
     # the second arch has no per-image files: seed statistics only
@@ -239,7 +245,9 @@ def test_holm_family_is_each_tables_distinct_comparisons(tmp_path: Path) -> None
 def test_three_seeds_bold_needs_holm_and_image_bootstrap(tmp_path: Path) -> None:
     results = make_study(tmp_path, [0, 1, 2, 3, 4], {"cbam": 30})
     # seed-level values that agree closely: a small p before and after Holm
-    results.loc[results["attention"] == "cbam", "test_miou"] = results.loc[results["attention"] == "none", "test_miou"].to_numpy() + [0.05, 0.051, 0.049, 0.05, 0.052]
+    results.loc[results["attention"] == "cbam", "test_miou"] = results.loc[
+        results["attention"] == "none", "test_miou"
+    ].to_numpy() + [0.05, 0.051, 0.049, 0.05, 0.052]
     diffs = report.comparisons(results, tmp_path)
     cbam = diffs[(diffs["attention"] == "cbam") & (diffs["baseline"] == "none")].iloc[0]
     assert cbam["p_holm"] < 0.05 and cbam["boot_p_holm"] < 0.05 and cbam["holds"]
@@ -248,7 +256,7 @@ def test_three_seeds_bold_needs_holm_and_image_bootstrap(tmp_path: Path) -> None
     assert bool(row["diff_vs_none_holds"]) and row["diff_vs_none_p_holm"] == cbam["p_holm"]
     assert row["diff_vs_none_img_low"] == cbam["boot_low"]
     text = report.summary_markdown(results, diffs=diffs)
-    assert f"| `cbam` | 5 | 5/5 |" in text and "**+" in text and "**yes**" in text
+    assert "| `cbam` | 5 | 5/5 |" in text and "**+" in text and "**yes**" in text
     assert "Holm-adjusted across the comparisons of its table" in text
     # the same seed statistics without per-image results: bold rests on the seed test alone
     no_images = report.comparisons(results, None)
@@ -257,12 +265,18 @@ def test_three_seeds_bold_needs_holm_and_image_bootstrap(tmp_path: Path) -> None
 
 def test_none_is_shared_by_every_placement(tmp_path: Path) -> None:
     results = make_study(tmp_path, [0, 1, 2], {"cbam": 10})
-    encoder_cbam = results[results["attention"] == "cbam"].assign(placement="encoder", test_miou=lambda d: d["test_miou"] + 0.01)
+    encoder_cbam = results[results["attention"] == "cbam"].assign(
+        placement="encoder", test_miou=lambda d: d["test_miou"] + 0.01
+    )
     both = pd.concat([results, encoder_cbam], ignore_index=True)
     diffs = report.comparisons(both)
-    row = diffs[(diffs["placement"] == "encoder") & (diffs["attention"] == "cbam") & (diffs["baseline"] == "none")].iloc[0]
+    row = diffs[
+        (diffs["placement"] == "encoder") & (diffs["attention"] == "cbam") & (diffs["baseline"] == "none")
+    ].iloc[0]
     assert row["n_pairs"] == 3
-    decoder = diffs[(diffs["placement"] == "decoder") & (diffs["attention"] == "cbam") & (diffs["baseline"] == "none")].iloc[0]
+    decoder = diffs[
+        (diffs["placement"] == "decoder") & (diffs["attention"] == "cbam") & (diffs["baseline"] == "none")
+    ].iloc[0]
     assert row["mean_diff"] == pytest.approx(decoder["mean_diff"] + 0.01)
     # scse ran only in the decoder: the encoder table has no comparison against it
     assert not ((diffs["placement"] == "encoder") & (diffs["baseline"] == "scse")).any()

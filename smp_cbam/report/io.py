@@ -137,11 +137,7 @@ def _sort_attentions(names: Sequence[str]) -> list[str]:
 
 def _sort_rows(df: pd.DataFrame, keys: list[str]) -> pd.DataFrame:
     rank = df["attention"].map(lambda a: _attention_rank(a)[0])
-    return (
-        df.assign(_rank=rank)
-        .sort_values([*keys, "_rank", "attention"], kind="stable")
-        .drop(columns="_rank")
-    )
+    return df.assign(_rank=rank).sort_values([*keys, "_rank", "attention"], kind="stable").drop(columns="_rank")
 
 
 def _ok_runs(results: pd.DataFrame, metric: str) -> pd.DataFrame:

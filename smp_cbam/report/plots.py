@@ -177,7 +177,9 @@ def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, p
                 top.plot(history["epoch"], 100 * history["val_miou"], **style)
                 best = _best_point(history, row.get("best_epoch", np.nan))
                 if best is not None:
-                    top.scatter(*best, marker="*", s=40, color=style["color"], edgecolors="black", linewidths=0.4, zorder=3)
+                    top.scatter(
+                        *best, marker="*", s=40, color=style["color"], edgecolors="black", linewidths=0.4, zorder=3
+                    )
             if "train_loss" in history:
                 bottom.plot(history["epoch"], history["train_loss"], **{**style, "label": None})
         top.set_title(name + "  (★ best epoch)", fontsize=10)
@@ -224,10 +226,18 @@ def plot_differences(diffs: pd.DataFrame, path: str | os.PathLike, metric: str =
             if d["n_pairs"] >= 2:
                 ax.plot([100 * d["ci_low"], 100 * d["ci_high"]], [i - 0.12] * 2, color="black", linewidth=1.6)
             if d["boot_seeds"] > 0:
-                ax.plot([100 * d["boot_low"], 100 * d["boot_high"]], [i + 0.12] * 2, color="tab:orange", linewidth=3, alpha=0.8)
+                ax.plot(
+                    [100 * d["boot_low"], 100 * d["boot_high"]],
+                    [i + 0.12] * 2,
+                    color="tab:orange",
+                    linewidth=3,
+                    alpha=0.8,
+                )
             ax.scatter([mean], [i], color="black", s=28, zorder=3, facecolors="black" if d["holds"] else "white")
         labels = [
-            f"{d['attention']} − {d['baseline']}" + (f" {NOT_CONVERGED_MARK}" if d["not_converged"] else "") + f"  (n={d['n_pairs']})"
+            f"{d['attention']} − {d['baseline']}"
+            + (f" {NOT_CONVERGED_MARK}" if d["not_converged"] else "")
+            + f"  (n={d['n_pairs']})"
             for _, d in rows.iterrows()
         ]
         ax.set_yticks(y, [label.replace("$", r"\$") for label in labels], fontsize=8)

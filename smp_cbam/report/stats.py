@@ -236,7 +236,14 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
     """The image bootstrap of one comparison from its seed pairs (rows with ``run_dir`` and ``run_dir_base``)."""
     loaded = [(per_image(r["run_dir"]), per_image(r["run_dir_base"])) for _, r in pairs.iterrows()]
     loaded = [(a, b) for a, b in loaded if a is not None and b is not None]
-    empty = {"boot_seeds": 0, "boot_images": 0, "boot_diff": np.nan, "boot_low": np.nan, "boot_high": np.nan, "boot_p": np.nan}
+    empty = {
+        "boot_seeds": 0,
+        "boot_images": 0,
+        "boot_diff": np.nan,
+        "boot_low": np.nan,
+        "boot_high": np.nan,
+        "boot_p": np.nan,
+    }
     if not loaded:
         return empty
     common = set(loaded[0][0][0])
@@ -244,11 +251,15 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
         common &= set(a[0]) & set(b[0])
     n_classes = {counts.shape[2] for pair in loaded for _, counts in pair}
     if not common or len(n_classes) != 1:
-        _warn(f"per_image.csv files of {', '.join(pairs['run_dir'])} do not share images and classes; no image bootstrap")
+        _warn(
+            f"per_image.csv files of {', '.join(pairs['run_dir'])} do not share images and classes; no image bootstrap"
+        )
         return empty
     ids = sorted(common)
     if any(len(a[0]) != len(ids) or len(b[0]) != len(ids) for a, b in loaded):
-        _warn(f"per_image.csv files of {', '.join(pairs['run_dir'])} list different images; bootstrapping the {len(ids)} they share")
+        _warn(
+            f"per_image.csv files of {', '.join(pairs['run_dir'])} list different images; bootstrapping the {len(ids)} they share"
+        )
 
     def aligned(entry: tuple[list[str], np.ndarray]) -> np.ndarray:
         position = {image: i for i, image in enumerate(entry[0])}
@@ -304,7 +315,9 @@ def comparisons(
     present = set(df["attention"])
     frames = [paired_differences(df, b, metric) for b in BASELINES if b in present]
     if not frames:
-        return pd.DataFrame(columns=[*cols, "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm"])
+        return pd.DataFrame(
+            columns=[*cols, "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm"]
+        )
     out = pd.concat(frames, ignore_index=True)
     # a row's comparison pairs only where the baseline exists in its group
     exists = df[[*keys, "attention"]].drop_duplicates().rename(columns={"attention": "baseline"})
@@ -396,15 +409,17 @@ def summarize(
     )
     metric_stats = ok.groupby(cols)[metric].agg(n="count", mean="mean", std="std")
     val_ok = df[(df["status"] == "ok") & df["val_miou"].notna()] if "val_miou" in df else df.iloc[:0]
-    val_stats = val_ok.groupby(cols)["val_miou"].agg(val_miou_mean="mean", val_miou_std="std") if "val_miou" in df else None
+    val_stats = (
+        val_ok.groupby(cols)["val_miou"].agg(val_miou_mean="mean", val_miou_std="std") if "val_miou" in df else None
+    )
     joined = [metric_stats] + ([val_stats] if val_stats is not None else [])
     ok_all = df[df["status"] == "ok"]
     if "test_context_miou" in df and df["test_context_miou"].notna().any():
         joined.append(ok_all.groupby(cols)["test_context_miou"].agg(context_mean="mean", context_std="std"))
     if "converged" in df:
-        joined.append((ok_all.assign(_c=ok_all["converged"] == True).groupby(cols)["_c"].agg(n_converged="sum")))  # noqa: E712
+        joined.append(ok_all.assign(_c=ok_all["converged"] == True).groupby(cols)["_c"].agg(n_converged="sum"))  # noqa: E712
     if "at_floor" in df:
-        joined.append((ok_all.assign(_f=ok_all["at_floor"] == True).groupby(cols)["_f"].agg(n_at_floor="sum")))  # noqa: E712
+        joined.append(ok_all.assign(_f=ok_all["at_floor"] == True).groupby(cols)["_f"].agg(n_at_floor="sum"))  # noqa: E712
     cost_cols = [c for c in ("untrained_miou", "params") if c in df and df[c].notna().any()]
     joined.append(ok_all.groupby(cols)[cost_cols].mean())
     out = counts.join(joined).reset_index()
@@ -427,7 +442,11 @@ def summarize(
         "n",
         "mean",
         "std",
-        *[c for c in ("val_miou_mean", "val_miou_std", "context_mean", "context_std", "n_converged", "n_at_floor") if c in out],
+        *[
+            c
+            for c in ("val_miou_mean", "val_miou_std", "context_mean", "context_std", "n_converged", "n_at_floor")
+            if c in out
+        ],
         *diff_cols,
         *cost_cols,
     ]

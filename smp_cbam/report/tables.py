@@ -117,7 +117,9 @@ def _metric_label(metric: str) -> str:
 def _run_label(row: pd.Series, keys: list[str]) -> str:
     seed = "?" if pd.isna(row["seed"]) else int(row["seed"])
     where = " / ".join([escape_markdown(row.get("arch", "")), _name(row["attention"]), f"seed {seed}"])
-    context = ", ".join(escape_markdown(row[c]) for c in ("encoder", "dataset", "placement") if c in keys and row.get(c))
+    context = ", ".join(
+        escape_markdown(row[c]) for c in ("encoder", "dataset", "placement") if c in keys and row.get(c)
+    )
     return where + (f" ({context})" if context else "")
 
 
@@ -223,11 +225,17 @@ def _cost_lines(costs: pd.DataFrame | None) -> list[str]:
     source = costs["source"].iloc[0]
     lines = ["## Cost", ""]
     if source == "costs.csv":
-        lines.append("Parameters of the modules in the forward pass; latency: median ms per image, measured in one controlled pass after training (costs.csv).")
+        lines.append(
+            "Parameters of the modules in the forward pass; latency: median ms per image, measured in one controlled pass after training (costs.csv)."
+        )
     else:
-        lines.append("Parameters of the model; latency as recorded beside each run's training (older results, no controlled pass): compare with care.")
+        lines.append(
+            "Parameters of the model; latency as recorded beside each run's training (older results, no controlled pass): compare with care."
+        )
     lines.append("")
-    cols = [*keys, "attention", "params", "params vs none"] + (["latency ms/img", "latency vs none"] if has_latency else [])
+    cols = [*keys, "attention", "params", "params vs none"] + (
+        ["latency ms/img", "latency vs none"] if has_latency else []
+    )
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * (len(keys) + 1) + "---:|" * (len(cols) - len(keys) - 1)]
     for _, row in costs.iterrows():
         cells = [escape_markdown(row[k]) for k in keys] + [_name(row["attention"])]
@@ -286,7 +294,9 @@ def _budget_line(config: dict | None) -> list[str]:
         return []
     words = ("patience", "delta", "max_", "epochs", "steps", "stop", "budget", "plateau")
     items = [f"{k} {v}" for k, v in train.items() if any(w in str(k) for w in words) and not isinstance(v, dict | list)]
-    return [f"Training budget and stopping rule (config.yaml): {escape_markdown(', '.join(items))}.", ""] if items else []
+    return (
+        [f"Training budget and stopping rule (config.yaml): {escape_markdown(', '.join(items))}.", ""] if items else []
+    )
 
 
 def summary_markdown(
