@@ -253,6 +253,17 @@ def _pct(x: float) -> str:
 def _flag_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
     ok = df[df["status"] == "ok"]
     lines = []
+    if "converged" not in ok and {"best_epoch", "epochs"} <= set(ok.columns) and not ok.empty:
+        # results written before convergence was recorded: the best epoch being the last one is the sign
+        last = int((ok["best_epoch"] >= ok["epochs"] - 1).sum())
+        if last:
+            lines += [
+                "## Convergence not recorded",
+                "",
+                f"In {last} of {len(ok)} successful runs the best epoch is the last one: their validation metric "
+                "may still have been rising, and the comparison may measure learning speed, not final accuracy.",
+                "",
+            ]
     if "converged" in ok:
         slow = _sort_rows(ok[ok["converged"] == False], keys)  # noqa: E712 (object column of bools/NaN)
         if not slow.empty:
