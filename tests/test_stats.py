@@ -280,3 +280,17 @@ def test_none_is_shared_by_every_placement(tmp_path: Path) -> None:
     assert row["mean_diff"] == pytest.approx(decoder["mean_diff"] + 0.01)
     # scse ran only in the decoder: the encoder table has no comparison against it
     assert not ((diffs["placement"] == "encoder") & (diffs["baseline"] == "scse")).any()
+
+
+@pytest.mark.parametrize("attentions", [["none"], ["cbam"], ["cbam", "cbam_residual"]])
+def test_nothing_to_compare_yet(tmp_path: Path, attentions: list[str]) -> None:
+    """The report after a grid's first run, or of a grid without baselines: no comparisons, no error."""
+    for attention in attentions:
+        row = {"dataset": "toy", "arch": "unet", "encoder": "resnet18", "attention": attention, "seed": 0}
+        write_run(tmp_path, {**row, "status": "ok", "val_miou": 0.5, "test_miou": 0.5}, None)
+    results = report.collect_results(tmp_path)
+    diffs = report.comparisons(results, tmp_path)
+    assert diffs.empty and {"p_holm", "boot_low", "holds"} <= set(diffs.columns)
+    text = report.write_report(tmp_path)
+    assert f"| {'`' + attentions[0] + '`'} | 1 | 50.00 |" in text and "How to read" not in text
+    assert (tmp_path / "plots" / "differences.png").exists()

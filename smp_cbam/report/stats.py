@@ -315,9 +315,7 @@ def comparisons(
     present = set(df["attention"])
     frames = [paired_differences(df, b, metric) for b in BASELINES if b in present]
     if not frames:
-        return pd.DataFrame(
-            columns=[*cols, "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm"]
-        )
+        return _empty_comparisons(cols)
     out = pd.concat(frames, ignore_index=True)
     # a row's comparison pairs only where the baseline exists in its group
     exists = df[[*keys, "attention"]].drop_duplicates().rename(columns={"attention": "baseline"})
@@ -339,6 +337,8 @@ def comparisons(
         floors = [pairs[c] for c in ("at_floor", "at_floor_base") if c in pairs]
         info["at_floor"] = bool(any((s == True).any() for s in floors))  # noqa: E712
         extra.append(info)
+    if out.empty:  # e.g. the first finished run of a grid: nothing to compare yet
+        return _empty_comparisons(cols)
     out = pd.concat([out.reset_index(drop=True), pd.DataFrame(extra)], axis=1)
     out["boot_seeds"] = out["boot_seeds"].astype(int)
     out["boot_images"] = out["boot_images"].astype(int)
@@ -352,12 +352,27 @@ def comparisons(
             adjusted = dict(zip(family["_pair"], holm(family[source].to_numpy())))
             out.loc[rows.index, target] = rows["_pair"].map(adjusted).to_numpy()
     out["holds"] = out.apply(_holds, axis=1).astype(bool)
-    ordered = [
-        *cols, "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
-        "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_holm",
-        "holds", "not_converged", "at_floor",
-    ]  # fmt: skip
-    return _sort_rows(out[ordered], [*keys, "baseline"]).reset_index(drop=True)
+    return _sort_rows(out[[*cols, *_COMPARISON_COLUMNS]], [*keys, "baseline"]).reset_index(drop=True)
+
+
+_COMPARISON_COLUMNS = (
+    "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+    "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_holm",
+    "holds", "not_converged", "at_floor",
+)  # fmt: skip
+
+
+def _empty_comparisons(cols: list[str]) -> pd.DataFrame:
+    out = pd.DataFrame(columns=[*cols, *_COMPARISON_COLUMNS])
+    types = {
+        "n_pairs": int,
+        "boot_seeds": int,
+        "boot_images": int,
+        "holds": bool,
+        "not_converged": bool,
+        "at_floor": bool,
+    }
+    return out.astype({**{c: float for c in _COMPARISON_COLUMNS if c not in types and c != "baseline"}, **types})
 
 
 _DIFF_SUFFIXES = {
