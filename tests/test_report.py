@@ -6,6 +6,7 @@ import json
 import os
 import re
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +400,15 @@ def test_placeholders_never_replace_an_existing_plot(tmp_path: Path) -> None:
         write_history(tmp_path / row["run_dir"], row["val_miou"])
     report.plot_learning_curves(tmp_path, results, committed)
     assert committed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a placeholder the report wrote itself is replaced without a word, by a plot or a new placeholder
+    placeholder = tmp_path / "plots" / "differences.png"
+    report.plot_differences(report.comparisons(results.iloc[:0]), placeholder)
+    assert imread(placeholder).shape[0] < 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot_differences(report.comparisons(results.iloc[:0]), placeholder)
+        report.plot_differences(report.comparisons(make_results()), placeholder)
+    assert imread(placeholder).shape[0] > 300
 
 
 def test_learning_curves_mark_the_best_epoch() -> None:

@@ -250,7 +250,8 @@ def collect_results(output_dir: str | os.PathLike) -> pd.DataFrame:
         keys = [k for k in _run_keys(from_json) if k in from_csv]
         known = pd.MultiIndex.from_frame(from_json[keys].astype(str))
         extra = ~pd.MultiIndex.from_frame(from_csv[keys].astype(str)).isin(known)
-        results = _normalize(pd.concat([from_json, from_csv[extra]], ignore_index=True))
+        # the result.json rows last: should a key fail to match, the rerun rule keeps them
+        results = _normalize(pd.concat([from_csv[extra], from_json], ignore_index=True))
     per_class = [c for c in results.columns if c.startswith("iou_")]
     results = results[[c for c in results.columns if c not in per_class] + per_class]
     by_seed = results.sort_values("seed", kind="stable")

@@ -18,6 +18,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .constants import HISTORY_COLUMNS, MAX_PNG_BYTES, PLOT_DPIS
 from .io import (
@@ -33,6 +34,8 @@ from .io import (
 )
 from .tables import NOT_CONVERGED_MARK, _metric_label
 
+PLACEHOLDER_KEY = "smp-cbam"
+
 
 def _new_figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
@@ -40,27 +43,43 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
-    """Save ``fig`` as a 256-colour PNG, lowering the resolution until it is under ``MAX_PNG_BYTES``."""
+def _save_figure(fig: Figure, path: str | os.PathLike, placeholder: bool = False) -> None:
+    """Save ``fig`` as a 256-colour PNG, lowering the resolution until it is under ``MAX_PNG_BYTES``.
+
+    A placeholder carries a PNG text chunk that says so, so that a later report may replace it.
+    """
+    info = PngInfo()
+    if placeholder:
+        info.add_text(PLACEHOLDER_KEY, "placeholder")
     for dpi in PLOT_DPIS:
         rendered = io.BytesIO()
         fig.savefig(rendered, format="png", dpi=dpi)
         palette = Image.open(rendered).convert("RGB").quantize(colors=256)
         png = io.BytesIO()
-        palette.save(png, format="png", optimize=True)
+        palette.save(png, format="png", optimize=True, pnginfo=info)
         if png.tell() <= MAX_PNG_BYTES:
             break
     _atomic_write_bytes(path, png.getvalue())
 
 
+def _is_placeholder(path: Path) -> bool:
+    """Whether ``path`` is a placeholder this module wrote (an unreadable file counts as a plot, and is kept)."""
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(PLACEHOLDER_KEY) == "placeholder"
+    except (OSError, ValueError):
+        return False
+
+
 def _save_placeholder(path: str | os.PathLike, message: str) -> None:
-    """A small PNG saying ``message``, unless ``path`` already holds a plot (then it is kept, with a warning)."""
-    if Path(path).exists():
+    """A small PNG saying ``message``, unless ``path`` already holds a real plot (then it is kept, with a warning)."""
+    path = Path(path)
+    if path.exists() and not _is_placeholder(path):
         _warn(f"{path}: {message}; the existing plot is kept")
         return
     fig = _new_figure(4, 2)
     fig.text(0.5, 0.5, message, ha="center", va="center")
-    _save_figure(fig, path)
+    _save_figure(fig, path, placeholder=True)
 
 
 def _colors(attentions: Sequence[str]) -> dict[str, tuple]:
