@@ -451,7 +451,10 @@ def test_flags_for_runs_that_did_not_converge_or_stay_at_the_floor() -> None:
     results = results.astype({"converged": str, "at_floor": str})
     text = report.summary_markdown(results)
     assert "## Runs that did not converge" in text
-    assert "- unet / `cbam` / seed 0 (resnet18, toy): stopped by max_epochs, after 10 epochs, best epoch 7" in text
+    assert (
+        "- unet / `cbam` / seed 0 (resnet18, toy): stopped by max_epochs, after 10 epochs, 120 steps, best epoch 7"
+        in text
+    )
     assert "measures learning speed, not final accuracy" in text
     assert "## Runs stuck at the trivial floor\n\n- unet / `none` / seed 1 (resnet18, toy)" in text
     assert "| `cbam` | 3 | 2/3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] † ‡ |" in text

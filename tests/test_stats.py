@@ -244,10 +244,6 @@ def test_holm_family_is_each_tables_distinct_comparisons(tmp_path: Path) -> None
 
 def test_three_seeds_bold_needs_holm_and_image_bootstrap(tmp_path: Path) -> None:
     results = make_study(tmp_path, [0, 1, 2, 3, 4], {"cbam": 30})
-    # seed-level values that agree closely: a small p before and after Holm
-    results.loc[results["attention"] == "cbam", "test_miou"] = results.loc[
-        results["attention"] == "none", "test_miou"
-    ].to_numpy() + [0.05, 0.051, 0.049, 0.05, 0.052]
     diffs = report.comparisons(results, tmp_path)
     cbam = diffs[(diffs["attention"] == "cbam") & (diffs["baseline"] == "none")].iloc[0]
     assert cbam["p_holm"] < 0.05 and cbam["boot_p_holm"] < 0.05 and cbam["holds"]
@@ -294,3 +290,24 @@ def test_nothing_to_compare_yet(tmp_path: Path, attentions: list[str]) -> None:
     text = report.write_report(tmp_path)
     assert f"| {'`' + attentions[0] + '`'} | 1 | 50.00 |" in text and "How to read" not in text
     assert (tmp_path / "plots" / "differences.png").exists()
+
+
+def test_per_image_counts_must_match_the_runs_test_miou(tmp_path: Path) -> None:
+    results = make_study(tmp_path, [0], {"cbam": 25})
+    stale = results["attention"] == "cbam"
+    results.loc[stale, "test_miou"] += 0.01  # counts of another checkpoint than the one evaluated
+    with pytest.warns(
+        report.ReportWarning, match=r"unet-cbam-s0/per_image.csv: the mIoU of its counts .* is not the run's test_miou"
+    ):
+        diffs = report.comparisons(results, tmp_path)
+    assert (diffs.loc[(diffs["attention"] == "cbam") | (diffs["baseline"] == "cbam"), "boot_seeds"] == 0).all()
+    assert (diffs.loc[(diffs["attention"] == "scse") & (diffs["baseline"] == "none"), "boot_seeds"] == 1).all()
+    # a damaged file is named and skipped the same way
+    results.loc[stale, "test_miou"] -= 0.01
+    (tmp_path / "runs" / "unet-scse-s0" / "per_image.csv").write_text("image,tp_0\nframe_000,1\n")
+    with pytest.warns(
+        report.ReportWarning, match=r"unet-scse-s0/per_image.csv needs the columns image and tp_k, fp_k, fn_k"
+    ):
+        diffs = report.comparisons(results, tmp_path)
+    with_scse = (diffs["attention"] == "scse") | (diffs["baseline"] == "scse")
+    assert (diffs.loc[with_scse, "boot_seeds"] == 0).all() and (diffs.loc[~with_scse, "boot_seeds"] == 1).all()

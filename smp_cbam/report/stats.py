@@ -34,6 +34,9 @@ from .io import (
     read_per_image,
 )
 
+# torchmetrics accumulates in float32: the exact counts' mIoU may differ from the logged one by this
+PER_IMAGE_TOLERANCE = 1e-4
+
 
 def holm(p_values) -> np.ndarray:
     """Holm's step-down adjusted p-values of one family of tests; NaN entries stay NaN and do not count.
@@ -211,13 +214,14 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
 
 
 class _PerImage:
-    """Reads each run's ``per_image.csv`` once; a damaged or missing file is warned about once and skipped."""
+    """Reads each run's ``per_image.csv`` once; a damaged, missing or inconsistent file is warned about once and skipped."""
 
     def __init__(self, output_dir: Path | None):
         self.output_dir = output_dir
         self.cache: dict[str, tuple[list[str], np.ndarray] | None] = {}
 
-    def __call__(self, run_dir: str) -> tuple[list[str], np.ndarray] | None:
+    def __call__(self, run_dir: str, test_miou: float = np.nan) -> tuple[list[str], np.ndarray] | None:
+        """The run's image ids and counts; ``test_miou``, when known, must be the mIoU of the summed counts."""
         if self.output_dir is None or not run_dir:
             return None
         if run_dir not in self.cache:
@@ -226,15 +230,31 @@ class _PerImage:
             path = self.output_dir / confined / "per_image.csv"
             if confined and path.exists():
                 try:
-                    self.cache[run_dir] = read_per_image(path)
+                    loaded = read_per_image(path)
                 except ReportError as err:
                     _warn(f"{err}; this run has no image bootstrap")
+                    return None
+                total = float(miou_from_counts(loaded[1].sum(axis=0)))
+                if pd.notna(test_miou) and not abs(total - test_miou) <= PER_IMAGE_TOLERANCE:
+                    # counts of another checkpoint or another test set would bootstrap the wrong numbers
+                    _warn(
+                        f"{path}: the mIoU of its counts ({total:.4f}) is not the run's test_miou ({test_miou:.4f}); "
+                        "this run has no image bootstrap"
+                    )
+                    return None
+                self.cache[run_dir] = loaded
         return self.cache[run_dir]
 
 
 def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int, seed: int) -> dict:
     """The image bootstrap of one comparison from its seed pairs (rows with ``run_dir`` and ``run_dir_base``)."""
-    loaded = [(per_image(r["run_dir"]), per_image(r["run_dir_base"])) for _, r in pairs.iterrows()]
+    loaded = [
+        (
+            per_image(r["run_dir"], r.get("test_miou", np.nan)),
+            per_image(r["run_dir_base"], r.get("test_miou_base", np.nan)),
+        )
+        for _, r in pairs.iterrows()
+    ]
     loaded = [(a, b) for a, b in loaded if a is not None and b is not None]
     empty = {
         "boot_seeds": 0,
@@ -321,7 +341,7 @@ def comparisons(
     exists = df[[*keys, "attention"]].drop_duplicates().rename(columns={"attention": "baseline"})
     out = out.merge(exists, on=[*keys, "baseline"], how="inner")
     flag_cols = [c for c in ("converged", "at_floor") if c in ok]
-    run_cols = [*keys, "attention", "seed", "run_dir", *flag_cols]
+    run_cols = [*keys, "attention", "seed", "run_dir", *flag_cols, *(["test_miou"] if metric == "test_miou" else [])]
     runs = ok.reindex(columns=run_cols)
     extra = []
     for _, row in out.iterrows():

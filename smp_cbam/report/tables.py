@@ -274,6 +274,8 @@ def _flag_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
                     why.append(f"stopped by {escape_markdown(row['stop_reason'])}")
                 if pd.notna(row.get("epochs", np.nan)):
                     why.append(f"after {int(row['epochs'])} epochs")
+                if pd.notna(row.get("steps", np.nan)):
+                    why.append(f"{int(row['steps'])} steps")
                 if pd.notna(row.get("best_epoch", np.nan)):
                     why.append(f"best epoch {int(row['best_epoch'])}")
                 lines.append(f"- {_run_label(row, keys)}" + (f": {', '.join(why)}" if why else ""))
