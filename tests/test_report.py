@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import stat
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -107,7 +110,7 @@ def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() 
     assert one["n_pairs"] == 1
     assert one["mean_diff"] == pytest.approx(0.02)
     assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
-    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 pair, no CI) |" in report.summary_markdown(results[~drop])
+    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) |" in report.summary_markdown(results[~drop])
 
     no_scse = results[results["attention"] != "scse"]
     diff = report.paired_differences(no_scse, "scse")
@@ -129,7 +132,7 @@ def test_summarize_against_numpy() -> None:
         assert row["std"] == pytest.approx(ok.std(ddof=1))
         assert row["val_miou_mean"] == pytest.approx(ok.mean() + 0.01)
         assert row["params"] == PARAMS[attention]
-        assert row["latency_ms"] == pytest.approx(10.0 + np.arange(len(ok)).mean())
+        assert "latency_ms" not in summary  # latency is a cost, in the cost table
     cbam = row_of(summary, "unet", "cbam")
     assert cbam["diff_vs_none"] == pytest.approx(0.02)
     assert cbam["diff_vs_scse"] == pytest.approx(np.mean([0.01, 0.02, 0.0]))
@@ -151,13 +154,18 @@ def test_markdown_contents() -> None:
     assert "**test mIoU**" in text
     assert "## unet · encoder resnet18 · dataset toy" in text
     # unet cbam: mean 72.00, std 2.65; Δ vs none +2.00 with CI ±2.48; Δ vs scse +1.00
-    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M | 11.0 |" in text
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M |" in text
     assert "| `none` | 3 | 70.00 ± 2.00 | baseline |" in text
-    # unet++ scse vs none: differences [0.01, 0.02, 0.02] -> CI excludes 0 -> bold
-    assert "| `scse` | 3 | 63.67 ± 2.52 | **+1.67 [+0.23, +3.10]** | baseline |" in text
+    # unet++ scse vs none: differences [0.01, 0.02, 0.02]: the raw CI excludes 0 (p = 0.038), but not
+    # after Holm across the table's three comparisons (3 x 0.038 = 0.113): no bold
+    assert "| `scse` | 3 | 63.67 ± 2.52 | +1.67 [+0.23, +3.10] | baseline |" in text
+    assert "| `scse` − `none` | 3 | +1.67 | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
     assert "| `cbam` | 2 (1 failed) |" in text
-    assert f"- unetplusplus / cbam / seed 2 (resnet18, toy): {FAILURE}" in text
-    assert "CI excludes 0" in text and "with few seeds the CI is wide" in text
+    assert f"- unetplusplus / `cbam` / seed 2 (resnet18, toy): {FAILURE}" in text
+    assert "No difference in these tables holds." in text and "beyond" not in text
+    assert "**" not in text.split("### How to read")[0].split("\n", 3)[3]  # nothing bold in the tables
+    # latency left the accuracy table for the cost table
+    assert "## Cost" in text and "| unet | resnet18 | `cbam` | 14.50M | +1.4% | 11.0 | +0.0% |" in text
 
 
 def test_markdown_shows_untrained_miou_when_recorded() -> None:
@@ -165,7 +173,7 @@ def test_markdown_shows_untrained_miou_when_recorded() -> None:
     results = make_results().assign(untrained_miou=lambda d: 0.05 + 0.01 * d["seed"])
     text = report.summary_markdown(results)
     # unet none: untrained mean of 0.05, 0.06, 0.07 = 6.00 percentage points
-    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M | 11.0 |" in text
+    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M |" in text
     assert "Untrained mIoU: the same metric" in text
 
 
@@ -207,7 +215,7 @@ def test_write_report(tmp_path: Path) -> None:
     assert "72.00 ± 2.65" in text and FAILURE in text
     summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False, na_values=[""])
     assert len(summary) == 6
-    for name in ("miou", "learning_curves", "per_class_iou"):
+    for name in ("miou", "differences", "learning_curves", "per_class_iou"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert 1_000 < png.stat().st_size < 200_000
@@ -270,3 +278,197 @@ def test_a_rerun_replaces_the_earlier_row() -> None:
     row = row_of(summary, "unetplusplus", "cbam")
     assert (row["n_ok"], row["n_failed"], row["diff_vs_none_n"]) == (3, 0, 3)
     assert row["mean"] == pytest.approx(np.mean([0.62, 0.61, 0.63]))
+
+
+# ---------------------------------------------------------------- reading a results directory
+
+
+def write_runs(out: Path, results: pd.DataFrame) -> None:
+    """Each row as the runner leaves it: runs/<run>/result.json."""
+    for _, row in results.iterrows():
+        run_dir = out / row["run_dir"]
+        run_dir.mkdir(parents=True, exist_ok=True)
+        data = {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+        (run_dir / "result.json").write_text(json.dumps(data, default=lambda v: v.item()))
+
+
+def test_collect_results_rebuilds_from_result_json_and_falls_back_to_csv(tmp_path: Path) -> None:
+    results = make_results()
+    write_runs(tmp_path, results)
+    # a truncated results.csv (a crash mid-write by another tool) must not hide runs
+    results.head(2).to_csv(tmp_path / "results.csv", index=False)
+    collected = report.collect_results(tmp_path)
+    assert len(collected) == len(results)
+    assert report.summarize(collected)["n"].sum() == report.summarize(results)["n"].sum()
+    # a damaged result.json: named, and its run comes from results.csv when that lists it
+    damaged = tmp_path / results.loc[0, "run_dir"] / "result.json"
+    damaged.write_text('{"dataset": "toy", "arch": "un')
+    with pytest.warns(report.ReportWarning, match=re.escape(str(damaged))):
+        collected = report.collect_results(tmp_path)
+    assert len(collected) == len(results)
+    # without results.csv the damaged run is left out, the others stay
+    (tmp_path / "results.csv").unlink()
+    with pytest.warns(report.ReportWarning, match="result.json is damaged"):
+        assert len(report.collect_results(tmp_path)) == len(results) - 1
+
+
+def test_history_fills_epochs_and_train_seconds(tmp_path: Path) -> None:
+    results = make_results().drop(columns=["epochs", "train_seconds"]).head(1)
+    write_runs(tmp_path, results)
+    pd.DataFrame({"epoch": [0, 1, 2], "val_miou": [0.1, 0.2, 0.3], "seconds": [1.5, 2.0, 2.5]}).to_csv(
+        tmp_path / results.loc[0, "run_dir"] / "history.csv", index=False
+    )
+    row = report.collect_results(tmp_path).iloc[0]
+    assert row["epochs"] == 3 and row["train_seconds"] == pytest.approx(6.0)
+
+
+def test_damaged_files_are_named(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="holds no results"):
+        report.write_report(tmp_path)
+    csv = tmp_path / "results.csv"
+    csv.write_text("")
+    with pytest.raises(report.ReportError, match=re.escape(f"{csv} is empty")):
+        report.write_report(tmp_path)
+    csv.write_text("a,b\n1,2\n")
+    with pytest.raises(report.ReportError, match=re.escape(str(csv)) + ".*attention, seed, status"):
+        report.write_report(tmp_path)
+    # a bad results.csv beside valid result.json files: a warning, and the report from the runs
+    write_runs(tmp_path, make_results())
+    config = tmp_path / "config.yaml"
+    config.write_text("")
+    with pytest.warns(report.ReportWarning) as caught:
+        text = report.write_report(tmp_path)
+    messages = [str(w.message) for w in caught]
+    assert any(str(csv) in m and "result.json files only" in m for m in messages)
+    assert any(str(config) in m and "empty" in m for m in messages)
+    assert "72.00 ± 2.65" in text
+    config.write_text("train: [unclosed\n")
+    with pytest.warns(report.ReportWarning, match=re.escape(str(config)) + " is damaged"):
+        assert report.read_config(tmp_path) is None
+
+
+def test_run_dir_outside_the_output_directory_is_ignored(tmp_path: Path) -> None:
+    out = tmp_path / "study"
+    results = make_results().assign(run_dir="../outside")
+    out.mkdir()
+    results.to_csv(out / "results.csv", index=False)
+    write_history(tmp_path / "outside", 0.5)  # a file the results must not reach
+    assert report.confined_run_dir(out, "runs/a", "x") == "runs/a"
+    for bad in ("../outside", "../../etc", "/etc", "runs/../../outside", "."):
+        with pytest.warns(report.ReportWarning, match=re.escape(repr(bad)) + " is outside"):
+            assert report.confined_run_dir(out, bad, out / "results.csv") == ""
+    with pytest.warns(report.ReportWarning, match="'../outside' is outside"):
+        collected = report.collect_results(out)
+    assert (collected["run_dir"] == "").all()
+    curves_png = out / "plots" / "learning_curves.png"
+    with pytest.warns(report.ReportWarning):
+        report.plot_learning_curves(out, results, curves_png)
+    curves = imread(curves_png)
+    assert curves.shape[0] < 300  # the placeholder: the history outside was not read
+
+
+def test_markdown_escapes_user_strings() -> None:
+    results = make_results().rename(columns={"iou_road": "iou_road|<b>`x`"})
+    failure = "ValueError: bad | value\n| injected | row |\n<img src=x onerror=alert(1)> `code`"
+    results.loc[results["status"] == "failed", "failure"] = failure
+    results.loc[results["attention"] == "cbam", "attention"] = "cb|am`<i>"
+    text = report.summary_markdown(results)
+    assert "<img" not in text and "<b>" not in text and "<i>" not in text
+    assert "&lt;img src=x onerror=alert(1)&gt; \\`code\\`" in text
+    assert "ValueError: bad \\| value \\| injected \\| row \\|" in text  # one line, no table injected
+    assert "road\\|&lt;b&gt;\\`x\\`" in text
+    assert "cb\\|am\\`&lt;i&gt;" in text and "`cb|am" not in text
+    # every row of every table has as many cell separators as its header
+    tables = re.findall(r"(?:^\|.*\n)+", text, flags=re.MULTILINE)
+    assert len(tables) >= 4
+    for table in tables:
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in table.splitlines()}
+        assert len(widths) == 1, table
+    assert report.escape_markdown("a\nb\t|c") == "a b \\|c"
+
+
+def test_placeholders_never_replace_an_existing_plot(tmp_path: Path) -> None:
+    results = make_results().head(2)
+    committed = tmp_path / "plots" / "learning_curves.png"
+    committed.parent.mkdir()
+    committed.write_bytes(b"\x89PNG committed learning curves")
+    with pytest.warns(report.ReportWarning, match="no training history found; the existing plot is kept"):
+        report.plot_learning_curves(tmp_path, results, committed)
+    assert committed.read_bytes() == b"\x89PNG committed learning curves"
+    # where there is something to draw, the plot is redrawn
+    for _, row in results.iterrows():
+        write_history(tmp_path / row["run_dir"], row["val_miou"])
+    report.plot_learning_curves(tmp_path, results, committed)
+    assert committed.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a placeholder the report wrote itself is replaced without a word, by a plot or a new placeholder
+    placeholder = tmp_path / "plots" / "differences.png"
+    report.plot_differences(report.comparisons(results.iloc[:0]), placeholder)
+    assert imread(placeholder).shape[0] < 300
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.plot_differences(report.comparisons(results.iloc[:0]), placeholder)
+        report.plot_differences(report.comparisons(make_results()), placeholder)
+    assert imread(placeholder).shape[0] > 300
+
+
+def test_learning_curves_mark_the_best_epoch() -> None:
+    from smp_cbam.report.plots import _best_point
+
+    history = pd.DataFrame({"epoch": [0, 1, 2, 3], "val_miou": [0.1, 0.4, 0.4, 0.3]})
+    assert _best_point(history, 2) == (2.0, pytest.approx(40.0))
+    assert _best_point(history, np.nan) == (1.0, pytest.approx(40.0))  # the first best
+    assert _best_point(history, 9) == (1.0, pytest.approx(40.0))
+
+
+def test_cost_table_prefers_costs_csv(tmp_path: Path) -> None:
+    results = make_results()
+    write_runs(tmp_path, results)
+    pd.DataFrame(
+        {
+            "arch": ["unet"] * 3,
+            "encoder": ["resnet18"] * 3,
+            "attention": ["none", "scse", "cbam"],
+            "placement": ["decoder"] * 3,
+            "params": [1_000_000, 1_010_000, 1_020_000],
+            "latency_ms": [4.0, 5.0, 6.0],
+        }
+    ).to_csv(tmp_path / "costs.csv", index=False)
+    costs = report.cost_table(results, report.read_costs(tmp_path))
+    assert list(costs["source"].unique()) == ["costs.csv"]
+    assert costs["latency_ms_vs_none_%"].tolist() == pytest.approx([0.0, 25.0, 50.0])
+    text = report.write_report(tmp_path)
+    assert "one controlled pass" in text
+    assert "| unet | resnet18 | decoder | `cbam` | 1.02M | +2.0% | 6.00 | +50.0% |" in text
+
+
+def test_flags_for_runs_that_did_not_converge_or_stay_at_the_floor() -> None:
+    results = make_results().assign(converged=True, at_floor=False, stop_reason="plateau", steps=120)
+    slow = (results["arch"] == "unet") & (results["attention"] == "cbam") & (results["seed"] == 0)
+    results.loc[slow, ["converged", "stop_reason"]] = [False, "max_epochs"]
+    stuck = (results["arch"] == "unet") & (results["attention"] == "none") & (results["seed"] == 1)
+    results.loc[stuck, "at_floor"] = True
+    # as read back from results.csv: the flags are text
+    results = results.astype({"converged": str, "at_floor": str})
+    text = report.summary_markdown(results)
+    assert "## Runs that did not converge" in text
+    assert (
+        "- unet / `cbam` / seed 0 (resnet18, toy): stopped by max_epochs, after 10 epochs, 120 steps, best epoch 7"
+        in text
+    )
+    assert "measures learning speed, not final accuracy" in text
+    assert "## Runs stuck at the trivial floor\n\n- unet / `none` / seed 1 (resnet18, toy)" in text
+    assert "| `cbam` | 3 | 2/3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] † ‡ |" in text
+    assert "| `none` | 3 (1 at floor) | 3/3 |" in text
+    summary = report.summarize(results)
+    assert summary.loc[summary["attention"] == "cbam", "n_converged"].tolist() == [2, 2]  # unet: 2 of 3; unet++: 2 ok
+
+
+def test_context_miou_precision_and_placement_are_shown() -> None:
+    results = make_results().assign(
+        placement="decoder", precision="bf16-mixed", test_context_miou=lambda d: d["test_miou"] - 0.1
+    )
+    text = report.summary_markdown(results)
+    assert "## unet · encoder resnet18 · dataset toy · placement decoder" in text
+    assert "Precision: bf16-mixed." in text
+    assert "| attention | n | mIoU mean ± std | context mIoU | Δ vs none [95% CI] |" in text
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | 62.00 ± 2.65 |" in text

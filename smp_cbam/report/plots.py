@@ -1,4 +1,8 @@
-"""The report's plots (PNG, size-capped): mIoU per attention type, learning curves, per-class IoU."""
+"""The report's plots (PNG, size-capped): mIoU per attention type, paired differences, learning curves, per-class IoU.
+
+A plot that has nothing to draw writes a placeholder only where no plot exists yet: a committed
+study folder whose run histories were not committed keeps its learning curves.
+"""
 
 from __future__ import annotations
 
@@ -14,10 +18,23 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 from .constants import HISTORY_COLUMNS, MAX_PNG_BYTES, PLOT_DPIS
-from .io import _atomic_write_bytes, _group_keys, _normalize, _ok_runs, _sort_attentions, _sort_rows, primary_metric
-from .tables import _group_title, _metric_label
+from .io import (
+    _atomic_write_bytes,
+    _group_keys,
+    _normalize,
+    _ok_runs,
+    _sort_attentions,
+    _sort_rows,
+    _warn,
+    confined_run_dir,
+    primary_metric,
+)
+from .tables import NOT_CONVERGED_MARK, _metric_label
+
+PLACEHOLDER_KEY = "smp-cbam"
 
 
 def _new_figure(width: float, height: float) -> Figure:
@@ -26,23 +43,43 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike) -> None:
-    """Save ``fig`` as a 256-colour PNG, lowering the resolution until it is under ``MAX_PNG_BYTES``."""
+def _save_figure(fig: Figure, path: str | os.PathLike, placeholder: bool = False) -> None:
+    """Save ``fig`` as a 256-colour PNG, lowering the resolution until it is under ``MAX_PNG_BYTES``.
+
+    A placeholder carries a PNG text chunk that says so, so that a later report may replace it.
+    """
+    info = PngInfo()
+    if placeholder:
+        info.add_text(PLACEHOLDER_KEY, "placeholder")
     for dpi in PLOT_DPIS:
         rendered = io.BytesIO()
         fig.savefig(rendered, format="png", dpi=dpi)
         palette = Image.open(rendered).convert("RGB").quantize(colors=256)
         png = io.BytesIO()
-        palette.save(png, format="png", optimize=True)
+        palette.save(png, format="png", optimize=True, pnginfo=info)
         if png.tell() <= MAX_PNG_BYTES:
             break
     _atomic_write_bytes(path, png.getvalue())
 
 
+def _is_placeholder(path: Path) -> bool:
+    """Whether ``path`` is a placeholder this module wrote (an unreadable file counts as a plot, and is kept)."""
+    try:
+        with Image.open(path) as image:
+            return getattr(image, "text", {}).get(PLACEHOLDER_KEY) == "placeholder"
+    except (OSError, ValueError):
+        return False
+
+
 def _save_placeholder(path: str | os.PathLike, message: str) -> None:
+    """A small PNG saying ``message``, unless ``path`` already holds a real plot (then it is kept, with a warning)."""
+    path = Path(path)
+    if path.exists() and not _is_placeholder(path):
+        _warn(f"{path}: {message}; the existing plot is kept")
+        return
     fig = _new_figure(4, 2)
     fig.text(0.5, 0.5, message, ha="center", va="center")
-    _save_figure(fig, path)
+    _save_figure(fig, path, placeholder=True)
 
 
 def _colors(attentions: Sequence[str]) -> dict[str, tuple]:
@@ -60,14 +97,19 @@ def _panels(fig: Figure, n: int, ncols: int | None = None) -> list[Axes]:
     return list(axes[:n])
 
 
+def _plain_title(keys: list[str], values: tuple) -> str:
+    named = dict(zip(keys, values))
+    parts = [str(named.get("arch", ""))]
+    parts += [f"{k} {named[k]}" for k in ("encoder", "dataset", "placement") if named.get(k)]
+    # matplotlib reads $...$ as math: a name with two dollars must not break the figure
+    return " · ".join(p for p in parts if p).replace("$", r"\$") or "all runs"
+
+
 def _groups(df: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
     keys = _group_keys(df)
     if not keys:
         return [("all runs", df)]
-    return [
-        (_group_title(keys, g if isinstance(g, tuple) else (g,)), rows)
-        for g, rows in df.groupby(keys, sort=True)
-    ]
+    return [(_plain_title(keys, g if isinstance(g, tuple) else (g,)), rows) for g, rows in df.groupby(keys, sort=True)]
 
 
 def plot_miou(results: pd.DataFrame, path: str | os.PathLike, metric: str | None = None) -> None:
@@ -111,16 +153,18 @@ def _read_history(path: Path) -> pd.DataFrame | None:
 
 
 def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, path: str | os.PathLike) -> None:
-    """Validation mIoU (%) above train loss per epoch of every run, coloured by attention, one panel pair per arch.
+    """Validation mIoU (%) above train loss per epoch of every run, coloured by attention, one panel pair per group.
 
-    Missing, empty or unreadable ``history.csv`` files are skipped; failed runs are drawn dashed.
+    A star marks each run's best epoch (the checkpoint it was evaluated with). Missing, empty or
+    unreadable ``history.csv`` files are skipped; failed runs are drawn dashed.
     """
     df = _normalize(results)
     output_dir = Path(output_dir)
     histories = {}
     for idx, run_dir in df["run_dir"].items() if "run_dir" in df else []:
-        if isinstance(run_dir, str) and run_dir.strip():
-            history = _read_history(output_dir / run_dir.strip() / "history.csv")
+        run_dir = confined_run_dir(output_dir, run_dir, output_dir / "results")
+        if run_dir:
+            history = _read_history(output_dir / run_dir / "history.csv")
             if history is not None:
                 histories[idx] = history
     if not histories:
@@ -150,15 +194,82 @@ def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, p
             labelled.add(row["attention"])
             if "val_miou" in history:
                 top.plot(history["epoch"], 100 * history["val_miou"], **style)
+                best = _best_point(history, row.get("best_epoch", np.nan))
+                if best is not None:
+                    top.scatter(
+                        *best, marker="*", s=40, color=style["color"], edgecolors="black", linewidths=0.4, zorder=3
+                    )
             if "train_loss" in history:
                 bottom.plot(history["epoch"], history["train_loss"], **{**style, "label": None})
-        top.set_title(name, fontsize=10)
+        top.set_title(name + "  (★ best epoch)", fontsize=10)
         top.set_ylabel("val mIoU (%)")
         bottom.set_ylabel("train loss")
         bottom.set_xlabel("epoch")
         top.legend(fontsize=7)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+def _best_point(history: pd.DataFrame, best_epoch: float) -> tuple[float, float] | None:
+    """(epoch, val mIoU %) of the run's best epoch: the recorded one, else the history's maximum."""
+    scores = history.dropna(subset=["val_miou"])
+    if scores.empty:
+        return None
+    at = scores[scores["epoch"] == best_epoch] if pd.notna(best_epoch) else scores.iloc[:0]
+    row = at.iloc[0] if not at.empty else scores.loc[scores["val_miou"].idxmax()]
+    return float(row["epoch"]), 100 * float(row["val_miou"])
+
+
+def plot_differences(diffs: pd.DataFrame, path: str | os.PathLike, metric: str = "test_miou") -> None:
+    """Forest plot of every distinct comparison: mean paired difference with its seed t-interval and
+    its image-bootstrap interval, one panel per group; a filled marker where the difference holds.
+
+    ``diffs``: :func:`smp_cbam.report.comparisons`.
+    """
+    if diffs is None or diffs.empty or not (diffs["n_pairs"] > 0).any():
+        _save_placeholder(path, "no paired differences")
+        return
+    keys = _group_keys(diffs)
+    distinct = diffs.assign(_pair=[tuple(sorted(p)) for p in zip(diffs["attention"], diffs["baseline"])])
+    distinct = distinct[distinct["n_pairs"] > 0].drop_duplicates([*keys, "_pair"])
+    groups = _groups(distinct)
+    height = sum(0.42 * len(rows) + 1.0 for _, rows in groups)
+    fig = _new_figure(6.4, max(2.5, height))
+    axes = fig.subplots(len(groups), 1, squeeze=False, height_ratios=[len(r) + 1.5 for _, r in groups]).ravel()
+    for ax, (name, rows) in zip(axes, groups):
+        rows = rows.reset_index(drop=True)
+        y = np.arange(len(rows))
+        for i, d in rows.iterrows():
+            mean = 100 * d["mean_diff"]
+            if d["n_pairs"] >= 2:
+                ax.plot([100 * d["ci_low"], 100 * d["ci_high"]], [i - 0.12] * 2, color="black", linewidth=1.6)
+            if d["boot_seeds"] > 0:
+                ax.plot(
+                    [100 * d["boot_low"], 100 * d["boot_high"]],
+                    [i + 0.12] * 2,
+                    color="tab:orange",
+                    linewidth=3,
+                    alpha=0.8,
+                )
+            ax.scatter([mean], [i], color="black", s=28, zorder=3, facecolors="black" if d["holds"] else "white")
+        labels = [
+            f"{d['attention']} − {d['baseline']}"
+            + (f" {NOT_CONVERGED_MARK}" if d["not_converged"] else "")
+            + f"  (n={d['n_pairs']})"
+            for _, d in rows.iterrows()
+        ]
+        ax.set_yticks(y, [label.replace("$", r"\$") for label in labels], fontsize=8)
+        ax.set_ylim(len(rows) - 0.5, -0.5)
+        ax.axvline(0, color="grey", linewidth=1)
+        ax.set_title(name, fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel(f"Δ {_metric_label(metric)} (percentage points)", fontsize=8)
+    fig.suptitle(
+        "black: 95% t-interval over seeds · orange: 95% image bootstrap · filled dot: holds (Holm)"
+        + (f" · {NOT_CONVERGED_MARK} not converged" if distinct["not_converged"].any() else ""),
+        fontsize=8,
+    )
     _save_figure(fig, path)
 
 

@@ -1,13 +1,41 @@
-"""The markdown summary of a results directory."""
+"""The markdown summary of a results directory.
+
+Every string that came from a results file (attention, arch and class names, failure messages) goes
+through :func:`escape_markdown` or :func:`_name`, so a name cannot break a table or inject markup.
+"""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import pandas as pd
 
-from .constants import MISSING
+from .constants import ALPHA, BASELINES, MIN_SEEDS_FOR_TEST, MISSING
 from .io import _group_keys, _normalize, _sort_rows, primary_metric
-from .stats import summarize
+from .stats import comparisons, cost_table, summarize
+
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
+_PLAIN_NAME = re.compile(r"[\w.+-]+")
+NOT_CONVERGED_MARK = "†"
+AT_FLOOR_MARK = "‡"
+
+
+def escape_markdown(text: object) -> str:
+    """``text`` on one line, safe inside a markdown table cell or heading: no markup, no HTML."""
+    flat = " ".join(str(text).split())
+    flat = flat.replace("<", "&lt;").replace(">", "&gt;")
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
+
+
+def _name(text: object) -> str:
+    """A user-given name: as code when it is a plain identifier, else escaped text."""
+    text = str(text)
+    return f"`{text}`" if _PLAIN_NAME.fullmatch(text) else escape_markdown(text)
+
+
+# kept for callers of the earlier name
+_cell = escape_markdown
 
 
 def _pp(x: float, signed: bool = False) -> str:
@@ -15,6 +43,16 @@ def _pp(x: float, signed: bool = False) -> str:
     if pd.isna(x):
         return MISSING
     return f"{100 * x:+.2f}" if signed else f"{100 * x:.2f}"
+
+
+def _interval(low: float, high: float) -> str:
+    return f"[{_pp(low, signed=True)}, {_pp(high, signed=True)}]"
+
+
+def _p(p: float) -> str:
+    if pd.isna(p):
+        return MISSING
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _fmt_params(x: float) -> str:
@@ -39,35 +77,36 @@ def _fmt_mean_std(mean: float, std: float) -> str:
 
 
 def _fmt_diff(row: pd.Series, baseline: str) -> str:
+    """The Δ cell of the main table: mean paired difference and its seed interval (image interval for one seed)."""
     if row["attention"] == baseline:
         return "baseline"
-    n = row[f"diff_vs_{baseline}_n"]
+    prefix = f"diff_vs_{baseline}"
+    n = row[f"{prefix}_n"]
     if n == 0:
         return MISSING
-    mean = _pp(row[f"diff_vs_{baseline}"], signed=True)
+    mean = _pp(row[prefix], signed=True)
     if n < 2:
-        return f"{mean} (1 pair, no CI)"
-    low, high = row[f"diff_vs_{baseline}_ci_low"], row[f"diff_vs_{baseline}_ci_high"]
-    text = f"{mean} [{_pp(low, signed=True)}, {_pp(high, signed=True)}]"
-    if low > 0 or high < 0:
+        low, high = row.get(f"{prefix}_img_low", np.nan), row.get(f"{prefix}_img_high", np.nan)
+        text = f"{mean} (1 seed, images {_interval(low, high)})" if pd.notna(low) else f"{mean} (1 seed, no CI)"
+    else:
+        text = f"{mean} {_interval(row[f'{prefix}_ci_low'], row[f'{prefix}_ci_high'])}"
+    if row.get(f"{prefix}_holds") is True:
         text = f"**{text}**"
-    if n < row["n"]:
+    if row.get(f"{prefix}_not_converged") is True:
+        text += f" {NOT_CONVERGED_MARK}"
+    if row.get(f"{prefix}_at_floor") is True:
+        text += f" {AT_FLOOR_MARK}"
+    if 2 <= n < row["n"]:
         text += f" ({n} pairs)"
     return text
 
 
-def _cell(text: object) -> str:
-    """Make a value safe inside a markdown table cell."""
-    return " ".join(str(text).split()).replace("|", "\\|")
-
-
 def _group_title(keys: list[str], values: tuple) -> str:
     named = dict(zip(keys, values))
-    parts = [named.get("arch", "")]
-    if named.get("encoder"):
-        parts.append(f"encoder {named['encoder']}")
-    if named.get("dataset"):
-        parts.append(f"dataset {named['dataset']}")
+    parts = [escape_markdown(named.get("arch", ""))]
+    for key in ("encoder", "dataset", "placement"):
+        if named.get(key):
+            parts.append(f"{key} {escape_markdown(named[key])}")
     return " · ".join(p for p in parts if p) or "all runs"
 
 
@@ -75,63 +114,304 @@ def _metric_label(metric: str) -> str:
     return {"test_miou": "test mIoU", "val_miou": "validation mIoU"}.get(metric, metric)
 
 
-def summary_markdown(results: pd.DataFrame, metric: str | None = None, title: str | None = None) -> str:
-    """A markdown report: metric, per-arch table of mean ± std and paired deltas, failed runs, how to read CIs."""
+def _run_label(row: pd.Series, keys: list[str]) -> str:
+    seed = "?" if pd.isna(row["seed"]) else int(row["seed"])
+    where = " / ".join([escape_markdown(row.get("arch", "")), _name(row["attention"]), f"seed {seed}"])
+    context = ", ".join(
+        escape_markdown(row[c]) for c in ("encoder", "dataset", "placement") if c in keys and row.get(c)
+    )
+    return where + (f" ({context})" if context else "")
+
+
+def _reading(diffs: pd.DataFrame) -> list[str]:
+    """How to read the differences, in words that match the number of seeds behind them."""
+    paired = diffs[diffs["n_pairs"] > 0]
+    ns = set(paired["n_pairs"])
+    has_boot = bool((diffs["boot_seeds"] > 0).any())
+    lines = ["### How to read the differences", ""]
+    if any(n >= MIN_SEEDS_FOR_TEST for n in ns):
+        lines.append(
+            f"**Bold** marks a difference that holds: its paired t-test over seeds, Holm-adjusted across the "
+            f"comparisons of its table, is below {ALPHA}"
+            + (", and so is its Holm-adjusted image bootstrap" if has_boot else "")
+            + ". A difference not in bold is not shown: an interval that contains 0 means no detectable "
+            "difference with these runs, not evidence that there is none."
+        )
+    if 2 in ns:
+        lines.append(
+            "Two seeds cannot separate arms reliably: the 95% t-interval of two paired differences is 12.7 "
+            "standard errors wide and the standard error rests on a single difference, so no two-seed "
+            f"difference is marked, whatever its interval. Run {MIN_SEEDS_FOR_TEST} or more seeds to test differences."
+        )
+    if 1 in ns:
+        lines.append(
+            "One seed: there is no seed-to-seed interval. The image interval shows how far the difference "
+            "would move with another draw of test images from the same source; it says nothing about "
+            "another training seed, which can move results as much. "
+            + (f"Bold marks an image interval whose Holm-adjusted bootstrap p is below {ALPHA}." if has_boot else "")
+        )
+    if not has_boot and ns:
+        lines.append(
+            "No per-image results (runs/*/per_image.csv) were found, so the intervals cover seed-to-seed "
+            "noise only, not the sampling of the test images."
+        )
+    if ns and not diffs["holds"].any():
+        lines.append("No difference in these tables holds.")
+    if diffs["not_converged"].any():
+        lines.append(
+            f"{NOT_CONVERGED_MARK}: at least one run of the pair did not converge; the difference measures "
+            "learning speed within the budget, not final accuracy."
+        )
+    if diffs["at_floor"].any():
+        lines.append(f"{AT_FLOOR_MARK}: at least one run of the pair is stuck at the trivial floor (see below).")
+    if len(lines) == 2:
+        return []
+    return [lines[0], "", *(line for text in lines[2:] for line in (text, ""))]
+
+
+def _differences_table(rows: pd.DataFrame) -> list[str]:
+    """The detail of every distinct comparison of one group."""
+    distinct = rows.assign(_pair=[tuple(sorted(p)) for p in zip(rows["attention"], rows["baseline"])])
+    distinct = distinct[distinct["n_pairs"] > 0].drop_duplicates("_pair")
+    if distinct.empty:
+        return []
+    family = len(distinct)
+    lines = [
+        f"Paired differences ({family} distinct comparison{'s' if family > 1 else ''}, Holm-adjusted together):",
+        "",
+        "| comparison | seeds | Δ | seed 95% CI | p | Holm p | images | image 95% CI | image Holm p | holds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for _, d in distinct.iterrows():
+        boot = d["boot_seeds"] > 0
+        mark = (f" {NOT_CONVERGED_MARK}" if d["not_converged"] else "") + (f" {AT_FLOOR_MARK}" if d["at_floor"] else "")
+        cells = [
+            f"{_name(d['attention'])} − {_name(d['baseline'])}",
+            str(d["n_pairs"]),
+            _pp(d["mean_diff"], signed=True) + mark,
+            _interval(d["ci_low"], d["ci_high"]) if d["n_pairs"] >= 2 else MISSING,
+            _p(d["p_value"]),
+            _p(d["p_holm"]),
+            str(d["boot_images"]) if boot else MISSING,
+            _interval(d["boot_low"], d["boot_high"]) if boot else MISSING,
+            _p(d["boot_p_holm"]) if boot else MISSING,
+            "**yes**" if d["holds"] else "no",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _per_class_table(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    class_cols = [c for c in df.columns if c.startswith("iou_")]
+    ok = df[df["status"] == "ok"]
+    if not class_cols or ok.empty:
+        return []
+    keys = [k for k in keys if ok[k].nunique() > 1]  # constant keys are in the headings already
+    lines = ["## Per-class IoU", "", "Mean over the successful runs, in percent.", ""]
+    header = "| " + " | ".join([*[k for k in keys], "attention", *(escape_markdown(c[4:]) for c in class_cols)]) + " |"
+    lines += [header, "|" + "---|" * (len(keys) + 1) + "---:|" * len(class_cols)]
+    means = _sort_rows(ok.groupby([*keys, "attention"])[class_cols].mean().reset_index(), keys)
+    for _, row in means.iterrows():
+        cells = [escape_markdown(row[k]) for k in keys] + [_name(row["attention"])]
+        lines.append("| " + " | ".join(cells + [_pp(row[c]) for c in class_cols]) + " |")
+    return [*lines, ""]
+
+
+def _cost_lines(costs: pd.DataFrame | None) -> list[str]:
+    if costs is None or costs.empty:
+        return []
+    keys = [k for k in ("arch", "encoder", "placement") if k in costs]
+    has_latency = "latency_ms" in costs and costs["latency_ms"].notna().any()
+    source = costs["source"].iloc[0]
+    lines = ["## Cost", ""]
+    if source == "costs.csv":
+        lines.append(
+            "Parameters of the modules in the forward pass; latency: median ms per image, measured in one controlled pass after training (costs.csv)."
+        )
+    else:
+        lines.append(
+            "Parameters of the model; latency as recorded beside each run's training (older results, no controlled pass): compare with care."
+        )
+    lines.append("")
+    cols = [*keys, "attention", "params", "params vs none"] + (
+        ["latency ms/img", "latency vs none"] if has_latency else []
+    )
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * (len(keys) + 1) + "---:|" * (len(cols) - len(keys) - 1)]
+    for _, row in costs.iterrows():
+        cells = [escape_markdown(row[k]) for k in keys] + [_name(row["attention"])]
+        cells += [_fmt_params(row.get("params", np.nan)), _pct(row.get("params_vs_none_%", np.nan))]
+        if has_latency:
+            cells += [_fmt_latency(row["latency_ms"]), _pct(row.get("latency_ms_vs_none_%", np.nan))]
+        lines.append("| " + " | ".join(cells) + " |")
+    return [*lines, ""]
+
+
+def _pct(x: float) -> str:
+    return MISSING if pd.isna(x) else f"{x:+.1f}%"
+
+
+def _flag_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    ok = df[df["status"] == "ok"]
+    lines = []
+    if "converged" not in ok and {"best_epoch", "epochs"} <= set(ok.columns) and not ok.empty:
+        # results written before convergence was recorded: the best epoch being the last one is the sign
+        last = int((ok["best_epoch"] >= ok["epochs"] - 1).sum())
+        if last:
+            lines += [
+                "## Convergence not recorded",
+                "",
+                f"In {last} of {len(ok)} successful runs the best epoch is the last one: their validation metric "
+                "may still have been rising, and the comparison may measure learning speed, not final accuracy.",
+                "",
+            ]
+    if "converged" in ok:
+        slow = _sort_rows(ok[ok["converged"] == False], keys)  # noqa: E712 (object column of bools/NaN)
+        if not slow.empty:
+            lines += ["## Runs that did not converge", ""]
+            for _, row in slow.iterrows():
+                why = []
+                if row.get("stop_reason"):
+                    why.append(f"stopped by {escape_markdown(row['stop_reason'])}")
+                if pd.notna(row.get("epochs", np.nan)):
+                    why.append(f"after {int(row['epochs'])} epochs")
+                if pd.notna(row.get("steps", np.nan)):
+                    why.append(f"{int(row['steps'])} steps")
+                if pd.notna(row.get("best_epoch", np.nan)):
+                    why.append(f"best epoch {int(row['best_epoch'])}")
+                lines.append(f"- {_run_label(row, keys)}" + (f": {', '.join(why)}" if why else ""))
+            lines += [
+                "",
+                "They ended before their validation metric reached a plateau by the stopping rule: a "
+                "comparison that includes them measures learning speed, not final accuracy.",
+                "",
+            ]
+    if "at_floor" in ok:
+        stuck = _sort_rows(ok[ok["at_floor"] == True], keys)  # noqa: E712
+        if not stuck.empty:
+            lines += ["## Runs stuck at the trivial floor", ""]
+            lines += [f"- {_run_label(row, keys)}" for _, row in stuck.iterrows()]
+            lines += [
+                "",
+                "Their best validation mIoU is not above that of predicting the most frequent class for "
+                "every pixel (plus 1 point): they learned nothing usable, and differences against them "
+                "say so rather than anything about attention.",
+                "",
+            ]
+    return lines
+
+
+def _budget_line(config: dict | None) -> list[str]:
+    """The stopping rule and budget of the runs, from config.yaml's ``train`` section."""
+    train = config.get("train") if isinstance(config, dict) else None
+    if not isinstance(train, dict):
+        return []
+    words = ("patience", "delta", "max_", "epochs", "steps", "stop", "budget", "plateau")
+    items = [f"{k} {v}" for k, v in train.items() if any(w in str(k) for w in words) and not isinstance(v, dict | list)]
+    return (
+        [f"Training budget and stopping rule (config.yaml): {escape_markdown(', '.join(items))}.", ""] if items else []
+    )
+
+
+def summary_markdown(
+    results: pd.DataFrame,
+    metric: str | None = None,
+    title: str | None = None,
+    diffs: pd.DataFrame | None = None,
+    costs: pd.DataFrame | None = None,
+    config: dict | None = None,
+) -> str:
+    """A markdown report: per-group table of mean ± std, paired differences with their reading, flags, costs, failures.
+
+    ``diffs``: :func:`smp_cbam.report.comparisons` of ``results`` (computed here without per-image
+    files when not given); ``costs``: :func:`smp_cbam.report.cost_table` (from ``results`` when not
+    given); ``config``: the
+    results directory's configuration, for the stopping rule.
+    """
     df = _normalize(results)
     metric = metric or primary_metric(df)
     keys = _group_keys(df)
     seeds = sorted(df["seed"].dropna().astype(int).unique())
     lines = [
-        f"# {title or 'smp-cbam attention comparison'}",
+        f"# {escape_markdown(title or 'smp-cbam attention comparison')}",
         "",
         f"Metric: **{_metric_label(metric)}** (`{metric}`), in percentage points: mean ± sample std over "
         f"seeds ({', '.join(map(str, seeds)) or 'none'}). Δ = mean paired difference to the baseline "
-        "(same seed: same data order, augmentation and encoder init) with its 95% t-interval.",
+        "(same seed: same data order, augmentation and initial weights) with its 95% t-interval over seeds.",
         "",
+        *_budget_line(config),
     ]
     if df.empty:
         return "\n".join([*lines, "No runs in results.csv.", ""])
-    summary = summarize(df, metric)
-    untrained = "untrained_miou" in summary
-    header = [
-        "| attention | n | mIoU mean ± std | Δ vs none [95% CI] | Δ vs scse [95% CI] |"
-        + (" untrained mIoU |" if untrained else "")
-        + " params | latency ms/img |",
-        "|---|---:|---:|---:|---:|" + ("---:|" if untrained else "") + "---:|---:|",
+    if diffs is None:
+        diffs = comparisons(df, None, metric)
+    summary = summarize(df, metric, diffs=diffs)
+    optional = [
+        ("n_converged", "converged"),
+        ("context_mean", "context mIoU"),
+        ("untrained_miou", "untrained mIoU"),
     ]
+    shown = [(col, label) for col, label in optional if col in summary]
+    header = [
+        "| attention | n | "
+        + "".join(f"{label} | " for col, label in shown if col == "n_converged")
+        + "mIoU mean ± std | "
+        + "".join(f"{label} | " for col, label in shown if col == "context_mean")
+        + "Δ vs none [95% CI] | Δ vs scse [95% CI] |"
+        + "".join(f" {label} |" for col, label in shown if col == "untrained_miou")
+        + " params |",
+    ]
+    header.append("|---|" + "---:|" * (header[0].count("|") - 2))
     for group, rows in summary.groupby(keys, sort=False) if keys else [((), summary)]:
         group = group if isinstance(group, tuple) else (group,)
-        lines += [f"## {_group_title(keys, group)}", "", *header]
+        lines += [f"## {_group_title(keys, group)}", ""]
+        if "precision" in df:
+            where = np.ones(len(df), dtype=bool)
+            for k, v in zip(keys, group):
+                where &= (df[k] == v).to_numpy()
+            precisions = sorted({p for p in df.loc[where, "precision"] if p})
+            if precisions:
+                lines += [f"Precision: {escape_markdown(', '.join(precisions))}.", ""]
+        lines += header
         for _, row in rows.iterrows():
-            n = f"{row['n']}" + (f" ({row['n_failed']} failed)" if row["n_failed"] else "")
-            cells = [
-                f"`{_cell(row['attention'])}`",
-                n,
-                _fmt_mean_std(row["mean"], row["std"]),
-                _fmt_diff(row, "none"),
-                _fmt_diff(row, "scse"),
-                *([_pp(row["untrained_miou"])] if untrained else []),
-                _fmt_params(row.get("params", np.nan)),
-                _fmt_latency(row.get("latency_ms", np.nan)),
-            ]
+            n = f"{row['n']}"
+            if row["n_failed"]:
+                n += f" ({row['n_failed']} failed)"
+            if row.get("n_at_floor", 0):
+                n += f" ({row['n_at_floor']} at floor)"
+            cells = [_name(row["attention"]), n]
+            if "n_converged" in summary:
+                cells.append(f"{row['n_converged']}/{row['n_ok']}")
+            cells.append(_fmt_mean_std(row["mean"], row["std"]))
+            if "context_mean" in summary:
+                cells.append(_fmt_mean_std(row["context_mean"], row["context_std"]))
+            cells += [_fmt_diff(row, "none"), _fmt_diff(row, "scse")]
+            if "untrained_miou" in summary:
+                cells.append(_pp(row["untrained_miou"]))
+            cells.append(_fmt_params(row.get("params", np.nan)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-    lines += [
-        "How to read Δ: a difference whose 95% CI excludes 0 (**bold**) is beyond seed-to-seed noise at "
-        "95%; with few seeds the CI is wide, and a CI containing 0 means no detectable difference, "
-        "not no difference.",
-        "",
-    ]
-    if untrained:
+        where = np.ones(len(diffs), dtype=bool)
+        for k, v in zip(keys, group):
+            where &= (diffs[k] == v).to_numpy()
+        lines += _differences_table(diffs[where])
+    lines += _reading(diffs)
+    if "context_mean" in summary:
+        lines += ["Context mIoU: mIoU over the test pixels whose label depends on the global cue only.", ""]
+    if "untrained_miou" in summary:
         lines += ["Untrained mIoU: the same metric for each run's initial weights, before any training.", ""]
+    lines += _flag_lines(df, keys)
+    lines += _per_class_table(df, keys)
+    lines += _cost_lines(cost_table(df) if costs is None else costs)
     failed = df[df["status"] != "ok"]
     if not failed.empty:
         lines += ["## Failed runs", ""]
         for _, row in _sort_rows(failed, keys).iterrows():
-            seed = "?" if pd.isna(row["seed"]) else int(row["seed"])
-            where = " / ".join([str(row.get("arch", "")), str(row["attention"]), f"seed {seed}"])
-            context = ", ".join(str(row[c]) for c in ("encoder", "dataset") if row.get(c))
-            reason = _cell(row.get("failure", "")) or "no reason recorded"
-            lines.append(f"- {where}" + (f" ({context})" if context else "") + f": {reason[:300]}")
+            reason = escape_markdown(row.get("failure", "")) or "no reason recorded"
+            if len(reason) > 300:
+                reason = reason[:300].rstrip("\\") + " …"
+            lines.append(f"- {_run_label(row, keys)}: {reason}")
         lines.append("")
     return "\n".join(lines)
+
+
+__all__ = ["BASELINES", "escape_markdown", "summary_markdown"]
