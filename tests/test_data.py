@@ -650,3 +650,16 @@ def test_the_training_loader_follows_the_trainers_world_size():
     # a DistributedSampler, so that Lightning's DDP keeps it instead of wrapping it
     assert isinstance(sampler, DistributedSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
     assert [i for i, _ in sampler] == whole[1::2]
+
+
+def test_resized_files_are_cached_after_first_use(tmp_path):
+    root = make_camvid(tmp_path / "camvid", size=(45, 60))
+    dm = SegmentationDataModule("camvid", str(root), batch_size=4, resize=(32, 64), eval_mode="resize")
+    dm.setup()
+    first = list(dm.val_dataloader())
+    for path in (root / "val").iterdir():
+        path.unlink()  # later epochs use the decoded, resized frames
+    assert_same(list(dm.val_dataloader()), first)
+    stored = cv2.imread(str(root / "valannot" / "val_000.png"), cv2.IMREAD_UNCHANGED)
+    resized = cv2.resize(stored, (64, 32), interpolation=cv2.INTER_NEAREST)
+    assert torch.equal(first[0][1][0], torch.from_numpy(resized).long())
