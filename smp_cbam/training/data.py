@@ -504,7 +504,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names, self.ignore_index = len(classes.names), classes.names, classes.ignore_index
         self.classes = classes
 
-        self.root = None if root is None else Path(root)
+        self.dataset, self.root = dataset, None if root is None else Path(root)
         self.hflip, self.eval_mode, self.exif = hflip, eval_mode, exif
         self.batch_size, self.num_workers, self.seed, self.split_seed = batch_size, num_workers, seed, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
