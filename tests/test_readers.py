@@ -281,3 +281,16 @@ def test_damaged_files_are_named_by_the_check(tmp_path):
     save(root / "images" / "img3.jpg", scene(32, 32)[0])
     with pytest.raises(DatasetError, match=r"single-channel or palette[^\n]*\n.*img5.png: 3 channels that differ"):
         SegmentationDataModule("folder", str(root), num_classes=2).setup()
+
+
+def test_a_grey_photo_in_an_rgb_dataset_is_named(tmp_path):
+    root = tmp_path / "camvid"
+    for split in ("train", "val", "test"):
+        for i in range(2):
+            image, mask = scene(32, 32, seed=i)
+            save(root / split / f"{split}_{i}.png", image[..., 0] if (split, i) == ("val", 1) else image)
+            save(root / f"{split}annot" / f"{split}_{i}.png", mask)
+    dm = SegmentationDataModule("camvid", str(root))
+    with pytest.warns(UserWarning, match=r"1 of 6 images are grey, repeated into 3 channels[^\n]*\n.*val_1.png"):
+        dm.setup()
+    assert dm.datasets["val"][1][0].shape == (3, 32, 32)

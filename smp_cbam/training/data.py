@@ -487,6 +487,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic: dict | None = None,
     ):
         super().__init__()
+        self.save_hyperparameters()  # the arguments as given; their resolved values replace them below
         self.source: DataSource = get_source(dataset)
         if not self.source.in_memory and root is None:
             raise ValueError(f"dataset={dataset!r} needs root= the dataset folder")
@@ -508,7 +509,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.hflip, self.eval_mode, self.exif = hflip, eval_mode, exif
         self.batch_size, self.num_workers, self.seed, self.split_seed = batch_size, num_workers, seed, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.channels_given = in_channels is not None or self.source.in_channels is not None
+        self.channels_given = in_channels is not None
         self.pairs: dict[str, list[Pair]] = {}
         if not self.source.in_memory:
             self.pairs = self.source.pairs(self.root, val_fraction, test_fraction, split_seed)
@@ -516,15 +517,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.has_test = False
         self.lut: np.ndarray | None = None  # stored mask value -> class index, for file datasets
         self.datasets: dict[str, SegmentationDataset] = {}
-        self.save_hyperparameters(
-            dict(
-                dataset=dataset, root=root, num_classes=self.num_classes, ignore_index=self.ignore_index,
-                void_label=classes.void, class_names=self.class_names, in_channels=self.in_channels, resize=self.resize, crop=self.crop,
-                scale=self.scale, hflip=hflip, eval_mode=eval_mode, exif=exif, batch_size=batch_size,
-                num_workers=num_workers, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
-                test_fraction=test_fraction, synthetic=synthetic,
-            )  # fmt: skip
-        )
+        resolved = dict(
+            num_classes=self.num_classes, class_names=self.class_names, ignore_index=self.ignore_index,
+            void_label=classes.void, in_channels=self.in_channels, resize=self.resize, crop=self.crop, scale=self.scale,
+        )  # fmt: skip
+        self.save_hyperparameters({**self.hparams, **resolved})
 
     @staticmethod
     def _synthetic_options(synthetic: dict | None) -> dict:
