@@ -15,8 +15,6 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from smp_cbam.training.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PAD_INDEX,
     DatasetError,
     SeededSampler,
@@ -609,8 +607,9 @@ def test_resized_frames_are_never_padded(tmp_path):
     root = make_camvid(tmp_path / "camvid", size=(45, 60))
     dm = SegmentationDataModule("camvid", str(root), batch_size=4, resize=(96, 128), eval_mode="resize")
     dm.setup()
-    (train_image, train_mask), (val_image, val_mask) = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
-    assert train_image.shape[2:] == val_image.shape[2:] == (96, 128)
+    train_image, _ = next(iter(dm.train_dataloader()))
+    val_image, _ = next(iter(dm.val_dataloader()))
+    assert train_image.shape[2:] == val_image.shape[2:] == (96, 128)  # the resized frame: nothing padded
 
 
 def test_zooming_out_is_refused():

@@ -146,7 +146,9 @@ def mask_lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str, exif: str) -> None:
+def validate(
+    pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str, exif: str
+) -> None:
     """Raise a DatasetError for the first kind of problem found, listing the files: unreadable
     files, EXIF orientation refused, bad mask format, image/mask size mismatch, invalid mask
     values. ``valid`` describes the valid mask values for the message."""
@@ -171,7 +173,10 @@ def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut
     turned = [(p, i) for p, i in mismatched if exif == "apply" and i.image.size("ignore") == i.mask.size("ignore")]
     fail(
         "image/mask pairs match in size only without the EXIF orientation of the image or the mask",
-        [f"{p.image} (Orientation {i.image.orientation}) vs {p.mask} (Orientation {i.mask.orientation})" for p, i in turned],
+        [
+            f"{p.image} (Orientation {i.image.orientation}) vs {p.mask} (Orientation {i.mask.orientation})"
+            for p, i in turned
+        ],
         "if the masks were drawn on the stored pixels, pass exif='ignore'; otherwise fix these masks.",
     )
     fail(
@@ -339,7 +344,9 @@ class ReflectPad(A.DualTransform):
     """Pad bottom and right to at least ``min_size`` and to a multiple of ``divisor``: the image by
     reflection (no constant band the global pools would see), masks with ``fill_mask``."""
 
-    def __init__(self, divisor: int = 1, min_size: tuple[int, int] = (0, 0), fill_mask: int = PAD_INDEX, p: float = 1.0):
+    def __init__(
+        self, divisor: int = 1, min_size: tuple[int, int] = (0, 0), fill_mask: int = PAD_INDEX, p: float = 1.0
+    ):
         super().__init__(p=p)
         self.divisor, self.min_size, self.fill_mask = divisor, tuple(min_size), fill_mask
 
@@ -553,14 +560,19 @@ class SegmentationDataModule(pl.LightningDataModule):
             raw, frame = self._setup_files()
         for split in ("train", "val"):
             if split not in raw:
-                fix = f"set synthetic n_{split} > 0" if self.source.in_memory else f"add a {split} folder or set {split}_fraction > 0"
+                fix = (
+                    f"set synthetic n_{split} > 0"
+                    if self.source.in_memory
+                    else f"add a {split} folder or set {split}_fraction > 0"
+                )
                 raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: {fix}.")
         self.has_test = "test" in raw
         frame = self.resize or frame
         resize = self.resize if self.source.in_memory else None  # file datasets resize (and cache) as they load
         transforms = {
-            "train": train_transform(frame, self.crop, resize, self.scale, self.hflip, self.in_channels,
-                                     self.ignore_index, self.eval_mode),  # fmt: skip
+            "train": train_transform(
+                frame, self.crop, resize, self.scale, self.hflip, self.in_channels, self.ignore_index, self.eval_mode
+            ),  # fmt: skip
             "eval": eval_transform(resize, self.eval_mode, self.in_channels, self.ignore_index),
         }
         for split, make in raw.items():
@@ -586,7 +598,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             "add images, or lower val_fraction / test_fraction.",
         )
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            infos = {split: list(pool.map(functools.partial(scan_pair, exif=self.exif), found)) for split, found in pairs.items()}
+            infos = {
+                split: list(pool.map(functools.partial(scan_pair, exif=self.exif), found))
+                for split, found in pairs.items()
+            }
         values = {v for found in infos.values() for info in found for v in info.mask_values}
         mapping, valid = self.source.mask_mapping(self.classes, values)
         self.lut = mask_lut(mapping)
@@ -602,16 +617,26 @@ class SegmentationDataModule(pl.LightningDataModule):
                 f"images under {root} differ in size, so they cannot be batched:\n"
                 f"{listing([f'{p}: {h}x{w}' for (h, w), p in sizes.items()])}\nFix: pass resize=(H, W)."
             )
-        cached = self.resize is not None and len(rows) * self.resize[0] * self.resize[1] * (self.in_channels + 1) <= CACHE_BYTES
+        cached = (
+            self.resize is not None
+            and len(rows) * self.resize[0] * self.resize[1] * (self.in_channels + 1) <= CACHE_BYTES
+        )
         make = functools.partial(FileDataset, lut=self.lut, in_channels=self.in_channels, ignore_index=self.ignore_index,
                                  exif=self.exif, resize=self.resize, cache=cached)  # fmt: skip
-        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(self.exif)
+        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(
+            self.exif
+        )
 
     def _warn_conversions(self, rows: list[tuple[Pair, PairInfo]]) -> None:
         """One warning naming the files turned by their EXIF orientation, one naming the images
         converted to ``in_channels`` without the user asking for it."""
         if self.exif == "apply":
-            turned = [f"{info.path} (Orientation {info.orientation})" for _, i in rows for info in (i.image, i.mask) if info.turned]
+            turned = [
+                f"{info.path} (Orientation {info.orientation})"
+                for _, i in rows
+                for info in (i.image, i.mask)
+                if info.turned
+            ]
             if turned:
                 warnings.warn(
                     f"EXIF orientation applied to {len(turned)} files (turned as photo viewers show them, images and "
@@ -656,7 +681,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_test:
-            raise DatasetError(f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0.")
+            raise DatasetError(
+                f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0."
+            )
         return self._eval_loader("test")
 
     def _eval_loader(self, split: str) -> DataLoader:
