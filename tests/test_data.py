@@ -163,6 +163,7 @@ def test_no_test_split():
     dm = SegmentationDataModule(synthetic={**SMALL, "n_test": 0})
     dm.setup()
     assert not dm.has_test
+    assert dm.predict_dataloader().dataset is dm.datasets["val"]  # trainer.predict falls back to val
     with pytest.raises(DatasetError, match="no test split"):
         dm.test_dataloader()
 
@@ -517,6 +518,7 @@ def test_test_datasets_expose_ids_in_loader_order(tmp_path):
     synthetic = SegmentationDataModule(synthetic=SMALL)
     synthetic.setup()
     assert synthetic.datasets["test"].ids == [str(i) for i in range(SMALL["n_test"])]
+    assert synthetic.predict_dataloader().dataset is synthetic.datasets["test"]
 
 
 @dataclass(frozen=True)

@@ -686,6 +686,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             )
         return self._eval_loader("test")
 
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's loader (the validation split's when there is no test split), for
+        ``trainer.predict``; the order is that of the split's ``ids``."""
+        return self._eval_loader("test" if self.has_test else "val")
+
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(
             self.datasets[split],
