@@ -6,12 +6,14 @@ rules), both by the check in :meth:`SegmentationDataModule.setup` and by trainin
 
 ``num_classes``, ``in_channels``, ``class_names`` (a tuple) and ``ignore_index`` (an int) are
 resolved by ``__init__`` and saved in the data module's hyperparameters with their resolved values,
-so Lightning's merge with a module's hyperparameters never conflicts. ``ignore_index`` is the given
-one, else the dataset's void label (CamVid 11), else ``PAD_INDEX`` (255), which then marks only
-padding. ``in_channels`` is the given one, else the source's (3 for synthetic, CamVid, Pets), else
-detected from the image headers (folder): 1 when every image is grey, 3 otherwise; images whose
-channels differ from the resolved count are converted (grey repeated into RGB, colour to luma)
-with a warning naming them, unless ``in_channels`` was given.
+so Lightning's merge with a module's hyperparameters never conflicts, and
+``SegmentationDataModule(**dm.hparams)`` builds the same data module. ``void_label`` is the value
+void pixels have in the mask files (CamVid 11; none by default elsewhere); ``ignore_index`` is the
+index batches carry for void and padded pixels: the given one, else the void label where masks
+store class indices, else ``PAD_INDEX`` (255). ``in_channels`` is the given one, else the source's
+(3 for synthetic, CamVid, Pets), else detected from the image headers (folder): 1 when every image
+is grey, 3 otherwise. Images whose channels differ from it are converted (grey repeated into RGB,
+colour to luma), with a warning naming them unless ``in_channels`` was given.
 
 Training and evaluation see the same kind of input, so nothing reaches the attention's global
 pools at test time that training never showed (docs/data.md):
