@@ -318,19 +318,21 @@ class SeededSampler(DistributedSampler):
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.length, self.seed, self.epoch = length, seed, 0
         self.num_replicas, self.rank = num_replicas, rank
+        # DistributedSampler's public attributes, for code that reads them
+        self.num_samples, self.total_size = length // num_replicas, length - length % num_replicas
+        self.shuffle, self.drop_last, self.dataset = True, True, None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length // self.num_replicas
+        return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.length)
         sample_seeds = rng.integers(0, 2**32, self.length)
-        used = self.length - self.length % self.num_replicas
-        for index in order[self.rank : used : self.num_replicas]:
+        for index in order[self.rank : self.total_size : self.num_replicas]:
             yield int(index), int(sample_seeds[index])
 
 
