@@ -15,8 +15,6 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 
 from smp_cbam.training.data import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     PAD_INDEX,
     DatasetError,
     SeededSampler,
@@ -165,6 +163,7 @@ def test_no_test_split():
     dm = SegmentationDataModule(synthetic={**SMALL, "n_test": 0})
     dm.setup()
     assert not dm.has_test
+    assert dm.predict_dataloader().dataset is dm.datasets["val"]  # trainer.predict falls back to val
     with pytest.raises(DatasetError, match="no test split"):
         dm.test_dataloader()
 
@@ -519,6 +518,7 @@ def test_test_datasets_expose_ids_in_loader_order(tmp_path):
     synthetic = SegmentationDataModule(synthetic=SMALL)
     synthetic.setup()
     assert synthetic.datasets["test"].ids == [str(i) for i in range(SMALL["n_test"])]
+    assert synthetic.predict_dataloader().dataset is synthetic.datasets["test"]
 
 
 @dataclass(frozen=True)
@@ -609,8 +609,9 @@ def test_resized_frames_are_never_padded(tmp_path):
     root = make_camvid(tmp_path / "camvid", size=(45, 60))
     dm = SegmentationDataModule("camvid", str(root), batch_size=4, resize=(96, 128), eval_mode="resize")
     dm.setup()
-    (train_image, train_mask), (val_image, val_mask) = next(iter(dm.train_dataloader())), next(iter(dm.val_dataloader()))
-    assert train_image.shape[2:] == val_image.shape[2:] == (96, 128)
+    train_image, _ = next(iter(dm.train_dataloader()))
+    val_image, _ = next(iter(dm.val_dataloader()))
+    assert train_image.shape[2:] == val_image.shape[2:] == (96, 128)  # the resized frame: nothing padded
 
 
 def test_zooming_out_is_refused():
@@ -650,3 +651,16 @@ def test_the_training_loader_follows_the_trainers_world_size():
     # a DistributedSampler, so that Lightning's DDP keeps it instead of wrapping it
     assert isinstance(sampler, DistributedSampler) and (sampler.num_replicas, sampler.rank) == (2, 1)
     assert [i for i, _ in sampler] == whole[1::2]
+
+
+def test_resized_files_are_cached_after_first_use(tmp_path):
+    root = make_camvid(tmp_path / "camvid", size=(45, 60))
+    dm = SegmentationDataModule("camvid", str(root), batch_size=4, resize=(32, 64), eval_mode="resize")
+    dm.setup()
+    first = list(dm.val_dataloader())
+    for path in (root / "val").iterdir():
+        path.unlink()  # later epochs use the decoded, resized frames
+    assert_same(list(dm.val_dataloader()), first)
+    stored = cv2.imread(str(root / "valannot" / "val_000.png"), cv2.IMREAD_UNCHANGED)
+    resized = cv2.resize(stored, (64, 32), interpolation=cv2.INTER_NEAREST)
+    assert torch.equal(first[0][1][0], torch.from_numpy(resized).long())

@@ -99,7 +99,9 @@ def test_mask_modes(tmp_path):
     assert np.array_equal(read_mask(save(tmp_path / "same.png", grey_rgb)), [[0, 1], [2, 0]])
     colour = grey_rgb.copy()
     colour[0, 0] = (255, 0, 0)
-    with pytest.raises(ReadError, match=r"colour.png: 3 channels that differ \(a colour mask, 4 distinct colours\)") as error:
+    with pytest.raises(
+        ReadError, match=r"colour.png: 3 channels that differ \(a colour mask, 4 distinct colours\)"
+    ) as error:
         read_mask(save(tmp_path / "colour.png", colour))
     assert error.value.kind == "format"
 
@@ -185,7 +187,9 @@ def aligned(dm: SegmentationDataModule) -> bool:
 def test_exif_rotated_jpegs_are_turned_with_a_warning_naming_them(tmp_path, size):
     root = make_folder(tmp_path / "data", size=size, orientation=6)
     dm = SegmentationDataModule("folder", str(root), num_classes=2, val_fraction=0.5, test_fraction=0, batch_size=3)
-    with pytest.warns(UserWarning, match=r"EXIF orientation applied to 3 files[^\n]*\n[\s\S]*img0.jpg \(Orientation 6\)") as record:
+    with pytest.warns(
+        UserWarning, match=r"EXIF orientation applied to 3 files[^\n]*\n[\s\S]*img0.jpg \(Orientation 6\)"
+    ) as record:
         dm.setup()
     message = next(str(w.message) for w in record if "EXIF" in str(w.message))
     assert all(f"img{i}.jpg" in message for i in (0, 2, 4)) and "img1.jpg" not in message, message
@@ -193,7 +197,9 @@ def test_exif_rotated_jpegs_are_turned_with_a_warning_naming_them(tmp_path, size
     image, mask = next(iter(dm.train_dataloader()))
     assert image.shape[2:] == mask.shape[1:] == size  # displayed layout: (32, 64) for the non-square scene
 
-    ignored = SegmentationDataModule("folder", str(root), num_classes=2, val_fraction=0.5, test_fraction=0, exif="ignore")
+    ignored = SegmentationDataModule(
+        "folder", str(root), num_classes=2, val_fraction=0.5, test_fraction=0, exif="ignore"
+    )
     if size[0] == size[1]:
         ignored.setup()  # square: the sizes match, the content does not (the silent case this rule prevents)
         assert not aligned(ignored)
@@ -205,7 +211,9 @@ def test_exif_rotated_jpegs_are_turned_with_a_warning_naming_them(tmp_path, size
 def test_masks_drawn_on_the_stored_layout_need_exif_ignore(tmp_path):
     root = make_folder(tmp_path / "data", size=(32, 64), orientation=6, mask_layout="stored")
     dm = SegmentationDataModule("folder", str(root), num_classes=2, val_fraction=0.5, test_fraction=0)
-    with pytest.raises(DatasetError, match=r"match in size only without the EXIF[^\n]*\n[\s\S]*img0.jpg \(Orientation 6\)") as error:
+    with pytest.raises(
+        DatasetError, match=r"match in size only without the EXIF[^\n]*\n[\s\S]*img0.jpg \(Orientation 6\)"
+    ) as error:
         dm.setup()
     assert "exif='ignore'" in str(error.value) and "img1.jpg" not in str(error.value)
     ignored = SegmentationDataModule(
@@ -259,7 +267,9 @@ def test_mixed_grey_and_colour_images_are_read_as_rgb_with_a_warning(tmp_path):
 def test_explicit_in_channels_converts_without_warning(tmp_path):
     root = make_folder(tmp_path / "data", grey=(1, 4))
     for channels in (1, 3):
-        dm = SegmentationDataModule("folder", str(root), num_classes=2, in_channels=channels, val_fraction=0.5, test_fraction=0)
+        dm = SegmentationDataModule(
+            "folder", str(root), num_classes=2, in_channels=channels, val_fraction=0.5, test_fraction=0
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             dm.setup()
@@ -281,3 +291,16 @@ def test_damaged_files_are_named_by_the_check(tmp_path):
     save(root / "images" / "img3.jpg", scene(32, 32)[0])
     with pytest.raises(DatasetError, match=r"single-channel or palette[^\n]*\n.*img5.png: 3 channels that differ"):
         SegmentationDataModule("folder", str(root), num_classes=2).setup()
+
+
+def test_a_grey_photo_in_an_rgb_dataset_is_named(tmp_path):
+    root = tmp_path / "camvid"
+    for split in ("train", "val", "test"):
+        for i in range(2):
+            image, mask = scene(32, 32, seed=i)
+            save(root / split / f"{split}_{i}.png", image[..., 0] if (split, i) == ("val", 1) else image)
+            save(root / f"{split}annot" / f"{split}_{i}.png", mask)
+    dm = SegmentationDataModule("camvid", str(root))
+    with pytest.warns(UserWarning, match=r"1 of 6 images are grey, repeated into 3 channels[^\n]*\n.*val_1.png"):
+        dm.setup()
+    assert dm.datasets["val"][1][0].shape == (3, 32, 32)

@@ -6,12 +6,14 @@ rules), both by the check in :meth:`SegmentationDataModule.setup` and by trainin
 
 ``num_classes``, ``in_channels``, ``class_names`` (a tuple) and ``ignore_index`` (an int) are
 resolved by ``__init__`` and saved in the data module's hyperparameters with their resolved values,
-so Lightning's merge with a module's hyperparameters never conflicts. ``ignore_index`` is the given
-one, else the dataset's void label (CamVid 11), else ``PAD_INDEX`` (255), which then marks only
-padding. ``in_channels`` is the given one, else the source's (3 for synthetic, CamVid, Pets), else
-detected from the image headers (folder): 1 when every image is grey, 3 otherwise; images whose
-channels differ from the resolved count are converted (grey repeated into RGB, colour to luma)
-with a warning naming them, unless ``in_channels`` was given.
+so Lightning's merge with a module's hyperparameters never conflicts, and
+``SegmentationDataModule(**dm.hparams)`` builds the same data module. ``void_label`` is the value
+void pixels have in the mask files (CamVid 11; none by default elsewhere); ``ignore_index`` is the
+index batches carry for void and padded pixels: the given one, else the void label where masks
+store class indices, else ``PAD_INDEX`` (255). ``in_channels`` is the given one, else the source's
+(3 for synthetic, CamVid, Pets), else detected from the image headers (folder): 1 when every image
+is grey, 3 otherwise. Images whose channels differ from it are converted (grey repeated into RGB,
+colour to luma), with a warning naming them unless ``in_channels`` was given.
 
 Training and evaluation see the same kind of input, so nothing reaches the attention's global
 pools at test time that training never showed (docs/data.md):
@@ -85,6 +87,7 @@ GRAY_MEAN = (0.449,)
 GRAY_STD = (0.226,)
 DIVISOR = 32
 EVAL_MODES = ("pad", "resize")
+CACHE_BYTES = 512 << 20  # resized file datasets up to this size are kept in memory after first use
 
 
 # the check: every file read once by the same readers as training
@@ -145,7 +148,9 @@ def mask_lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
-def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str, exif: str) -> None:
+def validate(
+    pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut: np.ndarray, valid: str, exif: str
+) -> None:
     """Raise a DatasetError for the first kind of problem found, listing the files: unreadable
     files, EXIF orientation refused, bad mask format, image/mask size mismatch, invalid mask
     values. ``valid`` describes the valid mask values for the message."""
@@ -170,7 +175,10 @@ def validate(pairs: dict[str, list[Pair]], infos: dict[str, list[PairInfo]], lut
     turned = [(p, i) for p, i in mismatched if exif == "apply" and i.image.size("ignore") == i.mask.size("ignore")]
     fail(
         "image/mask pairs match in size only without the EXIF orientation of the image or the mask",
-        [f"{p.image} (Orientation {i.image.orientation}) vs {p.mask} (Orientation {i.mask.orientation})" for p, i in turned],
+        [
+            f"{p.image} (Orientation {i.image.orientation}) vs {p.mask} (Orientation {i.mask.orientation})"
+            for p, i in turned
+        ],
         "if the masks were drawn on the stored pixels, pass exif='ignore'; otherwise fix these masks.",
     )
     fail(
@@ -252,13 +260,18 @@ class ArrayDataset(SegmentationDataset):
 
 
 class FileDataset(SegmentationDataset):
-    """Image/mask files read by :mod:`readers`; stored mask values are mapped through ``lut`` (see
-    :func:`mask_lut`); ids are the image file stems."""
+    """Image/mask files read by :mod:`readers`, resized to ``resize`` when given; stored mask values
+    are mapped through ``lut`` (see :func:`mask_lut`); ids are the image file stems. With
+    ``cache`` the decoded, resized pairs are kept in memory after their first use (decoding
+    full-size files every epoch would otherwise cost a noticeable share of a small model's step)."""
 
     def __init__(self, pairs: Sequence[Pair], lut: np.ndarray, in_channels: int, transform: A.Compose,
-                 ignore_index: int, exif: str = "apply"):  # fmt: skip
+                 ignore_index: int, exif: str = "apply", resize: tuple[int, int] | None = None,
+                 cache: bool = False):  # fmt: skip
         super().__init__(transform, ignore_index)
         self.pairs, self.lut, self.in_channels, self.exif = list(pairs), lut, in_channels, exif
+        self.resize = A.Resize(*resize) if resize else None  # the same step the transforms would use
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = {} if cache else None
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -268,9 +281,17 @@ class FileDataset(SegmentationDataset):
         return [pair.image.stem for pair in self.pairs]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cache is not None and index in self.cache:
+            return self.cache[index]
         pair = self.pairs[index]
         image, mask = read_image(pair.image, self.in_channels, self.exif), read_mask(pair.mask, self.exif)
-        return image, self.lut[mask].astype(np.uint8)
+        mask = self.lut[mask].astype(np.uint8)
+        if self.resize is not None:
+            out = self.resize(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        if self.cache is not None:
+            self.cache[index] = (image, mask)
+        return image, mask
 
 
 # sampling
@@ -297,19 +318,21 @@ class SeededSampler(DistributedSampler):
             raise ValueError(f"rank must be in 0..{num_replicas - 1}, got {rank}")
         self.length, self.seed, self.epoch = length, seed, 0
         self.num_replicas, self.rank = num_replicas, rank
+        # DistributedSampler's public attributes, for code that reads them
+        self.num_samples, self.total_size = length // num_replicas, length - length % num_replicas
+        self.shuffle, self.drop_last, self.dataset = True, True, None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.length // self.num_replicas
+        return self.num_samples
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.length)
         sample_seeds = rng.integers(0, 2**32, self.length)
-        used = self.length - self.length % self.num_replicas
-        for index in order[self.rank : used : self.num_replicas]:
+        for index in order[self.rank : self.total_size : self.num_replicas]:
             yield int(index), int(sample_seeds[index])
 
 
@@ -325,7 +348,9 @@ class ReflectPad(A.DualTransform):
     """Pad bottom and right to at least ``min_size`` and to a multiple of ``divisor``: the image by
     reflection (no constant band the global pools would see), masks with ``fill_mask``."""
 
-    def __init__(self, divisor: int = 1, min_size: tuple[int, int] = (0, 0), fill_mask: int = PAD_INDEX, p: float = 1.0):
+    def __init__(
+        self, divisor: int = 1, min_size: tuple[int, int] = (0, 0), fill_mask: int = PAD_INDEX, p: float = 1.0
+    ):
         super().__init__(p=p)
         self.divisor, self.min_size, self.fill_mask = divisor, tuple(min_size), fill_mask
 
@@ -473,6 +498,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         synthetic: dict | None = None,
     ):
         super().__init__()
+        self.save_hyperparameters()  # the arguments as given; their resolved values replace them below
         self.source: DataSource = get_source(dataset)
         if not self.source.in_memory and root is None:
             raise ValueError(f"dataset={dataset!r} needs root= the dataset folder")
@@ -490,11 +516,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_classes, self.class_names, self.ignore_index = len(classes.names), classes.names, classes.ignore_index
         self.classes = classes
 
-        self.root = None if root is None else Path(root)
+        self.dataset, self.root = dataset, None if root is None else Path(root)
         self.hflip, self.eval_mode, self.exif = hflip, eval_mode, exif
         self.batch_size, self.num_workers, self.seed, self.split_seed = batch_size, num_workers, seed, split_seed
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
-        self.channels_given = in_channels is not None or self.source.in_channels is not None
+        self.channels_given = in_channels is not None
         self.pairs: dict[str, list[Pair]] = {}
         if not self.source.in_memory:
             self.pairs = self.source.pairs(self.root, val_fraction, test_fraction, split_seed)
@@ -502,15 +528,11 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.has_test = False
         self.lut: np.ndarray | None = None  # stored mask value -> class index, for file datasets
         self.datasets: dict[str, SegmentationDataset] = {}
-        self.save_hyperparameters(
-            dict(
-                dataset=dataset, root=root, num_classes=self.num_classes, ignore_index=self.ignore_index,
-                void_label=classes.void, class_names=self.class_names, in_channels=self.in_channels, resize=self.resize, crop=self.crop,
-                scale=self.scale, hflip=hflip, eval_mode=eval_mode, exif=exif, batch_size=batch_size,
-                num_workers=num_workers, seed=seed, split_seed=split_seed, val_fraction=val_fraction,
-                test_fraction=test_fraction, synthetic=synthetic,
-            )  # fmt: skip
-        )
+        resolved = dict(
+            num_classes=self.num_classes, class_names=self.class_names, ignore_index=self.ignore_index,
+            void_label=classes.void, in_channels=self.in_channels, resize=self.resize, crop=self.crop, scale=self.scale,
+        )  # fmt: skip
+        self.save_hyperparameters({**self.hparams, **resolved})
 
     @staticmethod
     def _synthetic_options(synthetic: dict | None) -> dict:
@@ -542,14 +564,20 @@ class SegmentationDataModule(pl.LightningDataModule):
             raw, frame = self._setup_files()
         for split in ("train", "val"):
             if split not in raw:
-                fix = f"set synthetic n_{split} > 0" if self.source.in_memory else f"add a {split} folder or set {split}_fraction > 0"
+                fix = (
+                    f"set synthetic n_{split} > 0"
+                    if self.source.in_memory
+                    else f"add a {split} folder or set {split}_fraction > 0"
+                )
                 raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: {fix}.")
         self.has_test = "test" in raw
         frame = self.resize or frame
+        resize = self.resize if self.source.in_memory else None  # file datasets resize (and cache) as they load
         transforms = {
-            "train": train_transform(frame, self.crop, self.resize, self.scale, self.hflip, self.in_channels,
-                                     self.ignore_index, self.eval_mode),  # fmt: skip
-            "eval": eval_transform(self.resize, self.eval_mode, self.in_channels, self.ignore_index),
+            "train": train_transform(
+                frame, self.crop, resize, self.scale, self.hflip, self.in_channels, self.ignore_index, self.eval_mode
+            ),  # fmt: skip
+            "eval": eval_transform(resize, self.eval_mode, self.in_channels, self.ignore_index),
         }
         for split, make in raw.items():
             self.datasets[split] = make(transform=transforms["train" if split == "train" else "eval"])
@@ -574,7 +602,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             "add images, or lower val_fraction / test_fraction.",
         )
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            infos = {split: list(pool.map(functools.partial(scan_pair, exif=self.exif), found)) for split, found in pairs.items()}
+            infos = {
+                split: list(pool.map(functools.partial(scan_pair, exif=self.exif), found))
+                for split, found in pairs.items()
+            }
         values = {v for found in infos.values() for info in found for v in info.mask_values}
         mapping, valid = self.source.mask_mapping(self.classes, values)
         self.lut = mask_lut(mapping)
@@ -590,15 +621,26 @@ class SegmentationDataModule(pl.LightningDataModule):
                 f"images under {root} differ in size, so they cannot be batched:\n"
                 f"{listing([f'{p}: {h}x{w}' for (h, w), p in sizes.items()])}\nFix: pass resize=(H, W)."
             )
+        cached = (
+            self.resize is not None
+            and len(rows) * self.resize[0] * self.resize[1] * (self.in_channels + 1) <= CACHE_BYTES
+        )
         make = functools.partial(FileDataset, lut=self.lut, in_channels=self.in_channels, ignore_index=self.ignore_index,
-                                 exif=self.exif)  # fmt: skip
-        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(self.exif)
+                                 exif=self.exif, resize=self.resize, cache=cached)  # fmt: skip
+        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(
+            self.exif
+        )
 
     def _warn_conversions(self, rows: list[tuple[Pair, PairInfo]]) -> None:
         """One warning naming the files turned by their EXIF orientation, one naming the images
         converted to ``in_channels`` without the user asking for it."""
         if self.exif == "apply":
-            turned = [f"{info.path} (Orientation {info.orientation})" for _, i in rows for info in (i.image, i.mask) if info.turned]
+            turned = [
+                f"{info.path} (Orientation {info.orientation})"
+                for _, i in rows
+                for info in (i.image, i.mask)
+                if info.turned
+            ]
             if turned:
                 warnings.warn(
                     f"EXIF orientation applied to {len(turned)} files (turned as photo viewers show them, images and "
@@ -643,8 +685,15 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         if not self.has_test:
-            raise DatasetError(f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0.")
+            raise DatasetError(
+                f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0."
+            )
         return self._eval_loader("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The test split's loader (the validation split's when there is no test split), for
+        ``trainer.predict``; the order is that of the split's ``ids``."""
+        return self._eval_loader("test" if self.has_test else "val")
 
     def _eval_loader(self, split: str) -> DataLoader:
         return DataLoader(

@@ -79,7 +79,9 @@ def pair_folder(images_dir: Path, masks_dir: Path, mask_suffix: str = ".png") ->
     warn about masks without an image."""
     images = _image_files(images_dir)
     if not images:
-        raise DatasetError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}. Fix: add images or remove the folder.")
+        raise DatasetError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {images_dir}. Fix: add images or remove the folder."
+        )
     stems: dict[str, list[Path]] = {}
     for image in images:
         stems.setdefault(image.stem, []).append(image)
@@ -101,7 +103,9 @@ def pair_folder(images_dir: Path, masks_dir: Path, mask_suffix: str = ".png") ->
 
 def require_dirs(root: Path, names: Sequence[str], layout: str) -> None:
     if not root.is_dir():
-        raise DatasetError(f"dataset root {root} does not exist or is not a folder. Fix: pass root= a folder laid out as {layout}.")
+        raise DatasetError(
+            f"dataset root {root} does not exist or is not a folder. Fix: pass root= a folder laid out as {layout}."
+        )
     missing = [str(root / name) for name in names if not (root / name).is_dir()]
     fail(f"required folders are missing in {root}", missing, f"lay the dataset out as {layout}.")
 
@@ -132,7 +136,11 @@ class DataSource:
     default_scale: ClassVar[tuple[float, float]] = (1.0, 1.25)
 
     def classes(
-        self, num_classes: int | None, class_names: Sequence[str] | None, ignore_index: int | None, void_label: int | None
+        self,
+        num_classes: int | None,
+        class_names: Sequence[str] | None,
+        ignore_index: int | None,
+        void_label: int | None,
     ) -> Classes:
         """Resolve the classes from the dataset's own and the user's values; ValueError names the
         argument that does not fit. ``ignore_index`` defaults to the void label where masks keep
@@ -158,8 +166,14 @@ class DataSource:
         void = self._void(void_label, count)
         if ignore_index is None:
             ignore_index = void if void is not None and self.indexed_masks else PAD_INDEX
-        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int) or not count <= ignore_index <= PAD_INDEX:
-            raise ValueError(f"ignore_index must be an int in {count}..{PAD_INDEX} (not a class index), got {ignore_index!r}")
+        if (
+            isinstance(ignore_index, bool)
+            or not isinstance(ignore_index, int)
+            or not count <= ignore_index <= PAD_INDEX
+        ):
+            raise ValueError(
+                f"ignore_index must be an int in {count}..{PAD_INDEX} (not a class index), got {ignore_index!r}"
+            )
         return Classes(names, ignore_index, void)
 
     def _void(self, void_label: int | None, count: int) -> int | None:
@@ -169,7 +183,9 @@ class DataSource:
         if allowed is not None and void_label not in allowed:
             raise ValueError(f"void_label of {self.name} must be one of {allowed}, got {void_label!r}")
         if void_label is not None and not count <= void_label < 1 << 16:
-            raise ValueError(f"void_label must be a stored mask value that is not a class index ({count}..65535), got {void_label}")
+            raise ValueError(
+                f"void_label must be a stored mask value that is not a class index ({count}..65535), got {void_label}"
+            )
         return void_label
 
     def pairs(self, root: Path, val_fraction: float, test_fraction: float, split_seed: int) -> dict[str, list[Pair]]:
@@ -247,7 +263,11 @@ class PetsSource(DataSource):
         for name, list_file in lists.items():
             if not list_file.is_file():
                 continue
-            names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            names = [
+                line.split()[0]
+                for line in list_file.read_text().splitlines()
+                if line.strip() and not line.startswith("#")
+            ]
             if not names:
                 raise DatasetError(f"{list_file} lists no images. Fix: list one image name per line.")
             found = [Pair(root / "images" / f"{n}.jpg", root / "annotations" / "trimaps" / f"{n}.png") for n in names]
