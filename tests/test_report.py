@@ -215,6 +215,13 @@ def test_write_report(tmp_path: Path) -> None:
     assert "72.00 ± 2.65" in text and FAILURE in text
     summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False, na_values=[""])
     assert len(summary) == 6
+    for column in ("diff_vs_none_p_holm", "diff_vs_scse_p_holm", "diff_vs_none_img_low", "diff_vs_none_holds"):
+        assert column in summary
+    unetpp_scse = summary[(summary["arch"] == "unetplusplus") & (summary["attention"] == "scse")].iloc[0]
+    assert unetpp_scse["diff_vs_none_p_holm"] == pytest.approx(0.113, abs=5e-4)  # 3 x p = 3 x 0.0377
+    differences = pd.read_csv(tmp_path / "differences.csv")
+    assert {"p_holm", "boot_low", "boot_high", "holds", "not_converged"} <= set(differences.columns)
+    assert len(differences) == 8  # 2 archs x (scse, cbam vs none + none, cbam vs scse)
     for name in ("miou", "differences", "learning_curves", "per_class_iou"):
         png = tmp_path / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -201,13 +201,14 @@ def plot_learning_curves(output_dir: str | os.PathLike, results: pd.DataFrame, p
                     )
             if "train_loss" in history:
                 bottom.plot(history["epoch"], history["train_loss"], **{**style, "label": None})
-        top.set_title(name + "  (★ best epoch)", fontsize=10)
+        top.set_title(name, fontsize=10)
         top.set_ylabel("val mIoU (%)")
         bottom.set_ylabel("train loss")
         bottom.set_xlabel("epoch")
         top.legend(fontsize=7)
         for ax in (top, bottom):
             ax.grid(alpha=0.3)
+    fig.suptitle("★ best epoch (the evaluated checkpoint) · dashed: failed run", fontsize=8)
     _save_figure(fig, path)
 
 

@@ -344,6 +344,7 @@ def comparisons(
     run_cols = [*keys, "attention", "seed", "run_dir", *flag_cols, *(["test_miou"] if metric == "test_miou" else [])]
     runs = ok.reindex(columns=run_cols)
     extra = []
+    done: dict[tuple, dict] = {}  # b - a is the mirror of a - b: the same resamples, negated
     for _, row in out.iterrows():
         where = np.ones(len(runs), dtype=bool)
         for k in keys:
@@ -351,7 +352,18 @@ def comparisons(
         mine = runs[where & (runs["attention"] == row["attention"]).to_numpy()]
         base = runs[where & (runs["attention"] == row["baseline"]).to_numpy()]
         pairs = mine.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
-        info = _bootstrap_pairs(pairs, per_image, n_resamples, seed)
+        group = tuple(row[k] for k in keys)
+        mirror = done.get((*group, row["baseline"], row["attention"]))
+        if mirror is None:
+            info = _bootstrap_pairs(pairs, per_image, n_resamples, seed)
+            done[(*group, row["attention"], row["baseline"])] = info
+        else:
+            info = {
+                **mirror,
+                "boot_diff": -mirror["boot_diff"],
+                "boot_low": -mirror["boot_high"],
+                "boot_high": -mirror["boot_low"],
+            }
         both = [pairs[c] for c in ("converged", "converged_base") if c in pairs]
         info["not_converged"] = bool(any((s == False).any() for s in both))  # noqa: E712 (object column of bools/NaN)
         floors = [pairs[c] for c in ("at_floor", "at_floor_base") if c in pairs]
