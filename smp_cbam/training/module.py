@@ -37,7 +37,7 @@ def build_model(
     if decoder_channels is not None:
         kwargs["decoder_channels"] = list(decoder_channels)
     if seed is None:
-        return smp.create_model(arch, decoder_attention_type=attention, **kwargs)
+        return freeze_unused_parameters(smp.create_model(arch, decoder_attention_type=attention, **kwargs), in_channels)
     torch.manual_seed(seed)
     model = smp.create_model(arch, decoder_attention_type=attention, **kwargs)
     if attention is not None:
@@ -45,6 +45,34 @@ def build_model(
         reference = smp.create_model(arch, decoder_attention_type=None, **kwargs)
         result = model.load_state_dict(reference.state_dict(), strict=False)
         assert not result.unexpected_keys, result.unexpected_keys
+    return freeze_unused_parameters(model, in_channels)
+
+
+def freeze_unused_parameters(model: nn.Module, in_channels: int, size: int = 64) -> nn.Module:
+    """Sets ``requires_grad=False`` on the parameters of modules that ``forward`` never calls.
+
+    smp builds some modules that its forward skips: torchvision-style encoders (ResNet, ...) keep
+    the stages deeper than ``encoder_depth``, and Unet's first decoder block has no skip input, so
+    its ``attention1`` never runs. Those weights never get a gradient, which DDP refuses ("parameters
+    that were not used in producing the loss"). One forward pass in eval mode, without gradients
+    and on zeros (no random numbers drawn, no batch-norm statistics changed) finds them. Freezing
+    rather than deleting keeps the state dict that smp's ``from_pretrained`` and earlier
+    checkpoints expect, and changes no trained value (AdamW skips parameters without a gradient).
+    """
+    called: set[int] = set()
+    hooks = [m.register_forward_hook(lambda m, args, out: called.add(id(m))) for m in model.modules()]
+    training = model.training
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, in_channels, size, size))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(training)
+    for module in model.modules():
+        if id(module) not in called:
+            for parameter in module.parameters(recurse=False):
+                parameter.requires_grad_(False)
     return model
 
 
