@@ -200,8 +200,13 @@ def test_train_fits_and_tests_from_a_config_file(tmp_path: Path, capsys: pytest.
     assert best.exists() and (root / "checkpoints" / "last.ckpt").exists()
     assert f"Best checkpoint: {best}" in out
     assert "test_miou" in out  # Lightning's test table for the best checkpoint
-    saved = yaml.safe_load((root / "config.yaml").read_text())
-    assert saved["model"]["num_classes"] == 4  # linked from the synthetic data module
+    assert yaml.safe_load((root / "config.yaml").read_text())["model"]["encoder_depth"] == 3
+    from smp_cbam import SegmentationModule
+    from smp_cbam.training.synthetic import CLASS_NAMES
+
+    trained = SegmentationModule.load_from_checkpoint(best)
+    assert trained.hparams.num_classes == len(CLASS_NAMES)  # linked from the synthetic data module
+    assert list(trained.class_names) == list(CLASS_NAMES)
 
 
 def _data_hparams_resolved() -> bool:
