@@ -156,6 +156,9 @@ def test_retry_failed_reaches_the_runner_or_says_how(tmp_path: Path, monkeypatch
         (["--model.scheduler", "linear"], "scheduler"),
         (["--data.datset", "camvid"], "--data.datset"),
         (["--data.dataset", "camvid"], "root"),
+        (["--model.encoder", "resnet81"], "resnet81"),
+        (["--model.arch", "unetx"], "unetx"),
+        (["--model.attention", "cbamx"], "cbamx"),
     ],
 )
 def test_train_configuration_errors_are_one_line(args: list[str], named: str, capsys) -> None:
@@ -225,3 +228,19 @@ def test_train_with_a_csv_logger(tmp_path: Path) -> None:
     assert code == 0
     metrics = next(tmp_path.rglob("metrics.csv")).read_text()
     assert "val_miou" in metrics
+
+
+@pytest.mark.parametrize("command", ["compare", "train"])
+@pytest.mark.parametrize("keep", [True, False], ids=["keep-heap", "malloc-default"])
+def test_commands_keep_the_heap_unless_told_not_to(tmp_path: Path, monkeypatch, command: str, keep: bool) -> None:
+    calls = []
+    monkeypatch.setattr("smp_cbam.training.malloc.keep_heap", lambda: calls.append(1) or True)
+    if command == "compare":
+        flag = [] if keep else ["--malloc-default"]
+        args = ["compare", "--dataset", "folder", "--data-root", str(tmp_path / "missing"), "--classes", "2", *flag]
+    else:  # the data module's folder check fails after the allocator is set
+        flag = [] if keep else ["--malloc_default", "true"]
+        args = ["train", "--data.dataset", "folder", "--data.root", str(tmp_path / "missing"), "--data.num_classes", "2",
+                "--model.encoder", "resnet81", *flag]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "out")] if command == "compare" else args) == 2
+    assert calls == ([1] if keep else [])

@@ -20,7 +20,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from .data import DatasetError, SegmentationDataModule
-from .malloc import keep_heap
+from . import malloc
 from .module import SegmentationModule
 
 PROG = "smp-cbam train"
@@ -56,19 +56,20 @@ class TrainCLI(LightningCLI):
 
     def before_instantiate_classes(self) -> None:
         if not self.config.malloc_default:
-            keep_heap()
+            malloc.keep_heap()
 
     def instantiate_classes(self) -> None:
-        # a wrong value that the types let through (a scheduler name, a class count) is found by
-        # the constructors: a configuration error, not a crash
+        # a wrong value that the types let through (a scheduler, architecture or encoder name, a
+        # class count) is found by the constructors: a configuration error, not a crash
         try:
             super().instantiate_classes()
-        except (TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise TrainError(_one_line(err)) from err
 
 
 def _one_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    text = err.args[0] if isinstance(err, KeyError) and err.args else str(err)  # str() quotes a KeyError
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
     return " ".join(lines[:3]) if lines else type(err).__name__
 
 
@@ -83,6 +84,7 @@ def build_cli(argv: Sequence[str] | None) -> TrainCLI:
             args=list(argv or []),
             run=False,
             trainer_defaults=TRAINER_DEFAULTS,
+            seed_everything_default=0,  # reproducible unless asked otherwise (--seed_everything true)
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"prog": PROG, "exit_on_error": False, "description": __doc__.split("\n\n")[0]},
         )
