@@ -19,8 +19,8 @@ from jsonargparse import ArgumentError
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
-from .data import DatasetError, SegmentationDataModule
 from . import malloc
+from .data import DatasetError, SegmentationDataModule
 from .module import SegmentationModule
 
 PROG = "smp-cbam train"
