@@ -101,3 +101,25 @@ def test_two_process_cpu_ddp_comparison(tmp_path: Path) -> None:
         assert list(history["epoch"]) == [0, 1]
         # 16 images, 2 ranks x batch 4: 2 optimizer steps per epoch; the log lines are rank 0's
         assert (output / "runs" / name / "log.txt").read_text().count("epoch 1/2") == 1
+
+
+@pytest.mark.slow
+def test_two_process_cpu_ddp_train(tmp_path: Path) -> None:
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))),
+        "OMP_NUM_THREADS": "1",
+    }
+    done = subprocess.run(
+        [sys.executable, "-m", "smp_cbam", "train", "--data.synthetic", '{"size": 32, "n_train": 16, "n_val": 8, "n_test": 8}',
+         "--data.batch_size", "4", "--model.encoder_depth", "3", "--model.decoder_channels", "[32, 16, 16]",
+         "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+         "--trainer.logger", "false", "--trainer.default_root_dir", "run", "--trainer.enable_progress_bar", "false",
+         "--malloc_default", "true"],  # fmt: skip
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "GLOBAL_RANK: 1" in done.stdout + done.stderr
+    assert done.stdout.count("Best checkpoint: run/checkpoints/best.ckpt") == 1  # printed by rank 0 only
+    assert "test_miou" in done.stdout
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
