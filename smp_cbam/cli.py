@@ -154,11 +154,21 @@ def _check_output(path: Path) -> None:
         raise ConfigError(f"output: {existing} is not writable; pass another --output")
 
 
+def _check_strategy(strategy: object) -> None:
+    """Every DDP process must run the whole grid loop: Lightning's ``ddp`` starts them by running
+    the command again; spawned or forked processes would run only ``fit`` and lose the results."""
+    from .training.runner import ConfigError
+
+    if isinstance(strategy, str) and any(word in strategy for word in ("spawn", "fork", "notebook")):
+        raise ConfigError(f"trainer.strategy {strategy!r} is not supported by compare; use 'ddp'")
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .training.malloc import keep_heap
     from .training.runner import ConfigError, compare, load_config
 
     config = load_config(args.config, _overrides(args))
+    _check_strategy(config["trainer"].get("strategy"))
     output = Path(config["output"])
     _check_output(output)
     kwargs = {}

@@ -116,6 +116,12 @@ def test_output_that_is_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert str(blocker) in line and "output" in line
 
 
+def test_spawning_strategies_are_refused_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["compare", "--strategy", "ddp_spawn", "--devices", "2", "--output", str(tmp_path / "out")]) == 2
+    assert "trainer.strategy 'ddp_spawn'" in _error_line(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_report_of_a_missing_directory_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in _error_line(capsys)
