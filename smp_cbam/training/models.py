@@ -103,7 +103,48 @@ def build_model(
     With ``seed``, every weight outside the attention modules is initialised exactly as in the
     same model without attention, so runs that differ only in the attention type start from the
     same encoder and decoder.
+
+    Parameters that the forward pass never uses are frozen (:func:`freeze_unused_parameters`).
     """
+    model = _build(arch, encoder, attention, placement, in_channels=in_channels, classes=classes,
+                   decoder_channels=decoder_channels, encoder_weights=encoder_weights,
+                   encoder_depth=encoder_depth, seed=seed, **smp_kwargs)
+    return freeze_unused_parameters(model, in_channels)
+
+
+def freeze_unused_parameters(model: nn.Module, in_channels: int, size: int = 64) -> nn.Module:
+    """Set ``requires_grad=False`` on the parameters that the forward pass never uses.
+
+    smp builds some modules that its forward skips: torchvision-style encoders keep the stages
+    deeper than ``encoder_depth``, and Unet's first decoder block has no skip input, so its
+    ``attention1`` never runs. Those weights never get a gradient, which DDP refuses ("parameters
+    that were not used in producing the loss"). Autograd is asked which parameters one eval-mode
+    pass on zeros depends on (:func:`used_parameters`: no random numbers drawn, no BatchNorm
+    statistics changed; fused attention paths count, unlike forward hooks). Freezing rather than
+    deleting keeps the state dict that ``from_pretrained`` and earlier checkpoints expect, and
+    changes no trained value: the optimiser skips parameters without a gradient anyway.
+    """
+    used = set(used_parameters(model, torch.zeros(1, in_channels, size, size)))
+    for name, parameter in model.named_parameters():
+        if name not in used:
+            parameter.requires_grad_(False)
+    return model
+
+
+def _build(
+    arch: str,
+    encoder: str,
+    attention: str | None,
+    placement: str,
+    *,
+    in_channels: int,
+    classes: int,
+    decoder_channels: Sequence[int] | None,
+    encoder_weights: str | None,
+    encoder_depth: int,
+    seed: int | None,
+    **smp_kwargs,
+) -> nn.Module:
     check_model_args(arch, encoder, attention, placement)
     attention = normalize_attention(attention)
     if "decoder_attention_type" in smp_kwargs:

@@ -36,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 import yaml
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text, write_report
 from .data import SegmentationDataModule
@@ -238,13 +239,20 @@ def _format_seconds(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def is_writer() -> bool:
+    """Under DDP every rank runs the grid loop; only global rank 0 prints and writes files."""
+    return rank_zero_only.rank == 0
+
+
 class _Log:
-    """Prints to stdout and appends to a run's log file."""
+    """Prints to stdout and appends to a run's log file (rank 0 only)."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
 
     def __call__(self, message: str) -> None:
+        if not is_writer():
+            return
         print(message, flush=True)
         if self.path is not None:
             with self.path.open("a") as f:
@@ -375,7 +383,8 @@ def compare(config: dict) -> pd.DataFrame:
     config_path = output / "config.yaml"
     if config_path.exists():
         _check_resumable(yaml.safe_load(config_path.read_text()), config, output)
-    atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
+    if is_writer():
+        atomic_write_text(config_path, yaml.safe_dump(config, sort_keys=False))
 
     make_datamodule(config, seed=0).setup("fit")  # validates the data once, before any training
     runs = grid_runs(config)
@@ -404,12 +413,14 @@ def compare(config: dict) -> pd.DataFrame:
             "seed": run.seed,
         }
         row = {**ident, **row, "run_dir": str(run_dir.relative_to(output))}
-        atomic_write_text(result_path, json.dumps(row, indent=1))
         eta.run_done(run)
-        collect_results(output, config)
-        write_report(output)
+        if is_writer():
+            atomic_write_text(result_path, json.dumps(row, indent=1))
+            collect_results(output, config)
+            write_report(output)
     results = collect_results(output, config)
-    write_report(output)
+    if is_writer():
+        write_report(output)
     return results
 
 
@@ -429,7 +440,8 @@ def collect_results(output: Path, config: dict) -> pd.DataFrame:
     order = {run: i for i, run in enumerate(grid_runs(config))}
     rows.sort(key=lambda r: (order.get(RunSpec(r["arch"], r["attention"], r["seed"]), len(order)), r["run_dir"]))
     results = results_frame(rows)
-    atomic_write_csv(results, output / "results.csv")
+    if is_writer():
+        atomic_write_csv(results, output / "results.csv")
     return results
 
 
