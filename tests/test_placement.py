@@ -342,3 +342,107 @@ def test_capture_attention_finds_the_added_modules() -> None:
 def test_added_modules_are_not_smp_wrappers_outside_unet() -> None:
     model = add_attention(make("deeplabv3plus"), "cbam")
     assert not any(isinstance(m, Attention) for m in model.modules())
+
+
+# ---------------------------------------------------------------------------------------------
+# smp's own model tests (tests/models/base.py of smp) for FPN and DeepLabV3+ with CBAM added in
+# the decoder and the encoder: same checks, same sample sizes, the model built the smp way
+
+
+SMP_MODELS = ["fpn", "deeplabv3plus"]
+
+
+def smp_model(arch: str, **kwargs) -> nn.Module:
+    torch.manual_seed(0)
+    return add_attention(smp.create_model(arch, ENCODER, encoder_weights=None, **kwargs), "cbam", where="both")
+
+
+def smp_sample(arch: str, in_channels: int = 3, height: int = 64, width: int = 64) -> torch.Tensor:
+    batch = 2 if arch == "deeplabv3plus" else 1  # smp's default_batch_size per test class
+    return torch.rand(batch, in_channels, height, width, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_forward_backward(arch: str) -> None:
+    model = smp_model(arch)
+    output = model(smp_sample(arch))
+    assert output.shape[1] == 1
+    output.mean().backward()
+
+
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_in_channels_and_depth_and_out_classes(arch: str) -> None:
+    model = smp_model(arch, encoder_depth=3, in_channels=1, classes=7).eval()
+    assert count(model.encoder) == 2  # layer1 and layer2 at depth 3
+    with torch.inference_mode():
+        assert model(smp_sample(arch, in_channels=1)).shape[1] == 7
+
+
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_classification_head(arch: str) -> None:
+    aux = {"pooling": "avg", "classes": 10, "dropout": 0.5, "activation": "sigmoid"}
+    model = smp_model(arch, aux_params=aux).eval()
+    assert isinstance(model.classification_head[3], nn.Linear)
+    with torch.inference_mode():
+        _, probs = model(smp_sample(arch))
+    assert probs.shape[1] == 10
+
+
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_any_resolution(arch: str) -> None:
+    model = smp_model(arch)
+    assert model.requires_divisible_input_shape
+    with pytest.raises(RuntimeError, match="Wrong input shape"):
+        model(smp_sample(arch, height=67, width=71))
+
+
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_save_load_with_hub_mixin(arch: str, tmp_path) -> None:
+    model = smp_model(arch).eval()
+    model.save_pretrained(tmp_path, dataset="test_dataset", metrics={"my_awesome_metric": 0.99})
+    restored = smp.from_pretrained(tmp_path).eval()
+    readme = (tmp_path / "README.md").read_text()
+    sample = smp_sample(arch)
+    with torch.inference_mode():
+        output, restored_output = model(sample), restored(sample)
+    assert output.shape == restored_output.shape and output.shape[1] == 1
+    torch.testing.assert_close(restored_output, output, rtol=0, atol=0)
+    assert "test_dataset" in readme and "my_awesome_metric" in readme
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_compile(arch: str) -> None:
+    sample = smp_sample(arch)
+    model = smp_model(arch).eval()
+    torch.compiler.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="eager")
+    with torch.inference_mode():
+        torch.testing.assert_close(compiled(sample), model(sample), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_smp_torch_export(arch: str) -> None:
+    sample = smp_sample(arch)
+    model = smp_model(arch).eval()
+    exported = torch.export.export(model, args=(sample,), strict=True)
+    with torch.inference_mode():
+        eager, out = model(sample), exported.module().forward(sample)
+    assert eager.shape == out.shape
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", SMP_MODELS)
+def test_onnx_matches_onnxruntime(arch: str, tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    sample = smp_sample(arch)
+    model = smp_model(arch).eval()
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (sample,), str(path), dynamo=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: sample.numpy()})
+    with torch.inference_mode():
+        torch.testing.assert_close(torch.from_numpy(out), model(sample), rtol=1e-4, atol=1e-5)
