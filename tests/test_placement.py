@@ -62,11 +62,8 @@ def expected_count(arch: str, where: str) -> int:
 # every architecture: forward/backward, number of modules
 
 
-@pytest.mark.parametrize("where", ["decoder", "both"])
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize(("arch", "where"), [(arch, where) for arch in ARCHS for where in WHERES[arch]])
 def test_forward_backward_two_sizes_and_module_count(arch: str, where: str) -> None:
-    if where not in WHERES[arch]:
-        pytest.skip("DPT's ViT encoders have no residual block slot")
     model = make(arch)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     points = insertion_points(model, where)
@@ -305,6 +302,46 @@ def test_round_trip_of_decoder_attention_type_and_class_loader(tmp_path) -> None
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded(x), model(x))
+
+
+LOAD_SCRIPT = """
+import sys
+import torch
+import segmentation_models_pytorch as smp
+if sys.argv[2] == "with":
+    import smp_cbam
+try:
+    model = smp.from_pretrained(sys.argv[1]).eval()
+except Exception as error:
+    print(type(error).__name__, error)
+    sys.exit(3)
+with torch.no_grad():
+    torch.save(model(torch.load(sys.argv[1] + "/x.pt")), sys.argv[1] + "/out.pt")
+"""
+
+
+@pytest.mark.slow
+def test_fresh_process_loads_with_smp_cbam_and_fails_loudly_without(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    model = add_attention(make("fpn"), "cbam", where="both").eval()
+    model.save_pretrained(tmp_path)
+    x = images("fpn", n=1)
+    torch.save(x, tmp_path / "x.pt")
+    env = dict(os.environ, PYTHONPATH=str(Path(smp_cbam.__file__).resolve().parents[1]))
+    runs = {
+        mode: subprocess.run(
+            [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=300
+        )
+        for mode in ("without", "with")
+    }
+    assert runs["without"].returncode == 3 and "Unexpected key" in runs["without"].stdout
+    assert runs["with"].returncode == 0, runs["with"].stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "out.pt"), model(x))
 
 
 def test_unregistered_factory_saves_but_loading_names_it(tmp_path) -> None:
