@@ -1,6 +1,6 @@
 """Print the architecture x placement table of docs/placement.md (CBAM, smp defaults).
 
-    python docs/placement_table.py
+python docs/placement_table.py
 """
 
 import segmentation_models_pytorch as smp

@@ -17,8 +17,8 @@ Where things live:
 * :mod:`smp_cbam.benchmarks`: developer benchmarks, imported only by ``smp-cbam bench``.
 """
 
-from .attention import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
 from . import placement
+from .attention import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
 from .maps import AttentionMaps, capture_attention
 from .placement import add_attention, insertion_points, timm_attention
 from .registry import available_attentions, build_attention, install, register_attention

@@ -117,9 +117,7 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, AttentionMaps]]:
 
         return store
 
-    handles = [
-        m.register_forward_pre_hook(hook(name)) for name, m in attention_modules(model).items()
-    ]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in attention_modules(model).items()]
     try:
         yield record
     finally:

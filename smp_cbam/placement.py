@@ -141,7 +141,9 @@ def _segformer(model: nn.Module) -> list[Point]:
 
 
 def _dpt(model: nn.Module) -> list[Point]:
-    return [Point(f"decoder.fusion_blocks.{i}", b.project.out_channels) for i, b in enumerate(model.decoder.fusion_blocks)]
+    return [
+        Point(f"decoder.fusion_blocks.{i}", b.project.out_channels) for i, b in enumerate(model.decoder.fusion_blocks)
+    ]
 
 
 DECODER_POINTS: dict[type, Callable[[nn.Module], list[Point]]] = {

@@ -106,7 +106,9 @@ def test_decoder_points_match_the_documented_stages() -> None:
     assert list(insertion_points(make("deeplabv3"))) == ["decoder.aspp.attention", "decoder.attention"]
     assert list(insertion_points(make("pspnet"))) == ["decoder.conv.attention"]
     assert list(insertion_points(make("pan"))) == [f"decoder.{n}.attention" for n in ("fpa", "gau3", "gau2", "gau1")]
-    assert set(insertion_points(make("pan", encoder_depth=4))) == {f"decoder.{n}.attention" for n in ("fpa", "gau2", "gau1")}
+    assert set(insertion_points(make("pan", encoder_depth=4))) == {
+        f"decoder.{n}.attention" for n in ("fpa", "gau2", "gau1")
+    }
     assert list(insertion_points(make("linknet"))) == [f"decoder.blocks.{i}.attention" for i in range(5)]
     assert list(insertion_points(make("upernet")))[0] == "decoder.psp.attention"
     assert set(insertion_points(make("unet"), "decoder").values()) > {16}
@@ -267,7 +269,9 @@ def test_decoder_attention_type_scse_and_none() -> None:
 
     assert count(smp.FPN(ENCODER, encoder_weights=None, decoder_attention_type="scse"), SCSEModule) == 4
     plain = smp.FPN(ENCODER, encoder_weights=None)
-    assert list(smp.FPN(ENCODER, encoder_weights=None, decoder_attention_type=None).state_dict()) == list(plain.state_dict())
+    assert list(smp.FPN(ENCODER, encoder_weights=None, decoder_attention_type=None).state_dict()) == list(
+        plain.state_dict()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,7 +338,11 @@ def test_fresh_process_loads_with_smp_cbam_and_fails_loudly_without(tmp_path) ->
     env = dict(os.environ, PYTHONPATH=str(Path(smp_cbam.__file__).resolve().parents[1]))
     runs = {
         mode: subprocess.run(
-            [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), mode], env=env, capture_output=True, text=True, timeout=300
+            [sys.executable, "-c", LOAD_SCRIPT, str(tmp_path), mode],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
         )
         for mode in ("without", "with")
     }
