@@ -1,13 +1,16 @@
 """CBAM and other attention types for segmentation_models.pytorch.
 
 ``import smp_cbam`` registers ``"cbam"``, ``"cbam_channel"``, ``"cbam_spatial"``, ``"se"`` and
-``"eca"`` as ``decoder_attention_type`` of smp's Unet and Unet++.
+``"eca"`` as ``decoder_attention_type`` of smp's Unet and Unet++, makes ``decoder_attention_type``
+build decoder attention in every other smp architecture, and lets ``from_pretrained`` restore
+attention added by :func:`add_attention` (decoder, encoder or both; see :mod:`smp_cbam.placement`).
 
 Where things live:
 
 * :mod:`smp_cbam.attention`: the attention modules and their implementations (CBAM's fused
   paths and compiled CPU kernels);
-* :mod:`smp_cbam.registry`, :mod:`smp_cbam.maps`: the smp glue (attention names, captured maps);
+* :mod:`smp_cbam.registry`, :mod:`smp_cbam.placement`, :mod:`smp_cbam.maps`: the smp glue
+  (attention names, attention in every architecture, captured maps);
 * :mod:`smp_cbam.training`: the Lightning module, data module and comparison runner
   (``pip install smp-cbam[train]``);
 * :mod:`smp_cbam.report`: results files, statistics, tables and plots;
@@ -34,6 +37,9 @@ _LAZY = {
     "SqueezeExcite": "smp_cbam.attention",
     "AttentionMaps": "smp_cbam.maps",
     "capture_attention": "smp_cbam.maps",
+    "add_attention": "smp_cbam.placement",
+    "insertion_points": "smp_cbam.placement",
+    "timm_attention": "smp_cbam.placement",
     "available_attentions": "smp_cbam.registry",
     "build_attention": "smp_cbam.registry",
     "install": "smp_cbam.registry",
@@ -42,7 +48,7 @@ _LAZY = {
     "SegmentationModule": "smp_cbam.training.module",
     "SegmentationDataModule": "smp_cbam.training.data",
 }
-_SUBMODULES = ("attention", "benchmarks", "maps", "registry", "report", "training")
+_SUBMODULES = ("attention", "benchmarks", "maps", "placement", "registry", "report", "training")
 _SMP = "segmentation_models_pytorch"
 
 
@@ -62,6 +68,7 @@ def __dir__() -> list[str]:
 
 def _install() -> None:
     importlib.import_module("smp_cbam.registry").install()
+    importlib.import_module("smp_cbam.placement").install()
 
 
 class _InstallAfterSmp(importlib.abc.Loader):
@@ -111,8 +118,11 @@ __all__ = [
     "SegmentationModule",
     "SpatialAttention",
     "SqueezeExcite",
+    "add_attention",
     "available_attentions",
     "build_attention",
     "capture_attention",
+    "insertion_points",
     "register_attention",
+    "timm_attention",
 ]

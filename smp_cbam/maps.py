@@ -4,10 +4,13 @@
 
     with capture_attention(model) as maps:
         model(images)
-    maps["decoder.blocks.0.attention2"].channel  # (N, C) CBAM / SCSE / SE / ECA channel weights
-    maps["decoder.blocks.0.attention2"].spatial  # (N, H, W) CBAM / SCSE spatial map
+    maps["decoder.blocks.0.attention2.attention"].channel  # (N, C) CBAM / SCSE / SE / ECA channel weights
+    maps["decoder.blocks.0.attention2.attention"].spatial  # (N, H, W) CBAM / SCSE spatial map
 
-A forward pre-hook on every attention module inside smp's decoder ``Attention`` wrappers computes
+Captured: every attention module of a supported type that is not part of another one: those
+inside smp's decoder ``Attention`` wrappers (``decoder_attention_type``), those that
+:func:`smp_cbam.add_attention` inserted (``decoder.p4.attention``, ``encoder.layer1.0.bn2.attention``,
+...), and those in timm blocks (``encoder.model.layer1.0.se``). A forward pre-hook on each computes
 the module's gates from its input, without gradients, before the module runs (the decoders' CBAM
 overwrites its input at inference), so the maps are the same whichever code path the forward takes
 (CBAM's fused path calls neither ``channel`` nor ``spatial``). Buffers such as
@@ -23,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-from segmentation_models_pytorch.base.modules import Attention, SCSEModule
+from segmentation_models_pytorch.base.modules import SCSEModule
 from torch import nn
 
 from .attention import CBAM, ECA, ChannelAttention, SpatialAttention, SqueezeExcite
@@ -72,13 +75,14 @@ def _gates_of(module: nn.Module) -> Callable[[nn.Module, torch.Tensor], Gates] |
 
 
 def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
-    """The attention module inside every smp ``Attention`` wrapper of ``model`` whose maps can be
-    captured, by qualified name (``decoder.blocks.0.attention1``, ...), in module order."""
-    return {
-        f"{name}.attention": wrapper.attention
-        for name, wrapper in model.named_modules()
-        if isinstance(wrapper, Attention) and _gates_of(wrapper.attention) is not None
-    }
+    """Every attention module of ``model`` whose maps can be captured and that is not part of
+    another one (CBAM's own ``channel``/``spatial`` halves are not listed), by qualified name
+    (``decoder.blocks.0.attention1.attention``, ``decoder.p5.attention``, ...), in module order."""
+    found: dict[str, nn.Module] = {}
+    for name, module in model.named_modules():  # parents before their children
+        if _gates_of(module) is not None and not any(name.startswith(f"{outer}.") for outer in found):
+            found[name] = module
+    return found
 
 
 def compute_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
@@ -99,7 +103,7 @@ def compute_maps(module: nn.Module, x: torch.Tensor) -> AttentionMaps:
 
 @contextmanager
 def capture_attention(model: nn.Module) -> Iterator[dict[str, AttentionMaps]]:
-    """Record the maps of every decoder attention module of ``model`` while the context is open.
+    """Record the maps of every attention module of ``model`` while the context is open.
 
     Yields a dict, qualified module name -> :class:`AttentionMaps`, which every forward pass
     updates with the maps of the modules it ran (the latest pass wins; Unet's last block has no
@@ -113,9 +117,7 @@ def capture_attention(model: nn.Module) -> Iterator[dict[str, AttentionMaps]]:
 
         return store
 
-    handles = [
-        m.register_forward_pre_hook(hook(name)) for name, m in attention_modules(model).items()
-    ]
+    handles = [m.register_forward_pre_hook(hook(name)) for name, m in attention_modules(model).items()]
     try:
         yield record
     finally:

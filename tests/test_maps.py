@@ -175,3 +175,32 @@ def test_models_without_supported_attention_record_nothing() -> None:
     with torch.no_grad(), capture_attention(model) as maps:
         model(images(1))
     assert maps == {}
+
+
+@pytest.mark.parametrize("attention", ["cbam", "se"])
+def test_added_attention_maps_equal_hand_computed_gates(attention: str) -> None:
+    """Modules that add_attention put in a decoder and an encoder are captured like smp's own."""
+    torch.manual_seed(0)
+    model = smp_cbam.add_attention(
+        smp.FPN("resnet18", encoder_weights=None, decoder_pyramid_channels=32, decoder_segmentation_channels=32),
+        attention, where="both",
+    ).eval()  # fmt: skip
+    modules = dict(model.named_modules())
+    inputs: dict[str, torch.Tensor] = {}
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+    for name in smp_cbam.insertion_points(model, "both"):  # copies: CBAM and the blocks run in place
+        handles.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].clone())))
+        handles.append(modules[name].register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, (inputs[name], out.clone()))))
+    with torch.no_grad(), capture_attention(model) as maps:
+        model(images())
+    for handle in handles:
+        handle.remove()
+    assert set(maps) == set(seen) and len(maps) == 4 + 8
+    assert "encoder.layer1.0.bn2.attention" in maps and "decoder.p2.attention" in maps
+    for name, (x, y) in seen.items():
+        channel, spatial = hand_gates(modules[name], x)
+        torch.testing.assert_close(maps[name].channel, channel, rtol=1e-5, atol=1e-6)
+        if spatial is not None:
+            torch.testing.assert_close(maps[name].spatial, spatial, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(apply_maps(attention, x, maps[name]), y, rtol=1e-4, atol=1e-5)
