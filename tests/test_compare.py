@@ -2,6 +2,7 @@ import inspect
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -22,13 +23,17 @@ from smp_cbam.cli import main
 from smp_cbam.training import run as run_module
 from smp_cbam.training.module import SegmentationModule
 from smp_cbam.training.run import floor_miou, plateau_reached, write_per_image
-from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, load_config
+from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0]},
-    "data": {"dataset": "synthetic", "batch_size": 8, "synthetic": {"size": 32, "n_train": 16, "n_val": 8, "n_test": 8}},
+    "data": {
+        "dataset": "synthetic",
+        "batch_size": 8,
+        "synthetic": {"size": 32, "n_train": 16, "n_val": 8, "n_test": 8},
+    },
     "model": {"encoder_depth": 3, "decoder_channels": [32, 16, 16]},
     "train": {"stop": "plateau", "max_epochs": 3, "patience": 2, "max_steps": None},
     "costs": {"rounds": 3, "warmup": 1},
@@ -57,7 +62,10 @@ class CountingModule(SegmentationModule):
             keep = m != self.hparams.ignore_index
             p, m = p[keep], m[keep]
             self._counts.append(
-                [[((p == k) & (m == k)).sum(), ((p == k) & (m != k)).sum(), ((p != k) & (m == k)).sum()] for k in range(c)]
+                [
+                    [((p == k) & (m == k)).sum(), ((p == k) & (m != k)).sum(), ((p != k) & (m == k)).sum()]
+                    for k in range(c)
+                ]
             )
         self.per_image_counts = np.asarray(self._counts, dtype=np.int64).transpose(0, 2, 1)
 
@@ -91,7 +99,9 @@ def test_compare_writes_results_per_contract(finished: Path) -> None:
     assert list(results.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS and "latency_ms" not in results
     assert list(results["attention"]) == ["none", "cbam"] and set(results["status"]) == {"ok"}
     assert set(results["placement"]) == {"decoder"} and set(results["precision"]) == {"32-true"}
-    assert results[["val_miou", "test_miou", "untrained_miou", "floor_miou"]].apply(lambda c: c.between(0, 1)).all().all()
+    assert (
+        results[["val_miou", "test_miou", "untrained_miou", "floor_miou"]].apply(lambda c: c.between(0, 1)).all().all()
+    )
     assert results["params"].iloc[1] > results["params"].iloc[0]
     val_masks = [batch[1] for batch in _datamodule(finished).val_dataloader()]
     for name in ["unet-none-s0", "unet-cbam-s0"]:
@@ -169,6 +179,36 @@ def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tm
 
 
 @pytest.mark.slow
+def test_a_run_killed_after_training_only_evaluates_again(finished: Path, tmp_path: Path, capsys) -> None:
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "runs" / "unet-cbam-s0" / "result.json").unlink()
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        if not _module_counts_per_image():
+            mp.setattr(run_module, "SegmentationModule", CountingModule)
+        again = compare(tiny_config(tmp_path))
+    assert "training finished earlier; evaluating" in capsys.readouterr().out
+    first = pd.read_csv(finished / "results.csv")
+    pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
+    assert list(again["stop_reason"]) == list(first["stop_reason"])
+
+
+def test_convergence_notes_name_the_runs() -> None:
+    results = pd.DataFrame(
+        {
+            "status": ["ok", "ok", "failed"],
+            "converged": [True, False, None],
+            "at_floor": [False, True, None],
+            "run_dir": ["runs/a-s0", "runs/b-s0", "runs/c-s0"],
+        }
+    )
+    notes = convergence_notes(results)
+    assert len(notes) == 2 and "1 of 2 runs did not converge" in notes[0] and "b-s0." in notes[1]
+    assert "learning speed, not final accuracy" in notes[0]
+    assert convergence_notes(results.iloc[:1]) == []
+
+
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_results_of_an_uninterrupted_run(finished: Path, tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "costs": {"enabled": False}}))
@@ -236,11 +276,20 @@ def test_failed_runs_are_kept_until_retried(tmp_path: Path, monkeypatch, capsys)
 @pytest.mark.slow
 def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
     grid = {"archs": ["unet"], "attentions": ["none"], "seeds": [0]}
-    fixed = compare(tiny_config(tmp_path / "fixed", grid=grid, train={"stop": "fixed", "max_epochs": 2}, costs={"enabled": False}))
+    fixed = compare(
+        tiny_config(tmp_path / "fixed", grid=grid, train={"stop": "fixed", "max_epochs": 2}, costs={"enabled": False})
+    )
     assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
     history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
     assert bool(fixed["converged"].iloc[0]) == plateau_reached(history["val_miou"], 2, 0.001)
-    steps = compare(tiny_config(tmp_path / "steps", grid=grid, train={"max_epochs": 10, "max_steps": 3, "patience": 5}, costs={"enabled": False}))
+    steps = compare(
+        tiny_config(
+            tmp_path / "steps",
+            grid=grid,
+            train={"max_epochs": 10, "max_steps": 3, "patience": 5},
+            costs={"enabled": False},
+        )
+    )
     assert steps["stop_reason"].iloc[0] == "max_steps" and steps["steps"].iloc[0] == 3
     assert not steps["converged"].iloc[0]
 
@@ -301,7 +350,9 @@ def test_folder_dataset_runs_from_the_command_line(tmp_path: Path, capsys) -> No
 @pytest.mark.slow
 def test_without_a_test_split_the_best_checkpoint_is_validated(tmp_path: Path) -> None:
     data = {"synthetic": {**TINY["data"]["synthetic"], "n_test": 0}}
-    results = compare(tiny_config(tmp_path, data=data, train={"stop": "fixed", "max_epochs": 3}, costs={"enabled": False}))
+    results = compare(
+        tiny_config(tmp_path, data=data, train={"stop": "fixed", "max_epochs": 3}, costs={"enabled": False})
+    )
     assert results["test_miou"].isna().all() and (results["epochs"] == 3).all()
     for _, row in results.iterrows():
         history = pd.read_csv(tmp_path / row["run_dir"] / "history.csv")
@@ -361,3 +412,22 @@ def test_placement_is_a_grid_dimension(tmp_path: Path) -> None:
     assert list(pd.read_csv(tmp_path / "costs.csv")["placement"]) == ["decoder", "decoder", "encoder"]
     loaded = smp.from_pretrained(str(tmp_path / "runs" / "unet-cbam-encoder-s0" / "model"))
     assert math.isfinite(float(loaded.eval()(torch.randn(1, 3, 32, 32)).sum()))
+
+
+def test_loggers_follow_trainer_logger(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+
+    from smp_cbam.training.run import RunSpec, make_loggers
+
+    run = RunSpec("unet", "cbam", 0)
+
+    def kinds(value) -> list[type]:
+        config = load_config(overrides={"trainer": {"logger": value}})
+        return [type(logger) for logger in make_loggers(config, tmp_path, run)]
+
+    assert kinds(None) == [CSVLogger, TensorBoardLogger]  # tensorboard is installed here
+    assert kinds(False) == [CSVLogger]
+    assert kinds(["csv", "tensorboard"]) == [CSVLogger, TensorBoardLogger]
+    assert kinds("pytorch_lightning.loggers.TensorBoardLogger") == [CSVLogger, TensorBoardLogger]
+    loggers = make_loggers(load_config(), tmp_path, run)
+    assert Path(loggers[0].log_dir) == tmp_path / "logs" and Path(loggers[1].log_dir) == tmp_path / "logs"

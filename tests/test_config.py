@@ -214,7 +214,14 @@ def test_every_smp_architecture_is_accepted(monkeypatch) -> None:
 def test_grid_runs_none_once_and_names_carry_the_placement(monkeypatch) -> None:
     monkeypatch.setattr(config_module, "placement_support", lambda: lambda arch, where: True)
     config = load_config(
-        overrides={"grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0, 1], "placements": ["decoder", "encoder"]}}
+        overrides={
+            "grid": {
+                "archs": ["unet"],
+                "attentions": ["none", "cbam"],
+                "seeds": [0, 1],
+                "placements": ["decoder", "encoder"],
+            }
+        }
     )
     names = [run.name for run in grid_runs(config)]
     assert names == [

@@ -444,7 +444,9 @@ def _check_logger(value: Any) -> list[str] | bool:
         raise ConfigError(f"trainer.logger must be true, false, a logger name or a list of them, got {value!r}")
     for name in names:
         if name not in LOGGERS and "." not in name:
-            raise ConfigError(f"trainer.logger: unknown logger {name!r}; valid: {', '.join(LOGGERS)} or a dotted class path")
+            raise ConfigError(
+                f"trainer.logger: unknown logger {name!r}; valid: {', '.join(LOGGERS)} or a dotted class path"
+            )
     return list(names)
 
 
@@ -500,7 +502,9 @@ def check_output(output: str) -> None:
     while not ancestor.exists():
         ancestor = ancestor.parent
     if not ancestor.is_dir():
-        raise ConfigError(f"output {str(path)!r} lies under {str(ancestor)!r}, which is a file; choose another --output")
+        raise ConfigError(
+            f"output {str(path)!r} lies under {str(ancestor)!r}, which is a file; choose another --output"
+        )
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise ConfigError(f"output {str(path)!r}: {str(ancestor)!r} is not writable; choose another --output")
 

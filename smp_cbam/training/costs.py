@@ -63,7 +63,9 @@ def measure_costs(config: Config, runs: list[RunSpec], datamodule: SegmentationD
     for run in runs:
         arms.setdefault((run.arch, run.attention, run.placement), run)
     example = next(iter(datamodule.val_dataloader()))[0][:1]
-    device = torch.device("cuda" if config.trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        "cuda" if config.trainer.get("accelerator") in ("gpu", "cuda", "auto") and torch.cuda.is_available() else "cpu"
+    )
     with intra_op_threads(config.costs.threads):
         models, params = {}, {}
         for key, run in arms.items():

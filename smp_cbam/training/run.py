@@ -158,7 +158,11 @@ def make_loggers(config: Config, run_dir: Path, run: RunSpec) -> list:
     loggers = [CSVLogger(run_dir, name="logs", version="")]
     names = config.trainer["logger"]
     if names is True:
-        names = ["tensorboard"] if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX") else []
+        names = (
+            ["tensorboard"]
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+            else []
+        )
     elif names is False:
         names = []
     for name in names:
@@ -264,7 +268,9 @@ def _stop_reason(config: Config, trainer: pl.Trainer, early: EarlyStopping | Non
     return "max_epochs"
 
 
-def run_one(config: Config, run: RunSpec, run_dir: Path, log: Log, on_epoch: Callable[[dict], None] | None = None) -> dict:
+def run_one(
+    config: Config, run: RunSpec, run_dir: Path, log: Log, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
     """Trains one run (resuming from its last checkpoint), evaluates its best checkpoint and
     returns its results row."""
     ckpt_dir = run_dir / "checkpoints"
@@ -325,7 +331,9 @@ def run_one(config: Config, run: RunSpec, run_dir: Path, log: Log, on_epoch: Cal
     best = max(history.rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
     stage = "test" if datamodule.has_test else "val"
     evaluate = trainer.test if stage == "test" else trainer.validate
-    metrics = evaluate(module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "best.ckpt"), verbose=False, weights_only=True)[0]
+    metrics = evaluate(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "best.ckpt"), verbose=False, weights_only=True
+    )[0]
     counts = getattr(module, "per_image_counts", None)
     if stage == "test" and counts is not None:
         write_per_image(counts, _test_ids(datamodule, len(counts)), run_dir / "per_image.csv")
@@ -336,10 +344,14 @@ def run_one(config: Config, run: RunSpec, run_dir: Path, log: Log, on_epoch: Cal
 
     untrained = _trainer(config, logger=False, enable_progress_bar=False)
     untrained_evaluate = untrained.test if stage == "test" else untrained.validate
-    untrained_miou = untrained_evaluate(SegmentationModule(**kwargs), datamodule=datamodule, verbose=False)[0][f"{stage}_miou"]
+    untrained_miou = untrained_evaluate(SegmentationModule(**kwargs), datamodule=datamodule, verbose=False)[0][
+        f"{stage}_miou"
+    ]
     floor = floor_miou(datamodule.val_dataloader(), datamodule.num_classes, datamodule.ignore_index)
     example = next(iter(datamodule.val_dataloader()))[0][:1]
-    converged = fit["stop_reason"] == "plateau" or plateau_reached(values, config.train.patience, config.train.min_delta)
+    converged = fit["stop_reason"] == "plateau" or plateau_reached(
+        values, config.train.patience, config.train.min_delta
+    )
     row = {
         "status": "ok",
         "precision": str(trainer.precision),

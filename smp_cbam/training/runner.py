@@ -88,7 +88,9 @@ def configuration_changes(saved: dict, config: Config) -> list[str]:
         return {k: v for k, v in _flatten(c).items() if not k.startswith(RESUMABLE_KEYS)}
 
     old, new = run_defining(saved), run_defining(config.to_dict())
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+    ]
 
 
 def _started_runs(output: Path) -> list[Path]:
@@ -237,10 +239,34 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     if config.costs.enabled and ok:
         from .costs import write_costs
 
-        log(f"measuring parameters and latency of {len({(r.arch, r.attention, r.placement) for r in ok})} arms (costs.csv)")
+        log(
+            f"measuring parameters and latency of {len({(r.arch, r.attention, r.placement) for r in ok})} arms (costs.csv)"
+        )
         write_costs(config, ok, datamodule, output)
     write_report(output)
+    for line in convergence_notes(results):
+        log(line)
     return results
+
+
+def convergence_notes(results: pd.DataFrame) -> list[str]:
+    """Lines that flag the runs which did not converge or never left the trivial floor."""
+    ok = results[results["status"] == "ok"]
+    notes = []
+    unconverged = ok[~ok["converged"].astype(bool)]
+    if len(unconverged):
+        notes.append(
+            f"{len(unconverged)} of {len(ok)} runs did not converge (their budget ended while val mIoU was still "
+            f"improving): {', '.join(unconverged['run_dir'].str.removeprefix('runs/'))}. A comparison of such runs "
+            "measures learning speed, not final accuracy; raise train.max_epochs or lower train.patience."
+        )
+    floor = ok[ok["at_floor"].astype(bool)]
+    if len(floor):
+        notes.append(
+            f"{len(floor)} runs stayed at the trivial floor (predicting the most frequent class): "
+            f"{', '.join(floor['run_dir'].str.removeprefix('runs/'))}."
+        )
+    return notes
 
 
 def collect_results(output: Path, config: Config) -> pd.DataFrame:
