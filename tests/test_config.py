@@ -130,14 +130,15 @@ def test_switching_dataset_starts_its_data_section_afresh(tmp_path: Path) -> Non
 
 def test_sections_map_onto_constructor_arguments() -> None:
     module = inspect.signature(SegmentationModule).parameters
-    for f in dataclasses.fields(ModelConfig):
-        assert f.name in module, f.name
+    for f in dataclasses.fields(ModelConfig):  # model_kwargs: only in modules that take extra smp arguments
+        assert f.name in module or (f.name == "model_kwargs" and f.default is None), f.name
     module_fields = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("module")]
     assert module_fields and all(name in module for name in module_fields)
     data = inspect.signature(SegmentationDataModule).parameters
     config = load_config()
     assert set(config.data) <= set(data) and "seed" not in config.data
-    kwargs = {**dataclasses.asdict(config.model), **config.train.module_kwargs()}
+    kwargs = {k: v for k, v in dataclasses.asdict(config.model).items() if k in module}
+    kwargs.update(config.train.module_kwargs())
     SegmentationModule(arch="unet", attention=None, num_classes=4, **kwargs)  # they construct it as they are
     SegmentationDataModule(**config.data)
 

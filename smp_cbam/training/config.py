@@ -89,6 +89,7 @@ class ModelConfig:
     encoder_depth: int
     decoder_channels: list[int] | None
     encoder_weights: str | None
+    model_kwargs: dict | None = None  # further smp arguments, e.g. {decoder_use_norm: layernorm}
 
 
 def _module(**kwargs):

@@ -33,6 +33,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text
 from .config import LOGGERS, Config, ConfigError
@@ -55,13 +56,20 @@ class RunSpec:
         return f"{self.arch}-{self.attention}{where}-s{self.seed}"
 
 
+def is_writer() -> bool:
+    """Under DDP every process runs the grid loop; only global rank 0 prints and writes files."""
+    return rank_zero_only.rank == 0
+
+
 class Log:
-    """Prints to stdout (unless ``quiet``) and appends to a run's log file."""
+    """Prints to stdout (unless ``quiet``) and appends to a run's log file (rank 0 only)."""
 
     def __init__(self, path: Path | None = None):
         self.path = path
 
     def __call__(self, message: str, quiet: bool = False) -> None:
+        if not is_writer():
+            return
         if not quiet:
             print(message, flush=True)
         if self.path is not None:
@@ -199,10 +207,12 @@ def module_kwargs(config: Config, run: RunSpec, datamodule: SegmentationDataModu
         **dataclasses.asdict(config.model),
         **config.train.module_kwargs(),
     }
-    if "placement" in inspect.signature(SegmentationModule).parameters:
-        kwargs["placement"] = run.placement
-    elif run.placement != "decoder":
-        raise ConfigError(f"placement {run.placement!r} needs a SegmentationModule that takes placement=")
+    kwargs["placement"] = run.placement
+    parameters = inspect.signature(SegmentationModule).parameters
+    for key in [k for k in kwargs if k not in parameters]:  # a module from before these arguments
+        if kwargs[key] not in (None, "decoder"):
+            raise ConfigError(f"{key}={kwargs[key]!r} needs a SegmentationModule that takes {key}=")
+        del kwargs[key]
     return kwargs
 
 
@@ -325,7 +335,8 @@ def run_one(
         # checkpoints hold tensors, numbers, strings and containers only: the safe loader suffices
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
         fit = {"stop_reason": _stop_reason(config, trainer, early), "steps": trainer.global_step}
-        atomic_write_text(fit_done, json.dumps(fit))
+        if is_writer():
+            atomic_write_text(fit_done, json.dumps(fit))
 
     values = [r["val_miou"] for r in history.rows]
     best = max(history.rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
@@ -335,12 +346,13 @@ def run_one(
         module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "best.ckpt"), verbose=False, weights_only=True
     )[0]
     counts = getattr(module, "per_image_counts", None)
-    if stage == "test" and counts is not None:
+    if stage == "test" and counts is not None and is_writer():
         write_per_image(counts, _test_ids(datamodule, len(counts)), run_dir / "per_image.csv")
-    try:
-        module.model.save_pretrained(str(run_dir / "model"))
-    except Exception as err:  # the results stand without the export; say so
-        log(f"  warning: exporting the best model with save_pretrained failed: {type(err).__name__}: {err}")
+    if is_writer():
+        try:
+            module.model.save_pretrained(str(run_dir / "model"))
+        except Exception as err:  # the results stand without the export; say so
+            log(f"  warning: exporting the best model with save_pretrained failed: {type(err).__name__}: {err}")
 
     untrained = _trainer(config, logger=False, enable_progress_bar=False)
     untrained_evaluate = untrained.test if stage == "test" else untrained.validate

@@ -41,7 +41,7 @@ from .config import (
     from_dict,
     load_config,
 )
-from .run import Log, RunSpec, make_datamodule, run_one
+from .run import Log, RunSpec, is_writer, make_datamodule, run_one
 
 __all__ = [
     "RESULT_COLUMNS", "Config", "ConfigError", "RunSpec", "collect_results", "compare", "default_precision",
@@ -183,7 +183,7 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     datamodule = make_datamodule(config, seed=0)
     datamodule.setup("fit")  # reads and checks the data once, before anything is written
     output.mkdir(parents=True, exist_ok=True)
-    if write_config:
+    if write_config and is_writer():
         atomic_write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
 
     runs = grid_runs(config)
@@ -195,7 +195,8 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
         previous = _read_result(result_path) if result_path.exists() else None
         if previous is not None and previous.get("status") == "failed" and retry_failed:
             log(f"[run {i}/{len(runs)}] {run.name}: failed earlier, running it again (--retry-failed)")
-            shutil.rmtree(run_dir)
+            if is_writer():
+                shutil.rmtree(run_dir)
         elif previous is not None:
             eta.run_done(run, previous.get("epochs"))
             status = previous.get("status")
@@ -229,11 +230,14 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
             "seed": run.seed,
         }
         row = {**ident, **row, "run_dir": run_dir.relative_to(output).as_posix()}
-        atomic_write_text(result_path, json.dumps(row, indent=1))
         eta.run_done(run, row.get("epochs"))
-        collect_results(output, config)
-        write_report(output)
+        if is_writer():
+            atomic_write_text(result_path, json.dumps(row, indent=1))
+            collect_results(output, config)
+            write_report(output)
     results = collect_results(output, config)
+    if not is_writer():
+        return results
     finished = {f"runs/{run.name}": run for run in runs}
     ok = [finished[d] for d in results.loc[results["status"] == "ok", "run_dir"] if d in finished]
     if config.costs.enabled and ok:
@@ -286,7 +290,8 @@ def collect_results(output: Path, config: Config) -> pd.DataFrame:
 
     rows.sort(key=rank)
     results = results_frame(rows)
-    atomic_write_csv(results, output / "results.csv")
+    if is_writer():
+        atomic_write_csv(results, output / "results.csv")
     return results
 
 
