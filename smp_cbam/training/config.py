@@ -623,8 +623,12 @@ def _check_data(raw: Any) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"config section 'data' must be a mapping, got {raw!r}")
     data = _check_against_signature(raw, _datamodule_class(), "data", ("seed",))
+    from .data import DatasetError
+
     try:
-        _datamodule_class()(**data)  # its own checks (no file is read before setup)
+        _datamodule_class()(**data)  # its own argument checks
+    except DatasetError:
+        pass  # the files, not the configuration: the runner reads and checks them before it writes anything
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data: {err}") from err
     # config.yaml records every argument, the data module's defaults included

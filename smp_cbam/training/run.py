@@ -37,7 +37,7 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text
 from .config import LOGGERS, Config, ConfigError
-from .data import SegmentationDataModule
+from .data import DatasetError, SegmentationDataModule
 from .module import SegmentationModule
 
 FLOOR_MARGIN = 0.01  # a best val mIoU within 1 point of the trivial floor counts as stuck at it
@@ -219,6 +219,8 @@ def module_kwargs(config: Config, run: RunSpec, datamodule: SegmentationDataModu
 def make_datamodule(config: Config, seed: int) -> SegmentationDataModule:
     try:
         return SegmentationDataModule(**config.data, seed=seed)
+    except DatasetError:
+        raise
     except (TypeError, ValueError) as err:
         raise ConfigError(f"data: {err}") from err
 
