@@ -340,8 +340,9 @@ def run_one(
         if is_writer():
             atomic_write_text(fit_done, json.dumps(fit))
 
-    values = [r["val_miou"] for r in history.rows]
-    best = max(history.rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
+    rows = list(history.rows)  # evaluating a checkpoint restores the callbacks' state of that epoch
+    values = [r["val_miou"] for r in rows]
+    best = max(rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
     stage = "test" if datamodule.has_test else "val"
     evaluate = trainer.test if stage == "test" else trainer.validate
     metrics = evaluate(
@@ -371,7 +372,7 @@ def run_one(
         "precision": str(trainer.precision),
         "stop_reason": fit["stop_reason"],
         "converged": bool(converged),
-        "epochs": len(history.rows),
+        "epochs": len(rows),
         "steps": int(fit["steps"]),
         "best_epoch": int(best["epoch"]),
         "val_miou": float(best["val_miou"]),
@@ -381,7 +382,7 @@ def run_one(
         "at_floor": bool(best["val_miou"] <= floor + FLOOR_MARGIN),
         "untrained_miou": float(untrained_miou),
         "params": count_params(module.model, example),
-        "train_seconds": float(sum(r["seconds"] for r in history.rows)),
+        "train_seconds": float(sum(r["seconds"] for r in rows)),
         "failure": "",
     }
     for name in module.class_names:
