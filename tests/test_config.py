@@ -197,6 +197,18 @@ def test_placements_need_support(monkeypatch) -> None:
         load_config(overrides={"grid": {"archs": ["fpn"]}})
     assert load_config(overrides={"grid": {"archs": ["fpn"], "attentions": ["none"]}}).grid.archs == ["fpn"]
     monkeypatch.setattr(config_module, "placement_support", lambda: lambda arch, where: where != "both")
+    assert load_config(overrides={"grid": {"archs": ["fpn"], "placements": ["encoder"]}}).grid.archs == ["fpn"]
+
+    def exact(arch: str, where: str = "decoder", encoder: str | None = None) -> bool:
+        return where == "decoder" or encoder == "resnet18"
+
+    monkeypatch.setattr(config_module, "placement_support", lambda: exact)
+    assert load_config(overrides={"grid": {"placements": ["encoder"]}}).grid.placements == ["encoder"]
+    with pytest.raises(
+        ConfigError, match=r"placement 'encoder' is not supported for architecture 'unet' with encoder 'mobilenet_v2'"
+    ):
+        load_config(overrides={"grid": {"placements": ["encoder"]}, "model": {"encoder": "mobilenet_v2"}})
+    monkeypatch.setattr(config_module, "placement_support", lambda: lambda arch, where: where != "both")
     config = load_config(overrides={"grid": {"archs": ["fpn", "unet"], "placements": ["decoder", "encoder"]}})
     assert config.grid.placements == ["decoder", "encoder"]
     with pytest.raises(ConfigError, match=r"placement 'both' is not supported for architecture 'fpn'"):

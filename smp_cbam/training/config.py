@@ -383,7 +383,7 @@ def placement_support() -> Any:
 NATIVE_DECODER_ATTENTION = ("unet", "unetplusplus")
 
 
-def _check_grid(grid: GridConfig) -> None:
+def _check_grid(grid: GridConfig, encoder: str) -> None:
     for key in ("archs", "attentions", "seeds", "placements"):
         values = getattr(grid, key)
         if not values:
@@ -415,8 +415,13 @@ def _check_grid(grid: GridConfig) -> None:
                         f"which this installation lacks; smp builds decoder attention only in "
                         f"{', '.join(NATIVE_DECODER_ATTENTION)}"
                     )
-            elif not supports(arch.lower(), placement):
-                raise ConfigError(f"grid: placement {placement!r} is not supported for architecture {arch!r}")
+            else:
+                exact = placement != "decoder" and "encoder" in inspect.signature(supports).parameters
+                if not (
+                    supports(arch.lower(), placement, encoder=encoder) if exact else supports(arch.lower(), placement)
+                ):
+                    where = f"architecture {arch!r}" + (f" with encoder {encoder!r}" if exact else "")
+                    raise ConfigError(f"grid: placement {placement!r} is not supported for {where}")
 
 
 def _check_trainer(raw: Any) -> dict:
@@ -590,11 +595,11 @@ def from_dict(raw: dict) -> Config:
     if isinstance(grid_raw, dict) and isinstance(grid_raw.get("attentions"), list):  # YAML's null is "none"
         grid_raw = {**grid_raw, "attentions": ["none" if a is None else a for a in grid_raw["attentions"]]}
     grid = _dataclass_section(GridConfig, grid_raw, "grid")
-    _check_grid(grid)
     module_parameters, _ = _signature_hints(_module_class())
     module_defaults = {k: p.default for k, p in module_parameters.items() if p.default is not p.empty}
     model = _dataclass_section(ModelConfig, raw.get("model", {}), "model", module_defaults)
     check_encoder(model.encoder)
+    _check_grid(grid, model.encoder)
     train = _dataclass_section(TrainConfig, _rename_epochs(raw).get("train", {}), "train", module_defaults)
     _check_train(train)
     data = _check_data(raw.get("data", {}))
