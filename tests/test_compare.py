@@ -36,6 +36,7 @@ TINY = {
     },
     "model": {"encoder_depth": 3, "decoder_channels": [32, 16, 16]},
     "train": {"stop": "plateau", "max_epochs": 3, "patience": 2, "max_steps": None, "lr": 0.002},
+    "trainer": {"log_every_n_steps": 1},  # per-step lr and loss in logs/metrics.csv of these short runs
     "costs": {"rounds": 3, "warmup": 1},
 }
 METRICS = ["val_miou", "test_miou", "best_epoch", "epochs", "steps"]
@@ -137,6 +138,7 @@ def test_compare_writes_results_per_contract(finished: Path) -> None:
         # Lightning's loggers, the checkpoints and the exported model
         metrics = pd.read_csv(run / "logs" / "metrics.csv")
         assert {"lr-AdamW", "val_miou", "test_miou"} <= set(metrics.columns)
+        assert metrics["lr-AdamW"].dropna().iloc[0] == pytest.approx(0.002)
         assert list((run / "logs").glob("events.out.tfevents.*"))
         assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
         assert json.loads((run / "result.json").read_text())["status"] == "ok"
