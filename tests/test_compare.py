@@ -1,5 +1,8 @@
+import inspect
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,72 +13,213 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import segmentation_models_pytorch as smp
 import torch
 import yaml
+from pytorch_lightning.callbacks import EarlyStopping
 
 import smp_cbam
 from smp_cbam.cli import main
-from smp_cbam.training.runner import DEFAULT_CONFIG, ConfigError, compare, load_config
+from smp_cbam.training import run as run_module
+from smp_cbam.training.module import SegmentationModule
+from smp_cbam.training.run import floor_miou, plateau_reached, write_per_image
+from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
     "grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0]},
-    "data": {"dataset": "synthetic", "batch_size": 8, "synthetic": {"size": 32, "n_train": 16, "n_val": 8, "n_test": 8}},
+    "data": {
+        "dataset": "synthetic",
+        "batch_size": 8,
+        "synthetic": {"size": 64, "n_train": 16, "n_val": 8, "n_test": 8},
+    },
     "model": {"encoder_depth": 3, "decoder_channels": [32, 16, 16]},
-    "train": {"epochs": 2},
+    "train": {"stop": "plateau", "max_epochs": 3, "patience": 2, "max_steps": None, "lr": 0.002},
+    "trainer": {"log_every_n_steps": 1},  # per-step lr and loss in logs/metrics.csv of these short runs
+    "costs": {"rounds": 3, "warmup": 1},
 }
-METRICS = ["val_miou", "test_miou", "best_epoch", "epochs"]
+METRICS = ["val_miou", "test_miou", "best_epoch", "epochs", "steps"]
 
 
-def tiny_config(output: Path, **sections) -> dict:
-    return load_config(overrides={**TINY, **sections, "output": str(output)})
+def tiny_config(output: Path, **sections) -> smp_cbam.training.runner.Config:
+    merged = {**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in sections.items()}}
+    return load_config(overrides={**merged, "output": str(output)})
+
+
+class CountingModule(SegmentationModule):
+    """Per-image confusion counts (contract C2) for a SegmentationModule that does not compute
+    them itself yet; the runner's side is the same either way."""
+
+    def on_test_epoch_start(self) -> None:
+        self._counts = []
+
+    def test_step(self, batch, batch_idx):
+        super().test_step(batch, batch_idx)
+        image, mask = batch[0], batch[1]
+        pred = self.predict_labels(self(image))
+        c = self.hparams.num_classes
+        for p, m in zip(pred, mask):
+            keep = m != self.hparams.ignore_index
+            p, m = p[keep], m[keep]
+            self._counts.append(
+                [
+                    [((p == k) & (m == k)).sum(), ((p == k) & (m != k)).sum(), ((p != k) & (m == k)).sum()]
+                    for k in range(c)
+                ]
+            )
+        self.per_image_counts = np.asarray(self._counts, dtype=np.int64).transpose(0, 2, 1)
+
+
+def _module_counts_per_image() -> bool:
+    return "per_image_counts" in inspect.getsource(SegmentationModule)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("compare")
-    compare(tiny_config(output))
+    with pytest.MonkeyPatch.context() as mp:
+        if not _module_counts_per_image():
+            mp.setattr(run_module, "SegmentationModule", CountingModule)
+        compare(tiny_config(output))
     return output
 
 
-def test_compare_writes_results_summary_plots_and_run_files(finished: Path) -> None:
+def miou_from_counts(counts: pd.DataFrame, num_classes: int) -> float:
+    ious = []
+    for k in range(num_classes):
+        tp, fp, fn = (counts[f"{kind}_{k}"].sum() for kind in ("tp", "fp", "fn"))
+        if tp + fp + fn:
+            ious.append(tp / (tp + fp + fn))
+    return float(np.mean(ious))
+
+
+@pytest.mark.slow
+def test_compare_writes_results_per_contract(finished: Path) -> None:
     results = pd.read_csv(finished / "results.csv")
-    assert list(results["attention"]) == ["none", "cbam"]
-    assert set(results["status"]) == {"ok"}
-    for column in ["dataset", "arch", "encoder", "seed", "params", "latency_ms", "train_seconds", f"iou_{CLASS_NAMES[1]}"]:
-        assert column in results
-    assert (results["epochs"] == 2).all()
+    assert list(results.columns[: len(RESULT_COLUMNS)]) == RESULT_COLUMNS and "latency_ms" not in results
+    assert list(results["attention"]) == ["none", "cbam"] and set(results["status"]) == {"ok"}
+    assert set(results["placement"]) == {"decoder"} and set(results["precision"]) == {"32-true"}
+    assert (
+        results[["val_miou", "test_miou", "untrained_miou", "floor_miou"]].apply(lambda c: c.between(0, 1)).all().all()
+    )
     assert results["params"].iloc[1] > results["params"].iloc[0]
-    assert results[["val_miou", "test_miou", "untrained_miou"]].apply(lambda c: c.between(0, 1)).all().all()
-    summary = (finished / "summary.md").read_text()
-    assert "`cbam`" in summary and "Δ vs none" in summary and "untrained mIoU" in summary
-    for plot in ["miou", "learning_curves", "per_class_iou"]:
-        assert (finished / "plots" / f"{plot}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    datamodule = _datamodule(finished)
+    val_masks = [batch[1] for batch in datamodule.val_dataloader()]
+    if len(next(iter(datamodule.test_dataloader()))) == 3:  # (image, mask, context): contract C3
+        assert results["test_context_miou"].between(0, 1).all()
+    else:
+        assert results["test_context_miou"].isna().all()
     for name in ["unet-none-s0", "unet-cbam-s0"]:
         run = finished / "runs" / name
-        history = pd.read_csv(run / "history.csv")
-        assert list(history["epoch"]) == [0, 1]
-        assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
-        assert json.loads((run / "result.json").read_text())["status"] == "ok"
-        best = history.loc[history["val_miou"].idxmax()]
         row = results[results["run_dir"] == f"runs/{name}"].iloc[0]
+        history = pd.read_csv(run / "history.csv")
+        assert list(history["epoch"]) == list(range(len(history))) and row["epochs"] == len(history)
+        assert row["steps"] == history["step"].iloc[-1] == 2 * len(history)  # 16 images, batch 8
+        best = history.loc[history["val_miou"].idxmax()]
         assert row["best_epoch"] == best["epoch"] and row["val_miou"] == pytest.approx(best["val_miou"])
         assert row["train_seconds"] == pytest.approx(history["seconds"].sum())
+        # the stopping rule: Lightning's EarlyStopping, and the same rule recomputed from the history
+        plateau = plateau_reached(history["val_miou"], patience=2, min_delta=0.001)
+        assert row["stop_reason"] == ("plateau" if plateau else "max_epochs") and row["converged"] == plateau
+        assert len(history) == 3 or plateau
+        # the trivial floor: the most frequent val class everywhere
+        pixels = torch.cat([m.flatten() for m in val_masks])
+        pixels = pixels[pixels != 255]  # padding, if any
+        frequency = torch.bincount(pixels, minlength=4).double()
+        assert row["floor_miou"] == pytest.approx((frequency.max() / frequency.sum() / (frequency > 0).sum()).item())
+        assert row["at_floor"] == (row["val_miou"] <= row["floor_miou"] + 0.01)
+        # the lr that trained the epoch: the first epoch's is about the base rate, the last one's not 0
+        assert 0.9 * 0.002 <= history["lr"].iloc[0] <= 0.002 and history["lr"].iloc[-1] > 0
+        # per-image counts reproduce the test mIoU
+        per_image = pd.read_csv(run / "per_image.csv")
+        assert list(per_image.columns[:4]) == ["image", "tp_0", "fp_0", "fn_0"] and len(per_image) == 8
+        assert miou_from_counts(per_image, 4) == pytest.approx(row["test_miou"], abs=1e-6)
+        # Lightning's loggers, the checkpoints and the exported model
+        metrics = pd.read_csv(run / "logs" / "metrics.csv")
+        assert {"lr-AdamW", "val_miou", "test_miou"} <= set(metrics.columns)
+        assert metrics["lr-AdamW"].dropna().iloc[0] == pytest.approx(0.002)
+        assert list((run / "logs").glob("events.out.tfevents.*"))
+        assert (run / "checkpoints" / "best.ckpt").exists() and (run / "checkpoints" / "last.ckpt").exists()
+        assert json.loads((run / "result.json").read_text())["status"] == "ok"
+    costs = pd.read_csv(finished / "costs.csv")
+    assert list(costs.columns) == ["arch", "encoder", "attention", "placement", "params", "latency_ms"]
+    assert list(costs["attention"]) == ["none", "cbam"] and (costs["latency_ms"] > 0).all()
+    assert list(costs["params"]) == list(results["params"])
+    assert "`cbam`" in (finished / "summary.md").read_text()
+    assert yaml.safe_load((finished / "config.yaml").read_text())["train"]["patience"] == 2
 
 
-def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tmp_path: Path) -> None:
-    again = compare(tiny_config(tmp_path))
+def _datamodule(output: Path):
+    config = load_config(output / "config.yaml")
+    datamodule = run_module.make_datamodule(config, 0)
+    datamodule.setup("fit")
+    return datamodule
+
+
+@pytest.mark.slow
+def test_the_best_model_is_exported_for_from_pretrained(finished: Path) -> None:
+    run = finished / "runs" / "unet-cbam-s0"
+    loaded = smp.from_pretrained(str(run / "model")).eval()
+    checkpoint = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True, map_location="cpu")
+    state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+    reference = type(loaded)(**{k: v for k, v in loaded.config.items() if not k.startswith("_")})
+    reference.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), reference.eval()(x))
+    assert any(type(m).__name__ == "CBAM" for m in loaded.modules())
+
+
+@pytest.mark.slow
+def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tmp_path: Path, capsys) -> None:
+    with pytest.MonkeyPatch.context() as mp:
+        if not _module_counts_per_image():
+            mp.setattr(run_module, "SegmentationModule", CountingModule)
+        again = compare(tiny_config(tmp_path))
     first = pd.read_csv(finished / "results.csv")
     pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
     mtime = (tmp_path / "runs" / "unet-cbam-s0" / "result.json").stat().st_mtime
+    capsys.readouterr()
     compare(tiny_config(tmp_path))
     assert (tmp_path / "runs" / "unet-cbam-s0" / "result.json").stat().st_mtime == mtime
+    assert "unet-cbam-s0: finished earlier (ok), skipped" in capsys.readouterr().out
 
 
+@pytest.mark.slow
+def test_a_run_killed_after_training_only_evaluates_again(finished: Path, tmp_path: Path, capsys) -> None:
+    shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "runs" / "unet-cbam-s0" / "result.json").unlink()
+    capsys.readouterr()
+    with pytest.MonkeyPatch.context() as mp:
+        if not _module_counts_per_image():
+            mp.setattr(run_module, "SegmentationModule", CountingModule)
+        again = compare(tiny_config(tmp_path))
+    assert "training finished earlier; evaluating" in capsys.readouterr().out
+    first = pd.read_csv(finished / "results.csv")
+    pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
+    assert list(again["stop_reason"]) == list(first["stop_reason"])
+
+
+def test_convergence_notes_name_the_runs() -> None:
+    results = pd.DataFrame(
+        {
+            "status": ["ok", "ok", "failed"],
+            "converged": [True, False, None],
+            "at_floor": [False, True, None],
+            "run_dir": ["runs/a-s0", "runs/b-s0", "runs/c-s0"],
+        }
+    )
+    notes = convergence_notes(results)
+    assert len(notes) == 2 and "1 of 2 runs did not converge" in notes[0] and "b-s0." in notes[1]
+    assert "learning speed, not final accuracy" in notes[0]
+    assert convergence_notes(results.iloc[:1]) == []
+
+
+@pytest.mark.slow
 def test_resume_after_kill_gives_the_results_of_an_uninterrupted_run(finished: Path, tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump({**TINY, "train": {"epochs": 2}}))
+    config.write_text(yaml.safe_dump({**TINY, "costs": {"enabled": False}}))
     command = [sys.executable, "-m", "smp_cbam", "compare", "--config", str(config), "--output", str(tmp_path / "out")]
     history = tmp_path / "out" / "runs" / "unet-cbam-s0" / "history.csv"
     last = history.parent / "checkpoints" / "last.ckpt"
@@ -97,7 +241,8 @@ def test_resume_after_kill_gives_the_results_of_an_uninterrupted_run(finished: P
     out = pd.read_csv(tmp_path / "out" / "results.csv")
     first = pd.read_csv(finished / "results.csv")
     pd.testing.assert_frame_equal(out[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
-    assert list(pd.read_csv(history)["epoch"]) == [0, 1]
+    assert list(out["stop_reason"]) == list(first["stop_reason"])
+    assert list(pd.read_csv(history)["epoch"]) == list(range(int(first["epochs"].iloc[1])))
 
 
 class NaNAttention(torch.nn.Module):
@@ -108,15 +253,77 @@ class NaNAttention(torch.nn.Module):
         return x * torch.nan
 
 
-def test_non_finite_loss_marks_the_run_failed_and_the_grid_goes_on(tmp_path: Path, monkeypatch) -> None:
+class Identity(torch.nn.Module):
+    def __init__(self, in_channels: int):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+
+@pytest.mark.slow
+def test_failed_runs_are_kept_until_retried(tmp_path: Path, monkeypatch, capsys) -> None:
     monkeypatch.setattr(smp_cbam.registry, "_FACTORIES", dict(smp_cbam.registry._FACTORIES))
     smp_cbam.register_attention("nan_test", NaNAttention)
     grid = {"archs": ["unet"], "attentions": ["nan_test", "none"], "seeds": [0]}
-    results = compare(tiny_config(tmp_path, grid=grid))
+    config = tiny_config(tmp_path, grid=grid, train={"max_epochs": 1}, costs={"enabled": False})
+    results = compare(config)
     failed, ok = results.iloc[0], results.iloc[1]
     assert failed["status"] == "failed" and "non-finite training loss" in failed["failure"]
     assert ok["status"] == "ok" and ok["test_miou"] > 0
-    assert "nan_test" in (tmp_path / "results.csv").read_text()
+    capsys.readouterr()
+    compare(config)  # the cause is still there: skipped, and the message says how to retry
+    assert "unet-nan_test-s0: finished earlier (failed), skipped; rerun with --retry-failed" in capsys.readouterr().out
+    smp_cbam.register_attention("nan_test", Identity, overwrite=True)  # the cause is fixed
+    results = compare(config, retry_failed=True)
+    assert list(results["status"]) == ["ok", "ok"]
+    assert "failed earlier, running it again" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
+    grid = {"archs": ["unet"], "attentions": ["none"], "seeds": [0]}
+    fixed = compare(
+        tiny_config(tmp_path / "fixed", grid=grid, train={"stop": "fixed", "max_epochs": 2}, costs={"enabled": False})
+    )
+    assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
+    history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
+    assert bool(fixed["converged"].iloc[0]) == plateau_reached(history["val_miou"], 2, 0.001)
+    steps = compare(
+        tiny_config(
+            tmp_path / "steps",
+            grid=grid,
+            train={"max_epochs": 10, "max_steps": 3, "patience": 5},
+            costs={"enabled": False},
+        )
+    )
+    assert steps["stop_reason"].iloc[0] == "max_steps" and steps["steps"].iloc[0] == 3
+    assert not steps["converged"].iloc[0]
+
+
+def test_plateau_rule_is_lightnings_early_stopping() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        values = np.cumsum(rng.normal(0.01, 0.02, size=rng.integers(1, 15)))
+        patience, min_delta = int(rng.integers(1, 4)), float(rng.choice([0.0, 0.005, 0.02]))
+        early = EarlyStopping("m", mode="max", patience=patience, min_delta=min_delta, check_finite=False)
+        stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
+        assert plateau_reached(values, patience, min_delta) == stopped
+
+
+def test_floor_and_per_image_files(tmp_path: Path) -> None:
+    masks = torch.tensor([[[0, 0], [1, 255]], [[0, 2], [0, 0]]])
+    loader = [(torch.zeros(2, 3, 2, 2), masks)]
+    # class 0: 5 of 7 valid pixels; classes 1, 2 present: floor = (5/7) / 3
+    assert floor_miou(loader, 4, 255) == pytest.approx(5 / 7 / 3)
+    counts = np.arange(2 * 3 * 2).reshape(2, 3, 2)
+    write_per_image(counts, ["a", "b"], tmp_path / "per_image.csv")
+    table = pd.read_csv(tmp_path / "per_image.csv")
+    assert list(table.columns) == ["image", "tp_0", "fp_0", "fn_0", "tp_1", "fp_1", "fn_1"]
+    assert list(table["image"]) == ["a", "b"] and table.loc[1, "fn_1"] == counts[1, 2, 1]
+    with pytest.raises(ValueError, match="do not match 3 image ids"):
+        write_per_image(counts, ["a", "b", "c"], tmp_path / "x.csv")
 
 
 def _folder_dataset(root: Path, n: int = 12, size: int = 32) -> None:
@@ -131,6 +338,7 @@ def _folder_dataset(root: Path, n: int = 12, size: int = 32) -> None:
         cv2.imwrite(str(root / "masks" / f"im{i}.png"), mask)
 
 
+@pytest.mark.slow
 def test_folder_dataset_runs_from_the_command_line(tmp_path: Path, capsys) -> None:
     _folder_dataset(tmp_path / "data")
     code = main(
@@ -141,30 +349,52 @@ def test_folder_dataset_runs_from_the_command_line(tmp_path: Path, capsys) -> No
     assert code == 0
     printed = capsys.readouterr().out
     assert "| `cbam` |" in printed and str((tmp_path / "out").resolve()) in printed
+    assert "epoch 1/1" in printed  # not a terminal: one line per epoch
     results = pd.read_csv(tmp_path / "out" / "results.csv")
     assert set(results["status"]) == {"ok"} and {"iou_background", "iou_foreground"} <= set(results)
-    assert (results["epochs"] == 1).all()
+    assert (results["epochs"] == 1).all() and (results["stop_reason"] == "max_epochs").all()
 
 
-def test_without_a_test_split_the_best_checkpoint_is_validated_and_history_kept(tmp_path: Path) -> None:
-    data = {**TINY["data"], "synthetic": {**TINY["data"]["synthetic"], "n_test": 0}}
-    results = compare(tiny_config(tmp_path, data=data, train={"epochs": 3}))
+@pytest.mark.slow
+def test_without_a_test_split_the_best_checkpoint_is_validated(tmp_path: Path) -> None:
+    data = {"synthetic": {**TINY["data"]["synthetic"], "n_test": 0}}
+    results = compare(
+        tiny_config(tmp_path, data=data, train={"stop": "fixed", "max_epochs": 3}, costs={"enabled": False})
+    )
     assert results["test_miou"].isna().all() and (results["epochs"] == 3).all()
     for _, row in results.iterrows():
         history = pd.read_csv(tmp_path / row["run_dir"] / "history.csv")
         assert list(history["epoch"]) == [0, 1, 2]
         assert row["val_miou"] == pytest.approx(history["val_miou"].max())
         assert row[f"iou_{CLASS_NAMES[1]}"] >= 0
+        assert not (tmp_path / row["run_dir"] / "per_image.csv").exists()
 
 
-def test_bad_data_stops_before_training_naming_the_file(tmp_path: Path, capsys) -> None:
+@pytest.mark.slow
+def test_bad_data_stops_before_anything_is_written_and_the_corrected_command_works(tmp_path: Path, capsys) -> None:
     _folder_dataset(tmp_path / "data")
+    good = (tmp_path / "data" / "images" / "im3.jpg").read_bytes()
     (tmp_path / "data" / "images" / "im3.jpg").write_bytes(b"not an image")
-    code = main(["compare", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--classes", "2",
-                 "--output", str(tmp_path / "out")])  # fmt: skip
-    assert code == 2
+    command = ["compare", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--classes", "2",
+               "--archs", "unet", "--attentions", "none", "--seeds", "0", "--epochs", "1", "--batch-size", "4",
+               "--output", str(tmp_path / "out")]  # fmt: skip
+    assert main(command) == 2
     assert "im3.jpg" in capsys.readouterr().err
-    assert not (tmp_path / "out" / "runs").exists()
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "data" / "images" / "im3.jpg").write_bytes(good)
+    assert main(command) == 0
+
+
+@pytest.mark.slow
+def test_a_configuration_that_ran_nothing_may_be_replaced(tmp_path: Path) -> None:
+    grid = {"archs": ["unet"], "attentions": ["none"], "seeds": [0]}
+    config = tiny_config(tmp_path, grid=grid, train={"max_epochs": 1}, costs={"enabled": False})
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config.replace(train={"lr": 0.5}).to_dict()))
+    compare(config)
+    assert yaml.safe_load((tmp_path / "config.yaml").read_text())["train"]["lr"] == 0.002
+    with pytest.raises(ConfigError, match=r"train.patience: 2 -> 4"):  # now it holds a run
+        compare(config.replace(train={"patience": 4}))
+    compare(config.replace(grid={"seeds": [0]}, data={"num_workers": 0}))  # grid and workers may change
 
 
 @pytest.mark.parametrize("flag", [[], ["--malloc-default"]], ids=["keep-heap", "malloc-default"])
@@ -172,30 +402,40 @@ def test_runs_keep_the_heap_unless_told_not_to(tmp_path: Path, monkeypatch, flag
     calls = []
     monkeypatch.setattr("smp_cbam.training.malloc.keep_heap", lambda: calls.append(1) or True)
     missing = str(tmp_path / "missing")
-    code = main(["train", "--dataset", "folder", "--data-root", missing, "--classes", "2", *flag])
+    code = main(["compare", "--dataset", "folder", "--data-root", missing, "--classes", "2", *flag])
     assert code == 2  # the missing folder stops the run after the allocator is set
     assert calls == ([] if flag else [1])
 
 
-def test_unknown_config_key_is_named(tmp_path: Path) -> None:
-    path = tmp_path / "c.yaml"
-    path.write_text("train:\n  epochz: 3\n")
-    with pytest.raises(ConfigError, match="train.epochz"):
-        load_config(path)
-    with pytest.raises(ConfigError, match="trainer.max_epochs"):
-        load_config(overrides={"trainer": {"max_epochs": 3}})
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "placement" not in inspect.signature(SegmentationModule).parameters,
+    reason="needs SegmentationModule(placement=) and smp_cbam.add_attention (contract C5)",
+)
+def test_placement_is_a_grid_dimension(tmp_path: Path) -> None:
+    grid = {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0], "placements": ["decoder", "encoder"]}
+    results = compare(tiny_config(tmp_path, grid=grid, train={"stop": "fixed", "max_epochs": 1}))
+    assert list(results["run_dir"]) == ["runs/unet-none-s0", "runs/unet-cbam-s0", "runs/unet-cbam-encoder-s0"]
+    assert list(results["placement"]) == ["decoder", "decoder", "encoder"]
+    assert list(pd.read_csv(tmp_path / "costs.csv")["placement"]) == ["decoder", "decoder", "encoder"]
+    loaded = smp.from_pretrained(str(tmp_path / "runs" / "unet-cbam-encoder-s0" / "model"))
+    assert math.isfinite(float(loaded.eval()(torch.randn(1, 3, 64, 64)).sum()))
 
 
-def test_resuming_with_another_configuration_is_refused(finished: Path) -> None:
-    config = tiny_config(finished, train={"epochs": 3})
-    with pytest.raises(ConfigError, match=r"train.epochs: 2 -> 3"):
-        compare(config)
+def test_loggers_follow_trainer_logger(tmp_path: Path) -> None:
+    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 
+    from smp_cbam.training.run import RunSpec, make_loggers
 
-def test_committed_configs_load_and_the_default_is_the_synthetic_one() -> None:
-    configs = sorted((ROOT / "experiments" / "configs").glob("*.yaml"))
-    assert {p.stem for p in configs} >= {"synthetic", "camvid", "pets", "folder"}
-    for path in configs:
-        assert load_config(path)["data"]["dataset"] == path.stem
-    assert load_config(ROOT / "experiments" / "configs" / "synthetic.yaml") == load_config()
-    assert load_config()["data"] == DEFAULT_CONFIG["data"]
+    run = RunSpec("unet", "cbam", 0)
+
+    def kinds(value) -> list[type]:
+        config = load_config(overrides={"trainer": {"logger": value}})
+        return [type(logger) for logger in make_loggers(config, tmp_path, run)]
+
+    assert kinds(None) == [CSVLogger, TensorBoardLogger]  # tensorboard is installed here
+    assert kinds(False) == [CSVLogger]
+    assert kinds(["csv", "tensorboard"]) == [CSVLogger, TensorBoardLogger]
+    assert kinds("pytorch_lightning.loggers.TensorBoardLogger") == [CSVLogger, TensorBoardLogger]
+    loggers = make_loggers(load_config(), tmp_path, run)
+    assert Path(loggers[0].log_dir) == tmp_path / "logs" and Path(loggers[1].log_dir) == tmp_path / "logs"

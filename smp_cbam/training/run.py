@@ -1,0 +1,390 @@
+"""One run of the grid: train to the stopping rule, evaluate the best checkpoint, write its files.
+
+Files of a run (``OUT/runs/<name>/``)::
+
+    history.csv      one row per epoch: losses, val metrics, the mean lr of the epoch's steps, seconds
+    log.txt          what the run printed
+    logs/            Lightning's loggers (CSV always, TensorBoard when installed, others by config)
+    checkpoints/     best.ckpt (best val mIoU) and last.ckpt (resumes an interrupted run)
+    fit.json         written when training has ended (a resumed run then only evaluates)
+    per_image.csv    per test image: tp_k, fp_k, fn_k for every class k (contract C2)
+    model/           the best model, smp's ``save_pretrained`` (``from_pretrained`` after ``import smp_cbam``)
+    result.json      the run's row of results.csv, written last (ok or failed)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.utilities import rank_zero_only
+
+from ..report import atomic_write_csv, atomic_write_text
+from .config import LOGGERS, Config, ConfigError
+from .data import DatasetError, SegmentationDataModule
+from .module import SegmentationModule
+
+FLOOR_MARGIN = 0.01  # a best val mIoU within 1 point of the trivial floor counts as stuck at it
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    arch: str
+    attention: str
+    seed: int
+    placement: str = "decoder"
+
+    @property
+    def name(self) -> str:
+        where = "" if self.placement == "decoder" else f"-{self.placement}"
+        return f"{self.arch}-{self.attention}{where}-s{self.seed}"
+
+
+def is_writer() -> bool:
+    """Under DDP every process runs the grid loop; only global rank 0 prints and writes files."""
+    return rank_zero_only.rank == 0
+
+
+class Log:
+    """Prints to stdout (unless ``quiet``) and appends to a run's log file (rank 0 only)."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+
+    def __call__(self, message: str, quiet: bool = False) -> None:
+        if not is_writer():
+            return
+        if not quiet:
+            print(message, flush=True)
+        if self.path is not None:
+            with self.path.open("a") as f:
+                f.write(message + "\n")
+
+
+class EpochHistory(pl.Callback):
+    """Writes ``history.csv`` (one row per epoch) and keeps its rows in the checkpoints, so a
+    resumed run continues the same file. ``lr`` is the mean learning rate of the epoch's optimizer
+    steps: the rate the epoch trained with, also under per-step schedules."""
+
+    def __init__(self, path: Path, on_epoch: Callable[[dict], None] | None = None):
+        self.path = path
+        self.on_epoch = on_epoch
+        self.rows: list[dict] = []
+        self._losses: list[float] = []
+        self._lrs: list[float] = []
+        self._started = 0.0
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._losses, self._lrs = [], []
+        self._started = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append(float(loss))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn != "fit" or trainer.sanity_checking or not self._losses:
+            return
+        metrics = trainer.callback_metrics
+        row = {
+            "epoch": trainer.current_epoch,
+            "step": trainer.global_step,
+            "train_loss": statistics.fmean(self._losses),
+            "val_loss": float(metrics["val_loss"]),
+            "val_miou": float(metrics["val_miou"]),
+            "val_dice": float(metrics["val_dice"]),
+            "lr": statistics.fmean(self._lrs),
+            "seconds": time.perf_counter() - self._started,
+        }
+        if "val_context_miou" in metrics:
+            row["val_context_miou"] = float(metrics["val_context_miou"])
+        self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
+        if trainer.is_global_zero:
+            atomic_write_csv(pd.DataFrame(self.rows), self.path)
+        if self.on_epoch is not None:
+            self.on_epoch(row)
+
+    def state_dict(self) -> dict:
+        return {"rows": self.rows}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.rows = list(state_dict["rows"])
+
+
+def plateau_reached(values: Sequence[float], patience: int, min_delta: float) -> bool:
+    """Whether ``values`` (one per validation) reach a plateau by EarlyStopping's rule (mode max):
+    ``patience`` values in a row that do not beat the best so far by more than ``min_delta``."""
+    best, wait = -math.inf, 0
+    for value in values:
+        if value - min_delta > best:
+            best, wait = value, 0
+        else:
+            wait += 1
+            if wait >= patience:
+                return True
+    return False
+
+
+def floor_miou(loader: Any, num_classes: int, ignore_index: int | None) -> float:
+    """mIoU of predicting every pixel as the most frequent class of ``loader``'s masks (classes
+    absent from the masks left out, as the module's mIoU does)."""
+    counts = torch.zeros(num_classes, dtype=torch.int64)
+    for batch in loader:
+        mask = batch[1].flatten()
+        if ignore_index is not None:
+            mask = mask[mask != ignore_index]
+        counts += torch.bincount(mask, minlength=num_classes)[:num_classes]
+    if counts.sum() == 0:
+        return math.nan
+    return float(counts.max() / counts.sum() / (counts > 0).sum())
+
+
+def make_loggers(config: Config, run_dir: Path, run: RunSpec) -> list:
+    """CSV into the run's ``logs/`` always; TensorBoard there when installed (default); the
+    loggers ``trainer.logger`` names otherwise."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    names = config.trainer["logger"]
+    if names is True:
+        names = (
+            ["tensorboard"]
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX")
+            else []
+        )
+    elif names is False:
+        names = []
+    for name in names:
+        if name == "csv":
+            continue
+        module_name, _, class_name = LOGGERS.get(name, name).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as err:
+            raise ConfigError(f"trainer.logger: cannot import {name!r}: {err}") from err
+        parameters = inspect.signature(cls).parameters
+        kwargs: dict[str, Any] = {}
+        if "save_dir" in parameters:
+            kwargs["save_dir"] = str(run_dir)
+        if "name" in parameters:
+            kwargs["name"] = "logs" if "save_dir" in parameters else run.name
+        if "version" in parameters and "save_dir" in parameters:
+            kwargs["version"] = ""
+        loggers.append(cls(**kwargs))
+    return loggers
+
+
+def module_kwargs(config: Config, run: RunSpec, datamodule: SegmentationDataModule) -> dict[str, Any]:
+    """SegmentationModule's arguments for ``run``: the model and train sections under their own
+    names, the run's arch/attention/placement/seed, the data module's resolved attributes."""
+    kwargs = {
+        "arch": run.arch,
+        "attention": None if run.attention == "none" else run.attention,
+        "init_seed": run.seed,
+        "in_channels": datamodule.in_channels,
+        "num_classes": datamodule.num_classes,
+        "ignore_index": datamodule.ignore_index,
+        "class_names": datamodule.class_names,  # as the data module holds it: Lightning compares the hparams
+        **dataclasses.asdict(config.model),
+        **config.train.module_kwargs(),
+    }
+    kwargs["placement"] = run.placement
+    parameters = inspect.signature(SegmentationModule).parameters
+    for key in [k for k in kwargs if k not in parameters]:  # a module from before these arguments
+        if kwargs[key] not in (None, "decoder"):
+            raise ConfigError(f"{key}={kwargs[key]!r} needs a SegmentationModule that takes {key}=")
+        del kwargs[key]
+    return kwargs
+
+
+def make_datamodule(config: Config, seed: int) -> SegmentationDataModule:
+    try:
+        return SegmentationDataModule(**config.data, seed=seed)
+    except DatasetError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"data: {err}") from err
+
+
+def align_hparams(datamodule: SegmentationDataModule) -> None:
+    """The data module's saved hyperparameters carry its resolved attributes (contract C4), so
+    that Lightning's merge with the module's never conflicts; a no-op where it saves them itself."""
+    keys = ("num_classes", "in_channels", "class_names", "ignore_index")
+    resolved = {key: getattr(datamodule, key) for key in keys if key in datamodule.hparams_initial}
+    if any(datamodule.hparams_initial[key] != value for key, value in resolved.items()):
+        datamodule.save_hyperparameters({**datamodule.hparams_initial, **resolved})
+
+
+def count_params(model: torch.nn.Module, example: torch.Tensor) -> int:
+    """Parameters of the modules that take part in the forward pass (the module helper's
+    ``count_parameters``), or all parameters where this install lacks it."""
+    try:
+        from .module import count_parameters
+    except ImportError:
+        try:
+            from .models import count_parameters
+        except ImportError:
+            return sum(p.numel() for p in model.parameters())
+    return int(count_parameters(model, example))
+
+
+def write_per_image(counts: np.ndarray, ids: Sequence[str], path: Path) -> None:
+    """``per_image.csv`` (contract C2) from counts (n_images, 3, C) int64 and the image ids."""
+    counts = np.asarray(counts, dtype=np.int64)
+    if counts.ndim != 3 or counts.shape[1] != 3 or len(ids) != counts.shape[0]:
+        raise ValueError(f"per-image counts of shape {counts.shape} do not match {len(ids)} image ids")
+    columns = {"image": [str(i) for i in ids]}
+    for k in range(counts.shape[2]):
+        for j, kind in enumerate(("tp", "fp", "fn")):
+            columns[f"{kind}_{k}"] = counts[:, j, k]
+    atomic_write_csv(pd.DataFrame(columns), path)
+
+
+def _test_ids(datamodule: SegmentationDataModule, n: int) -> list[str]:
+    dataset = datamodule.test_dataloader().dataset
+    ids = getattr(dataset, "ids", None)
+    return [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
+
+
+def _trainer(config: Config, **kwargs: Any) -> pl.Trainer:
+    trainer_kwargs = {k: v for k, v in config.trainer.items() if k != "logger"}
+    return pl.Trainer(enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs, **kwargs)
+
+
+def _stop_reason(config: Config, trainer: pl.Trainer, early: EarlyStopping | None) -> str:
+    if early is not None and early.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED:
+        return "plateau"
+    if config.train.stop == "fixed":
+        return "fixed"
+    if config.train.max_steps is not None and trainer.global_step >= config.train.max_steps:
+        return "max_steps"
+    return "max_epochs"
+
+
+def run_one(
+    config: Config, run: RunSpec, run_dir: Path, log: Log, on_epoch: Callable[[dict], None] | None = None
+) -> dict:
+    """Trains one run (resuming from its last checkpoint), evaluates its best checkpoint and
+    returns its results row."""
+    ckpt_dir = run_dir / "checkpoints"
+    last, fit_done = ckpt_dir / "last.ckpt", run_dir / "fit.json"
+    progress_bar = sys.stdout.isatty()
+    pl.seed_everything(run.seed, verbose=False)
+    datamodule = make_datamodule(config, run.seed)
+    datamodule.setup("fit")
+    align_hparams(datamodule)
+    kwargs = module_kwargs(config, run, datamodule)
+    module = SegmentationModule(**kwargs)
+    budget = config.train.max_epochs
+
+    def epoch_line(row: dict) -> None:
+        context = f"  val_context_mIoU {row['val_context_miou']:.4f}" if "val_context_miou" in row else ""
+        log(
+            f"  epoch {row['epoch'] + 1}/{budget}  train_loss {row['train_loss']:.4f}  val_loss {row['val_loss']:.4f}  "
+            f"val_mIoU {row['val_miou']:.4f}{context}  lr {row['lr']:.2e}  {row['seconds']:.1f}s",
+            quiet=progress_bar,
+        )
+        if on_epoch is not None:
+            on_epoch(row)
+
+    history = EpochHistory(run_dir / "history.csv", epoch_line)
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir, filename="best", monitor="val_miou", mode="max", save_last=True, enable_version_counter=False
+    )
+    early = None
+    callbacks: list[pl.Callback] = [history, checkpoint, LearningRateMonitor()]
+    if config.train.stop == "plateau":
+        early = EarlyStopping(
+            "val_miou", mode="max", patience=config.train.patience, min_delta=config.train.min_delta, check_finite=False
+        )
+        callbacks.append(early)
+    trainer = _trainer(
+        config,
+        max_epochs=budget,
+        max_steps=config.train.max_steps or -1,
+        callbacks=callbacks,
+        logger=make_loggers(config, run_dir, run),
+        default_root_dir=run_dir,
+        enable_progress_bar=progress_bar,
+    )
+    if fit_done.exists():  # killed after training, before result.json: evaluate only
+        fit = json.loads(fit_done.read_text())
+        history.rows = pd.read_csv(run_dir / "history.csv").to_dict("records")
+        log("  training finished earlier; evaluating")
+    else:
+        resume = last if last.exists() else None
+        if resume is not None:
+            log(f"  resuming from {resume}")
+        # checkpoints hold tensors, numbers, strings and containers only: the safe loader suffices
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume, weights_only=True)
+        fit = {"stop_reason": _stop_reason(config, trainer, early), "steps": trainer.global_step}
+        if is_writer():
+            atomic_write_text(fit_done, json.dumps(fit))
+
+    rows = list(history.rows)  # evaluating a checkpoint restores the callbacks' state of that epoch
+    values = [r["val_miou"] for r in rows]
+    best = max(rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
+    stage = "test" if datamodule.has_test else "val"
+    evaluate = trainer.test if stage == "test" else trainer.validate
+    metrics = evaluate(
+        module, datamodule=datamodule, ckpt_path=str(ckpt_dir / "best.ckpt"), verbose=False, weights_only=True
+    )[0]
+    counts = getattr(module, "per_image_counts", None)
+    if stage == "test" and counts is not None and is_writer():
+        write_per_image(counts, _test_ids(datamodule, len(counts)), run_dir / "per_image.csv")
+    if is_writer():
+        try:
+            module.model.save_pretrained(str(run_dir / "model"))
+        except Exception as err:  # the results stand without the export; say so
+            log(f"  warning: exporting the best model with save_pretrained failed: {type(err).__name__}: {err}")
+
+    untrained = _trainer(config, logger=False, enable_progress_bar=False)
+    untrained_evaluate = untrained.test if stage == "test" else untrained.validate
+    untrained_miou = untrained_evaluate(SegmentationModule(**kwargs), datamodule=datamodule, verbose=False)[0][
+        f"{stage}_miou"
+    ]
+    floor = floor_miou(datamodule.val_dataloader(), datamodule.num_classes, datamodule.ignore_index)
+    example = next(iter(datamodule.val_dataloader()))[0][:1]
+    converged = fit["stop_reason"] == "plateau" or plateau_reached(
+        values, config.train.patience, config.train.min_delta
+    )
+    row = {
+        "status": "ok",
+        "precision": str(trainer.precision),
+        "stop_reason": fit["stop_reason"],
+        "converged": bool(converged),
+        "epochs": len(rows),
+        "steps": int(fit["steps"]),
+        "best_epoch": int(best["epoch"]),
+        "val_miou": float(best["val_miou"]),
+        "test_miou": float(metrics["test_miou"]) if stage == "test" else math.nan,
+        "test_context_miou": float(metrics["test_context_miou"]) if "test_context_miou" in metrics else math.nan,
+        "floor_miou": floor,
+        "at_floor": bool(best["val_miou"] <= floor + FLOOR_MARGIN),
+        "untrained_miou": float(untrained_miou),
+        "params": count_params(module.model, example),
+        "train_seconds": float(sum(r["seconds"] for r in rows)),
+        "failure": "",
+    }
+    for name in module.class_names:
+        row[f"iou_{name}"] = float(metrics[f"{stage}_iou_{name}"])
+    return row
