@@ -45,7 +45,7 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     add("--batch-size", type=int, help="batch size per device")
     add("--num-workers", type=int, help="data loader worker processes")
     add("--encoder", help="smp encoder name, e.g. resnet18")
-    add("--epochs", type=int, help="training epochs of every run")
+    add("--epochs", type=int, help="maximum training epochs of every run (train.max_epochs); runs stop earlier at a plateau unless train.stop is fixed")
     add("--accelerator", help="Lightning accelerator: cpu, gpu, auto")
     add("--devices", help="Lightning devices per node, e.g. 1, 2 or auto")
     add("--num-nodes", type=int, help="Lightning num_nodes (multi-node DDP, see docs/cli.md)")
@@ -102,7 +102,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "num_workers": args.num_workers,
         },
         "model": {"encoder": args.encoder},
-        "train": {"epochs": args.epochs},
+        "train": {"max_epochs": args.epochs},
         "trainer": {
             "accelerator": args.accelerator,
             "devices": devices,
@@ -143,17 +143,6 @@ def is_main_process() -> bool:
     return rank_zero_only.rank == 0 and first
 
 
-def _check_output(path: Path) -> None:
-    """An output directory that exists or can be created, and can be written."""
-    from .training.runner import ConfigError
-
-    existing = next((p for p in (path, *path.parents) if p.exists()), None)
-    if existing is not None and not existing.is_dir():
-        raise ConfigError(f"output: {existing} is a file, not a directory; pass another --output")
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"output: {existing} is not writable; pass another --output")
-
-
 def _check_strategy(strategy: object) -> None:
     """Every DDP process must run the whole grid loop: Lightning's ``ddp`` starts them by running
     the command again; spawned or forked processes would run only ``fit`` and lose the results."""
@@ -168,9 +157,8 @@ def _compare(args: argparse.Namespace) -> int:
     from .training.runner import ConfigError, compare, load_config
 
     config = load_config(args.config, _overrides(args))
-    _check_strategy(config["trainer"].get("strategy"))
-    output = Path(config["output"])
-    _check_output(output)
+    _check_strategy(config.trainer.get("strategy"))
+    output = Path(config.output)  # load_config has checked that it can be written
     kwargs = {}
     if args.retry_failed:
         if "retry_failed" not in inspect.signature(compare).parameters:

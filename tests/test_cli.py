@@ -103,7 +103,7 @@ def test_unknown_config_key_is_named(tmp_path: Path, capsys: pytest.CaptureFixtu
 
 def test_bad_epochs_value_is_named(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["compare", "--epochs", "0", "--output", str(tmp_path / "out")]) == 2
-    assert "train.epochs" in _error_line(capsys)
+    assert "train.max_epochs" in _error_line(capsys)
 
 
 @pytest.mark.parametrize("where", ["file", "under_file"])
