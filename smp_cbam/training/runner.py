@@ -34,6 +34,7 @@ import pandas as pd
 import yaml
 
 from ..report import atomic_write_csv, atomic_write_text, write_report
+from ..report.io import read_result_json
 from .config import (
     Config,
     ConfigError,
@@ -165,14 +166,6 @@ def format_seconds(seconds: float | None) -> str:
     return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
-def _read_result(path: Path) -> dict | None:
-    try:
-        row = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return row if isinstance(row, dict) else None
-
-
 def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     """Runs (or resumes) the whole grid; returns the results table. ``retry_failed`` runs failed
     runs again from the start (their files are replaced)."""
@@ -192,7 +185,7 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     for i, run in enumerate(runs, 1):
         run_dir = output / "runs" / run.name
         result_path = run_dir / "result.json"
-        previous = _read_result(result_path) if result_path.exists() else None
+        previous = read_result_json(result_path) if result_path.exists() else None
         if previous is not None and previous.get("status") == "failed" and retry_failed:
             log(f"[run {i}/{len(runs)}] {run.name}: failed earlier, running it again (--retry-failed)")
             if is_writer():
@@ -278,7 +271,7 @@ def collect_results(output: Path, config: Config) -> pd.DataFrame:
     grid order, written to ``results.csv``."""
     rows = []
     for path in sorted((output / "runs").glob("*/result.json")):
-        row = _read_result(path)
+        row = read_result_json(path)
         if row is not None:
             row["run_dir"] = path.parent.relative_to(output).as_posix()  # never a path outside output
             rows.append(row)
