@@ -43,8 +43,8 @@ def test_step_models_train(attention: str) -> None:
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
-    modes = {(m.fast, m.kernels) for m in model.modules() if isinstance(m, CBAM)}
-    expected = {"cbam": {(True, True)}, "cbam_eager": {(True, False)}, "cbam_plain": {(False, True)}}
+    modes = {m.impl for m in model.modules() if isinstance(m, CBAM)}
+    expected = {"cbam": {"auto"}, "cbam_eager": {"fused"}, "cbam_plain": {"reference"}}
     assert modes == expected.get(attention, set())
 
 

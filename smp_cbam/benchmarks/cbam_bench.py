@@ -79,7 +79,8 @@ def _geomean(values: Sequence[float]) -> float:
 def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     """A resnet18 ``arch`` with random weights.
 
-    ``cbam_eager`` is CBAM's fast path without the compiled kernels, ``cbam_plain`` the formula.
+    ``cbam_eager`` is CBAM's eager fused path (``impl="fused"``), ``cbam_plain`` the formula
+    (``impl="reference"``).
     """
     name = "cbam" if attention in ("cbam_eager", "cbam_plain") else attention
     model = ARCHS[arch](
@@ -88,10 +89,10 @@ def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
         decoder_attention_type=None if name == "none" else name,
         **kwargs,
     )
+    impl = {"cbam_eager": "fused", "cbam_plain": "reference"}.get(attention, "auto")
     for module in model.modules():
         if isinstance(module, CBAM):
-            module.kernels = attention != "cbam_eager"
-            module.fast = attention != "cbam_plain"
+            module.impl = impl
     return model
 
 
@@ -110,13 +111,10 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
     for shape in shapes:
         channels = shape[1]
         torch.manual_seed(0)
-        eager, plain = CBAM(channels), CBAM(channels)
-        eager.kernels = False
-        plain.fast = False
         modules = {
             "cbam": CBAM(channels),
-            "eager": eager,
-            "plain": plain,
+            "eager": CBAM(channels, impl="fused"),
+            "plain": CBAM(channels, impl="reference"),
             "timm": CbamModule(channels),
             "scse": SCSEModule(channels),
         }
