@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cbam_fused, kernels
+from . import cbam_fused, kernels, ops
 from .cbam_fused import fetch as _fetch
 from .checks import check_channels, check_choice, check_positive
 
@@ -179,9 +179,12 @@ class CBAM(nn.Module):
     =============  ===============================================================================
 
     Every ``impl`` runs the reference where a fused path would hide what the caller wants to
-    see: under TorchScript, tracing, ``torch.compile``/``torch.export`` and autocast, for tensor
-    subclasses, and while hooks sit on ``channel`` or ``spatial`` (which only the reference
-    calls). Only ``"auto"`` and ``"kernels"`` ever build the kernels, and only for input they take.
+    see: under TorchScript, tracing and autocast, for tensor subclasses, and while hooks sit on
+    ``channel`` or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
+    ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
+    operators (``ops``) where they take the input and the spatial gate has no BatchNorm; all
+    else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever build the kernels, and
+    only for input they take (never for CUDA, meta or other dtypes).
 
     Args:
         in_channels: channels of the input.
@@ -235,10 +238,11 @@ class CBAM(nn.Module):
 
     @torch.jit.unused
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_captured(x)
         channel, spatial = _fetch(self, "channel"), _fetch(self, "spatial")
         if (
-            torch.compiler.is_compiling()
-            or type(x) is not torch.Tensor
+            type(x) is not torch.Tensor
             or channel._forward_hooks
             or channel._forward_pre_hooks
             or spatial._forward_hooks
@@ -261,6 +265,38 @@ class CBAM(nn.Module):
             return forward(self, x, track=False).out
 
     @torch.jit.unused
+    def _forward_captured(self, x: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``/``torch.export``: the kernels as custom operators (``ops``,
+        visible to the graph, with their fake implementations and backward) where they take
+        ``x``, else the reference. A spatial BatchNorm's statistics and the fused autograd
+        functions do not go into a captured graph, so those run the reference."""
+        channel, spatial = self.channel, self.spatial
+        if (
+            self.impl not in ("auto", "kernels")
+            or torch.onnx.is_in_onnx_export()  # ONNX has no such operator: the formula's ops
+            or channel._forward_hooks
+            or channel._forward_pre_hooks
+            or spatial._forward_hooks
+            or spatial._forward_pre_hooks
+            or not isinstance(spatial.bn, nn.Identity)
+            or x.dim() != 4
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or not x.is_contiguous()
+            or x.numel() == 0
+            or torch.is_autocast_enabled("cpu")
+            or not _kernels_ready()
+        ):
+            return self.forward_reference(x)
+        check_channels(x, channel.in_channels)
+        first, _, second = channel.mlp
+        conv = spatial.conv
+        args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, self.residual)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return ops.cbam_train(*args)[0]
+        return ops.cbam_infer(*args)
+
+    @torch.jit.unused
     def _choose(self, x: torch.Tensor) -> str:
         """The implementation for ``x`` by the class docstring's table, the one place that decides.
         Each property of ``x`` is read once: in a network, with cold caches, every call into torch
@@ -269,7 +305,7 @@ class CBAM(nn.Module):
         refusal = None
         if x.dim() != 4:
             refusal = f"{x.dim()}-d input"
-        elif torch.is_autocast_enabled(x.device.type):
+        elif _autocast(x.device.type):
             return "reference"
         else:
             nchw = x.is_contiguous()
@@ -286,6 +322,17 @@ class CBAM(nn.Module):
         if wanted == "auto":
             return "reference"
         raise ValueError(f"impl={wanted!r} does not take {refusal} (impl='auto' takes anything)")
+
+
+def _autocast(device: str) -> bool:
+    """Whether autocast is on for ``device`` (a device type without autocast, like meta: no)."""
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+@torch.compiler.assume_constant_result
+def _kernels_ready() -> bool:
+    """``kernels.available()``, read once by a graph capture as a constant, not traced into."""
+    return kernels.available()
 
 
 def _kernel_refusal(x: torch.Tensor, nchw: bool) -> str | None:
