@@ -38,6 +38,22 @@ def _zero(layer: nn.Module) -> None:
             layer.bias.zero_()
 
 
+def hidden_channels(
+    in_channels: int, reduction: int = 16, rd_ratio: float | None = None, rd_channels: int | None = None
+) -> int:
+    """The MLP's hidden width: ``rd_channels``, else ``round(in_channels * rd_ratio)``, else
+    ``in_channels // reduction``; at least 1. timm's attention layers name the first two."""
+    if rd_channels is not None:
+        check_positive("rd_channels", rd_channels)
+        return rd_channels
+    if rd_ratio is not None:
+        if not 0 < rd_ratio <= 1:
+            raise ValueError(f"rd_ratio must be in (0, 1], got {rd_ratio}")
+        return max(round(in_channels * rd_ratio), 1)
+    check_positive("reduction", reduction)
+    return max(in_channels // reduction, 1)
+
+
 def reset_gates(model: nn.Module) -> nn.Module:
     """Apply each CBAM part's ``init`` again, in place; returns ``model``.
 
@@ -68,17 +84,28 @@ def _spatial_pool(x: torch.Tensor) -> torch.Tensor:
 class ChannelAttention(nn.Module):
     """Channel half of CBAM: one shared MLP over the average- and max-pooled descriptors."""
 
-    def __init__(self, in_channels: int, reduction: int = 16, mlp_bias: bool = False, init: str = "default"):
+    def __init__(
+        self,
+        in_channels: int,
+        reduction: int = 16,
+        mlp_bias: bool = False,
+        init: str = "default",
+        *,
+        rd_ratio: float | None = None,
+        rd_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_positive("in_channels", in_channels)
-        check_positive("reduction", reduction)
         check_choice("init", init, INITS)
         self.in_channels = in_channels
-        hidden = max(in_channels // reduction, 1)
+        hidden = hidden_channels(in_channels, reduction, rd_ratio, rd_channels)
+        factory = {"device": device, "dtype": dtype}
         self.mlp = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=mlp_bias),
+            nn.Conv2d(in_channels, hidden, 1, bias=mlp_bias, **factory),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, in_channels, 1, bias=mlp_bias),
+            nn.Conv2d(hidden, in_channels, 1, bias=mlp_bias, **factory),
         )
         self.init = init
         self.reset_gate()
@@ -115,14 +142,23 @@ class ChannelAttention(nn.Module):
 class SpatialAttention(nn.Module):
     """Spatial half of CBAM: a k x k convolution over the channel-wise mean and max maps."""
 
-    def __init__(self, kernel_size: int = 7, spatial_bn: bool = False, init: str = "default"):
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        spatial_bn: bool = False,
+        init: str = "default",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_positive("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
         check_choice("init", init, INITS)
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn)
-        self.bn = nn.BatchNorm2d(1) if spatial_bn else nn.Identity()
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn, **factory)
+        self.bn = nn.BatchNorm2d(1, **factory) if spatial_bn else nn.Identity()
         self.init = init
         self.reset_gate()
 
@@ -166,25 +202,26 @@ class CBAM(nn.Module):
     ``impl`` picks the implementation; all give the formula's outputs and gradients (up to
     summation order), the fused ones with fewer passes over full-size tensors:
 
-    =============  ===============================================================================
-    ``impl``       input it runs on (other input: ``"auto"`` takes the next row down, an explicit
-                   choice raises ``ValueError``)
-    =============  ===============================================================================
-    ``"kernels"``  the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous,
-                   non-empty float32/float64 CPU tensors, once the kernels are built
-    ``"fused"``    eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
-                   any device and floating dtype
-    ``"reference"`` the formula with ordinary autograd (``forward_reference``): anything
-    ``"auto"``     the first row that takes the input (the default)
-    =============  ===============================================================================
+    ===============  ============================================================================
+    ``impl``         input it runs on (other input: ``"auto"`` takes the next row down, an explicit
+                     choice raises ``ValueError``)
+    ===============  ============================================================================
+    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous,
+                     non-empty float32/float64 CPU tensors, autocast off, once the kernels are built
+    ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
+                     any device and floating dtype; under autocast with autocast's numerics
+                     (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype)
+    ``"reference"``  the formula with ordinary autograd (``forward_reference``): anything
+    ``"auto"``       the first row that takes the input (the default)
+    ===============  ============================================================================
 
     Every ``impl`` runs the reference where a fused path would hide what the caller wants to
-    see: under TorchScript, tracing and autocast, for tensor subclasses, and while hooks sit on
-    ``channel`` or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
+    see: under TorchScript and tracing, for tensor subclasses, and while hooks sit on ``channel``
+    or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
     ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
     operators (``ops``) where they take the input and the spatial gate has no BatchNorm; all
-    else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever build the kernels, and
-    only for input they take (never for CUDA, meta or other dtypes).
+    else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever
+    build the kernels, and only for input they take (never for CUDA, meta or other dtypes).
 
     Args:
         in_channels: channels of the input.
@@ -201,6 +238,12 @@ class CBAM(nn.Module):
             zero, so both gates are exactly 0.5 for every input and CBAM starts as ``x / 4``
             (``1.25 x`` with ``residual``), as the authors start their spatial gate.
         impl: ``"auto"``, ``"kernels"``, ``"fused"`` or ``"reference"`` (table above).
+        rd_ratio, rd_channels: timm's names for the MLP's hidden width (``in_channels * rd_ratio``
+            rounded, or ``rd_channels``); either replaces ``reduction``.
+        device, dtype: where and how the parameters are created, as for torch's layers.
+
+    Built as timm's ``attn_layer`` (``CBAM(channels, device=..., dtype=...)``), e.g.
+    ``timm.create_model("resnet18", block_args={"attn_layer": CBAM})``.
     """
 
     def __init__(
@@ -214,11 +257,19 @@ class CBAM(nn.Module):
         inplace: bool = False,
         init: str = "default",
         impl: str = "auto",
+        *,
+        rd_ratio: float | None = None,
+        rd_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
         check_choice("impl", impl, IMPLS)
-        self.channel = ChannelAttention(in_channels, reduction, mlp_bias, init)
-        self.spatial = SpatialAttention(kernel_size, spatial_bn, init)
+        factory = {"device": device, "dtype": dtype}
+        self.channel = ChannelAttention(
+            in_channels, reduction, mlp_bias, init, rd_ratio=rd_ratio, rd_channels=rd_channels, **factory
+        )
+        self.spatial = SpatialAttention(kernel_size, spatial_bn, init, **factory)
         self.residual = residual
         self.inplace = inplace
         self.impl = impl
@@ -260,9 +311,10 @@ class CBAM(nn.Module):
             affine = spatial._affine()
             if affine is not None:  # else the BatchNorm normalizes with batch statistics
                 return cbam_fused.kernel_infer(self, channel, spatial, x, affine)
-        with torch.no_grad():
-            forward = cbam_fused.kernel_forward if use_kernels else cbam_fused.fused_forward
-            return forward(self, x, track=False).out
+        if use_kernels:
+            with torch.no_grad():
+                return cbam_fused.kernel_forward(self, x, track=False).out
+        return cbam_fused.fused_infer(self, x)
 
     @torch.jit.unused
     def _forward_captured(self, x: torch.Tensor) -> torch.Tensor:
@@ -305,8 +357,6 @@ class CBAM(nn.Module):
         refusal = None
         if x.dim() != 4:
             refusal = f"{x.dim()}-d input"
-        elif _autocast(x.device.type):
-            return "reference"
         else:
             nchw = x.is_contiguous()
             if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
@@ -340,6 +390,8 @@ def _kernel_refusal(x: torch.Tensor, nchw: bool) -> str | None:
     The build is asked for last: never for input the kernels would not take."""
     if x.device.type != "cpu":
         return f"{x.device.type} input"
+    if torch.is_autocast_enabled("cpu"):
+        return "input under autocast"
     if x.dtype not in (torch.float32, torch.float64):
         return f"{x.dtype} input"
     if not nchw:

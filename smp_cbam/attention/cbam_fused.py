@@ -8,6 +8,7 @@ chooses among them (``CBAM._choose``); nothing here checks whether its input sui
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -108,63 +109,108 @@ def channel_argmax_(y: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
     return (c - weights.amax(dim=1, keepdim=True).long()).clamp_(max=c - 1)
 
 
-def fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> GateState:
-    """Run under no_grad; with ``track`` the indices and small gate graphs for the backward."""
+def autocast_gate_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """Under autocast for ``x``'s device, the dtype of the gates' computations: float32, or
+    float64 for float64 input; None without autocast.
+
+    Autocast runs convolutions and matmuls in its half-precision dtype and keeps reductions in
+    float32. The gates follow the second rule throughout (pooled descriptors, MLP, spatial
+    convolution, sigmoids): they are small, and the spatial gate's 2 -> 1 convolution and the
+    sigmoids gain nothing in half precision. The full-size products stay in ``x``'s dtype.
+    """
+    device = x.device.type
+    if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+        return torch.promote_types(x.dtype, torch.float32)
+    return None
+
+
+def fused_forward(cbam: CBAM, x: torch.Tensor, track: bool, gate_dtype: torch.dtype | None = None) -> GateState:
+    """Run under no_grad (and autocast off); with ``track`` the indices and small gate graphs for
+    the backward. ``gate_dtype``: that of the descriptors, MLP, convolution and gates (default
+    ``x``'s; ``autocast_gate_dtype``); ``out`` has ``x``'s dtype."""
     n, c = x.shape[:2]
-    avg = x.flatten(2).mean(dim=2)
+    acc = gate_dtype or x.dtype
+    avg = x.flatten(2).mean(dim=2, dtype=acc)
     if track:
         mx, idx_c = channel_max_indexed(x)
     else:
         mx, idx_c = x.amax(dim=(2, 3)), None
+    mx = mx.to(acc)
     g_c = leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    if cbam.inplace and not track and not cbam.residual:
-        out = x.mul_(g_c.view(n, c, 1, 1))
-    else:
-        out = x * g_c.detach().view(n, c, 1, 1)
-    pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
+    g_x = g_c.detach().to(x.dtype).view(n, c, 1, 1)
+    out = x.mul_(g_x) if cbam.inplace and not track and not cbam.residual else x * g_x
+    pooled = torch.cat([out.mean(dim=1, keepdim=True, dtype=acc), out.amax(dim=1, keepdim=True).to(acc)], dim=1)
     # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
     pooled = pooled.contiguous(memory_format=torch.channels_last)
     g_s = leaf_gate(cbam.spatial._conv_gate, track, pooled)
-    out.mul_(g_s)
+    out.mul_(g_s.detach().to(x.dtype))
     if cbam.residual:
         out.add_(x)
     return GateState(out, avg, mx, g_c, pooled, None, g_s, idx_c)
 
 
+def fused_infer(cbam: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """The no-grad forward of the eager fused path, under autocast too."""
+    gate_dtype = autocast_gate_dtype(x)
+    with torch.no_grad(), _autocast_off(x, gate_dtype):
+        return fused_forward(cbam, x, False, gate_dtype).out
+
+
+def _autocast_off(x: torch.Tensor, gate_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(x.device.type, enabled=False) if gate_dtype else contextlib.nullcontext()
+
+
 class FusedCBAM(torch.autograd.Function):
+    """Training on the eager fused path, for any device and floating dtype, and under autocast
+    (``autocast_gate_dtype``). Small tensors meet full-size ones in the full-size dtype."""
+
     @staticmethod
     def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        state = fused_forward(cbam, x, track=True)
+        gate_dtype = autocast_gate_dtype(x)
+        with _autocast_off(x, gate_dtype):
+            state = fused_forward(cbam, x, True, gate_dtype)
         ctx.save_for_backward(x, state.channel_index, *params)
         ctx.graph = state
         ctx.n_channel_params = len(list(cbam.channel.parameters()))
         ctx.residual = cbam.residual
+        ctx.autocast = gate_dtype is not None
         return state.out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
+        x = ctx.saved_tensors[0]
+        with torch.autocast(x.device.type, enabled=False) if ctx.autocast else contextlib.nullcontext():
+            return FusedCBAM._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
         x, idx_c, *params = ctx.saved_tensors
         _, avg, mx, g_c, pooled, _, g_s, _ = ctx.graph
         needs = ctx.needs_input_grad[2:]
         k = ctx.n_channel_params
         n, c, h, w = x.shape
         hw = h * w
+        low = x.dtype  # the full-size dtype; the gates' may be wider (autocast)
         fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
         grad = grad.contiguous(memory_format=fmt)
-        gc, gs = g_c.detach().view(n, c, 1, 1), g_s.detach()
+        gc, gs = g_c.detach().to(low).view(n, c, 1, 1), g_s.detach().to(low)  # as the forward used them
 
         t = grad * x
         d_gs = torch.bmm(gc.view(n, 1, c), t.view(n, c, hw))
-        d_gc = torch.bmm(t.view(n, c, hw), gs.reshape(n, hw, 1))
+        d_gc = torch.bmm(t.view(n, c, hw), gs.reshape(n, hw, 1)).to(g_c.dtype)
         sp_params = [p for p, need in zip(params[k:], needs[k:]) if need]
-        d_pooled, *d_sp = torch.autograd.grad(g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True)
+        d_pooled, *d_sp = torch.autograd.grad(
+            g_s, [pooled, *sp_params], d_gs.view_as(g_s).to(g_s.dtype), retain_graph=True
+        )
         # contiguous halves: a strided broadcast operand slows full-size ops 2-4x
-        d_avg_c, d_max_c = d_pooled.contiguous().split(1, dim=1)
+        d_avg_c, d_max_c = d_pooled.to(low).contiguous().split(1, dim=1)
         d_gc += torch.bmm(x.view(n, c, hw), d_avg_c.reshape(n, hw, 1)) / c
-        mx_s = pooled.detach()[:, 1:].contiguous()
+        mx_s = pooled.detach()[:, 1:].to(low).contiguous()
         idx_s = channel_argmax_(torch.mul(x, gc, out=t), mx_s)  # T is free again
-        d_gc.view(n, c).scatter_add_(1, idx_s.reshape(n, hw), (x.gather(1, idx_s) * d_max_c).reshape(n, hw))
+        d_gc.view(n, c).scatter_add_(
+            1, idx_s.reshape(n, hw), (x.gather(1, idx_s) * d_max_c).reshape(n, hw).to(d_gc.dtype)
+        )
         ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
         d_avg, d_max, *d_ch = torch.autograd.grad(g_c, [avg, mx, *ch_params], d_gc.view_as(g_c), retain_graph=True)
 
@@ -172,8 +218,8 @@ class FusedCBAM(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
             dx.scatter_add_(1, idx_s, d_max_c)
-            dx.mul_(gc).add_(d_avg.view(n, c, 1, 1) / hw)  # faster than a broadcast addcmul
-            dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
+            dx.mul_(gc).add_((d_avg.view(n, c, 1, 1) / hw).to(low))  # faster than a broadcast addcmul
+            dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1).to(low))
             if ctx.residual:
                 dx.add_(grad)
         d_params = iter([*d_ch, *d_sp])
