@@ -160,6 +160,18 @@ def _autocast_off(x: torch.Tensor, gate_dtype: torch.dtype | None) -> contextlib
     return torch.autocast(x.device.type, enabled=False) if gate_dtype else contextlib.nullcontext()
 
 
+def _add_at_(t: torch.Tensor, dim: int, index: torch.Tensor, src: torch.Tensor) -> None:
+    """``t.scatter_add_(dim, index, src)`` for an ``index`` with one entry per slice (no repeats).
+
+    On CPU, ``scatter_add_`` into half precision accumulates in a float32 copy of the whole of
+    ``t``; with no repeated index, gather, add and scatter give the same rounding without it.
+    """
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t.scatter_(dim, index, t.gather(dim, index).add_(src))
+    else:
+        t.scatter_add_(dim, index, src)
+
+
 class FusedCBAM(torch.autograd.Function):
     """Training on the eager fused path, for any device and floating dtype, and under autocast
     (``autocast_gate_dtype``). Small tensors meet full-size ones in the full-size dtype."""
@@ -217,9 +229,9 @@ class FusedCBAM(torch.autograd.Function):
         dx = None
         if ctx.needs_input_grad[0]:
             dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
-            dx.scatter_add_(1, idx_s, d_max_c)
+            _add_at_(dx, 1, idx_s, d_max_c)
             dx.mul_(gc).add_((d_avg.view(n, c, 1, 1) / hw).to(low))  # faster than a broadcast addcmul
-            dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1).to(low))
+            _add_at_(dx.view(n, c, hw), 2, idx_c, d_max.reshape(n, c, 1).to(low))
             if ctx.residual:
                 dx.add_(grad)
         d_params = iter([*d_ch, *d_sp])
