@@ -69,6 +69,8 @@ for _name, _factory in {
     # in place at inference: a decoder block's attention input is a fresh intermediate (the
     # concatenated skip or conv2's output, itself an in-place ReLU's), used by nothing else
     "cbam": partial(CBAM, inplace=True),
+    # x + CBAM(x): the identity path that smp's decoder lacks around its attention
+    "cbam_residual": partial(CBAM, residual=True, inplace=True),
     "cbam_channel": ChannelAttention,
     "cbam_spatial": lambda in_channels: SpatialAttention(),
     "se": SqueezeExcite,

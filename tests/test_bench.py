@@ -11,8 +11,11 @@ import torch
 
 from smp_cbam import CBAM
 from smp_cbam.benchmarks.cbam_bench import (
+    AMP_TYPES,
     STEP_TYPES,
+    amp_benchmark,
     build_bench_model,
+    compile_benchmark,
     in_fresh_process,
     interleaved_times,
     main,
@@ -43,8 +46,8 @@ def test_step_models_train(attention: str) -> None:
     x = torch.randn(2, 3, 32, 32, requires_grad=True)
     model(x).sum().backward()
     assert x.grad is not None and x.grad.shape == x.shape
-    modes = {(m.fast, m.kernels) for m in model.modules() if isinstance(m, CBAM)}
-    expected = {"cbam": {(True, True)}, "cbam_eager": {(True, False)}, "cbam_plain": {(False, True)}}
+    modes = {m.impl for m in model.modules() if isinstance(m, CBAM)}
+    expected = {"cbam": {"auto"}, "cbam_eager": {"fused"}, "cbam_plain": {"reference"}}
     assert modes == expected.get(attention, set())
 
 
@@ -90,3 +93,20 @@ def test_ab_script_names_a_bad_ref() -> None:
     run = subprocess.run([sys.executable, str(AB_SCRIPT), "no-such-ref"], capture_output=True, text=True)
     assert run.returncode != 0
     assert "cannot export smp_cbam at 'no-such-ref'" in run.stderr
+
+
+@pytest.mark.slow
+def test_amp_section_prints_fp32_and_autocast_rows() -> None:
+    out = amp_benchmark(rounds=1, device=torch.device("cpu"), batch=2, size=32)
+    for setting in ("train fp32", "train bfloat16 autocast", "inference fp32", "inference bfloat16 autocast"):
+        cells = rf"(\s+[+-][\d.]+%){{{len(AMP_TYPES) - 1}}}"
+        speed = r"\s+[\d.]+" if "autocast" in setting else ""
+        assert re.search(rf"^Unet {setting}\s+[\d.]+{cells}{speed}$", out, re.M), out
+
+
+@pytest.mark.slow
+def test_compile_section_prints_compiled_and_eager_rows() -> None:
+    out = compile_benchmark(rounds=1, device=torch.device("cpu"), batch=2, size=32)
+    for setting in ("Unet train", "Unet inference"):
+        for mode in ("compiled", "eager"):
+            assert re.search(rf"^{setting}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$", out, re.M), out

@@ -10,7 +10,13 @@ import torch.nn.utils.prune
 
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
-from smp_cbam.attention.cbam import _channel_argmax_, _channel_max_indexed, _FastCBAM, _KernelBatchNormCBAM, _KernelCBAM
+from smp_cbam.attention.cbam_fused import (
+    FusedCBAM,
+    KernelBatchNormCBAM,
+    KernelCBAM,
+    channel_argmax_,
+    channel_max_indexed,
+)
 from smp_cbam.benchmarks.cbam_bench import build_bench_model, params_and_macs
 
 VARIANTS = [
@@ -38,17 +44,17 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
 def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:
     """The grad_fn a fast CBAM's output should have on ``path`` for input ``x``."""
     if path != "kernels" or not x.is_contiguous() or x.dtype == torch.bfloat16:
-        return "_FastCBAMBackward"
+        return "FusedCBAMBackward"
     if isinstance(module.spatial.bn, torch.nn.BatchNorm2d):
-        return "_KernelBatchNormCBAMBackward"
-    return "_KernelCBAMBackward"
+        return "KernelBatchNormCBAMBackward"
+    return "KernelCBAMBackward"
 
 
 def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -> tuple[CBAM, CBAM]:
     torch.manual_seed(0)
     fast = CBAM(channels, reduction=4, **kwargs).to(dtype)
     plain = copy.deepcopy(fast)
-    plain.fast = False
+    plain.impl = "reference"
     return fast, plain
 
 
@@ -100,10 +106,10 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
 def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool) -> None:
     channels = 8 if fast_mode else 4  # the full check perturbs every element one by one
     module, _ = _pair(channels, torch.float64, **kwargs)
-    function = _FastCBAM
+    function = FusedCBAM
     if kernel:
         assert kernels.available()
-        function = _KernelBatchNormCBAM if kwargs.get("spatial_bn") else _KernelCBAM
+        function = KernelBatchNormCBAM if kwargs.get("spatial_bn") else KernelCBAM
     x = torch.randn(2, channels, 4, 3, dtype=torch.float64, requires_grad=True)
     params = tuple(module.parameters())
     assert torch.autograd.gradcheck(
@@ -160,17 +166,17 @@ def test_index_helpers_pick_torch_max_index(dtype: torch.dtype, channels: int) -
     # integers tie often; 300 channels exceed what bfloat16 counts exactly (256)
     x = torch.randint(-3, 4, (2, channels, 6, 5)).to(dtype)
     x[0, :, 1, 1] = 9  # all channels tie at one pixel
-    mx_hw, idx_hw = _channel_max_indexed(x)
+    mx_hw, idx_hw = channel_max_indexed(x)
     ref_hw = x.flatten(2).max(dim=2, keepdim=True)
     assert torch.equal(mx_hw, ref_hw.values.flatten(1)) and torch.equal(idx_hw, ref_hw.indices)
     mx_c = x.amax(dim=1, keepdim=True)
-    assert torch.equal(_channel_argmax_(x.clone(), mx_c), x.max(dim=1, keepdim=True).indices)
+    assert torch.equal(channel_argmax_(x.clone(), mx_c), x.max(dim=1, keepdim=True).indices)
 
 
 def test_channel_argmax_stays_in_range_on_nan() -> None:
     x = torch.randn(1, 4, 3, 3)
     x[0, 2, 1, 1] = float("nan")
-    idx = _channel_argmax_(x.clone(), x.amax(dim=1, keepdim=True))
+    idx = channel_argmax_(x.clone(), x.amax(dim=1, keepdim=True))
     assert idx.min() >= 0 and idx.max() <= 3
     assert torch.equal(idx[0, 0, 0], x.max(dim=1).indices[0, 0])
 
@@ -243,9 +249,10 @@ def test_inference_reads_pruned_and_parametrized_weights(path: str) -> None:
     fast.eval()
     x = torch.randn(2, 16, 8, 8)
     with torch.no_grad():
-        assert torch.allclose(fast(x), fast.forward_plain(x), rtol=1e-5, atol=1e-6)
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # the plain formula, in bfloat16
-            assert torch.equal(fast(x), fast.forward_plain(x))
+        assert torch.allclose(fast(x), fast.forward_reference(x), rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the fused path, gates in float32
+            out = fast(x)
+        assert torch.allclose(out, fast.forward_reference(x), rtol=1e-5, atol=1e-6)
         with pytest.raises(ValueError, match="expected an input with 16 channels, got 4"):
             fast(torch.randn(1, 4, 6, 6))
 
@@ -391,5 +398,5 @@ def test_decoders_build_inplace_cbam_with_plain_outputs(arch: str, path: str) ->
     with torch.no_grad():
         out = model(images)
         for m in modules:
-            m.fast = False
+            m.impl = "reference"
         torch.testing.assert_close(out, model(images), rtol=1e-5, atol=1e-5)

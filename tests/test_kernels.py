@@ -21,7 +21,7 @@ SHAPES = [(2, 3, 5), (2, 7, 37), (1, 4, 2500)]
 @pytest.fixture(scope="module")
 def ops() -> object:
     assert kernels.available()
-    return torch.ops.smp_cbam
+    return torch.ops.smp_cbam_cpu
 
 
 def _tied(shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
@@ -129,40 +129,38 @@ def test_bad_input_names_the_argument(ops: object) -> None:
         ops.spatial_pool(x, torch.rand(2, 4, 1))
 
 
-def test_cbam_infer_declines_what_it_does_not_take(ops: object) -> None:
+def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
     torch.manual_seed(0)
     module = CBAM(8, reduction=4, mlp_bias=True).eval()
     first, _, second = module.channel.mlp
     conv = module.spatial.conv
     params = [first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias]
 
-    def infer(x: torch.Tensor, *, inplace: bool = False, swap: dict | None = None) -> torch.Tensor | None:
+    def infer(x: torch.Tensor, *, inplace: bool = False, swap: dict | None = None) -> torch.Tensor:
         args = [(swap or {}).get(i, p) for i, p in enumerate(params)]
-        return ops.cbam_infer(x, *args, 1.0, 0.0, False, inplace)
+        return kernels.cbam_infer(x, *args, 1.0, 0.0, False, inplace)
 
     x = torch.randn(2, 8, 6, 6)
     with torch.no_grad():
-        expected = module.forward_plain(x)
+        expected = module.forward_reference(x)
         _close(infer(x), expected)
         y, version = x.clone(), x._version
         assert infer(y, inplace=True) is y and y._version == version + 1
         _close(y, expected)
-        declined = {
-            "channels_last": x.contiguous(memory_format=torch.channels_last),
-            "float16": x.half(),
-            "empty": x[:0],
-            "3-d": x[0],
-            "other channels": torch.randn(2, 4, 6, 6),
+        refused = {
+            "channels_last": (x.contiguous(memory_format=torch.channels_last), {}),
+            "float16": (x.half(), {}),
+            "empty": (x[:0], {}),
+            "3-d": (x[0], {}),
+            "other channels": (torch.randn(2, 4, 6, 6), {}),
+            "double weight": (x, {0: first.weight.double()}),
+            "double bias": (x, {5: conv.bias.double()}),
+            "strided weight": (x, {4: conv.weight.transpose(2, 3)}),
         }
-        for name, bad in declined.items():
-            assert infer(bad) is None, name
-        assert infer(x, swap={0: first.weight.double()}) is None
-        assert infer(x, swap={5: conv.bias.double()}) is None
-        assert infer(x, swap={4: conv.weight.transpose(2, 3)}) is None
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            assert infer(x) is None
-        y = x.clone()
-        assert infer(y[:0], inplace=True) is None and y._version == version
+        for name, (bad, swap) in refused.items():
+            with pytest.raises(RuntimeError, match="cbam_infer: "):
+                infer(bad, swap=swap)
+            assert bad._version == x._version or name == "other channels", name
 
 
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -175,10 +173,13 @@ def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch
     x = torch.randn(2, 8, 5, 5, requires_grad=True)
     with pytest.warns(RuntimeWarning, match="could not build the CPU kernels.*no compiler"):
         out = module(x)
-    assert type(out.grad_fn).__name__ == "_FastCBAMBackward"
-    module.fast = False
+    assert type(out.grad_fn).__name__ == "FusedCBAMBackward"  # impl="auto" falls back
+    module.impl = "reference"
     torch.testing.assert_close(out, module(x))
     assert kernels.available() is False  # decided once: no second build, no second warning
+    module.impl = "kernels"  # asked for explicitly: an error, not another path
+    with pytest.raises(ValueError, match="impl='kernels' does not take input while the kernels are not built"):
+        module(x)
 
 
 def test_env_switch_skips_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,21 +199,21 @@ torch.backends.cpu.get_cpu_capability = lambda: "DEFAULT"
 assert kernels.available()
 assert "-DCPU_CAPABILITY=DEFAULT" in kernels._capability_flags("DEFAULT")
 torch.manual_seed(0)
-for spatial_bn, function in [(False, "_KernelCBAMBackward"), (True, "_KernelBatchNormCBAMBackward")]:
+for spatial_bn, function in [(False, "KernelCBAMBackward"), (True, "KernelBatchNormCBAMBackward")]:
     module = CBAM(6, reduction=2, spatial_bn=spatial_bn).double()
     x = torch.randn(2, 6, 11, 9, dtype=torch.float64, requires_grad=True)
     out = module(x)
     assert type(out.grad_fn).__name__ == function
     grads = torch.autograd.grad(out.sum(), [x, *module.parameters()])
-    module.fast = False
+    module.impl = "reference"
     expected = module(x)
     torch.testing.assert_close(out, expected)
     for got, want in zip(grads, torch.autograd.grad(expected.sum(), [x, *module.parameters()])):
         torch.testing.assert_close(got, want)
     module.eval()
-    module.fast = True
+    module.impl = "auto"
     with torch.no_grad():
-        torch.testing.assert_close(module(x.detach()), module.forward_plain(x.detach()))
+        torch.testing.assert_close(module(x.detach()), module.forward_reference(x.detach()))
 print("ok")
 """
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}

@@ -8,32 +8,63 @@
   ``2 -> 1`` convolution padded to keep the size.
 
 The defaults follow the paper's formula; ``mlp_bias``, ``spatial_bn`` (the authors' code puts a
-BatchNorm after the spatial convolution) and ``residual`` (``output + input``) select the variants
-found in published implementations.
+BatchNorm after the spatial convolution), ``residual`` (``output + input``) and ``init="neutral"``
+(both gates start at the constant 0.5, see ``INITS``) select the variants found in published
+implementations.
 """
-
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import FunctionCtx, once_differentiable
 
-from . import kernels
-from .checks import check_channels, check_positive
+from . import cbam_fused, kernels, ops
+from .cbam_fused import fetch as _fetch
+from .checks import check_channels, check_choice, check_positive
+
+# How the gates' last layers start. "default": PyTorch's initialisation, so each gate starts
+# input-dependent around 0.5. "neutral": the layers that feed each sigmoid start at zero (the
+# channel MLP's second layer, the spatial convolution, or the spatial BatchNorm's gamma as in
+# the authors' code), so both gates start at exactly sigmoid(0) = 0.5 for every input and CBAM
+# starts as the fixed scaling x / 4 (x * 1.25 with residual) that gradients then move away from.
+INITS = ("default", "neutral")
+IMPLS = ("auto", "reference", "fused", "kernels")
 
 
-def _fetch(module: nn.Module, name: str) -> nn.Module | torch.Tensor | None:
-    """``getattr(module, name)`` for a parameter or submodule, read from the module's tables.
+def _zero(layer: nn.Module) -> None:
+    """Zero a layer's weight and bias, so its output is 0 for every input."""
+    with torch.no_grad():
+        layer.weight.zero_()
+        if layer.bias is not None:
+            layer.bias.zero_()
 
-    ``nn.Module.__getattr__`` runs only after Python's ordinary lookup has failed: about 1 us per
-    name, several times that between a network's large ops. A name not in the tables (a pruned or
-    parametrized weight) goes through ``getattr``.
+
+def hidden_channels(
+    in_channels: int, reduction: int = 16, rd_ratio: float | None = None, rd_channels: int | None = None
+) -> int:
+    """The MLP's hidden width: ``rd_channels``, else ``round(in_channels * rd_ratio)``, else
+    ``in_channels // reduction``; at least 1. timm's attention layers name the first two."""
+    if rd_channels is not None:
+        check_positive("rd_channels", rd_channels)
+        return rd_channels
+    if rd_ratio is not None:
+        if not 0 < rd_ratio <= 1:
+            raise ValueError(f"rd_ratio must be in (0, 1], got {rd_ratio}")
+        return max(round(in_channels * rd_ratio), 1)
+    check_positive("reduction", reduction)
+    return max(in_channels // reduction, 1)
+
+
+def reset_gates(model: nn.Module) -> nn.Module:
+    """Apply each CBAM part's ``init`` again, in place; returns ``model``.
+
+    smp initialises a decoder after building it (``initialize_decoder``: every ``Conv2d`` and
+    ``BatchNorm2d`` in it, attention included), which undoes the neutral start; ``smp_cbam``'s
+    registry calls this after smp's initialisation.
     """
-    for table in (module._parameters, module._modules):
-        if name in table:
-            return table[name]
-    return getattr(module, name)
+    for module in model.modules():
+        if isinstance(module, (ChannelAttention, SpatialAttention)):
+            module.reset_gate()
+    return model
 
 
 def _channel_pool(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,17 +84,36 @@ def _spatial_pool(x: torch.Tensor) -> torch.Tensor:
 class ChannelAttention(nn.Module):
     """Channel half of CBAM: one shared MLP over the average- and max-pooled descriptors."""
 
-    def __init__(self, in_channels: int, reduction: int = 16, mlp_bias: bool = False):
+    def __init__(
+        self,
+        in_channels: int,
+        reduction: int = 16,
+        mlp_bias: bool = False,
+        init: str = "default",
+        *,
+        rd_ratio: float | None = None,
+        rd_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_positive("in_channels", in_channels)
-        check_positive("reduction", reduction)
+        check_choice("init", init, INITS)
         self.in_channels = in_channels
-        hidden = max(in_channels // reduction, 1)
+        hidden = hidden_channels(in_channels, reduction, rd_ratio, rd_channels)
+        factory = {"device": device, "dtype": dtype}
         self.mlp = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 1, bias=mlp_bias),
+            nn.Conv2d(in_channels, hidden, 1, bias=mlp_bias, **factory),
             nn.ReLU(inplace=True),
-            nn.Conv2d(hidden, in_channels, 1, bias=mlp_bias),
+            nn.Conv2d(hidden, in_channels, 1, bias=mlp_bias, **factory),
         )
+        self.init = init
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Apply ``init`` to the MLP's second layer (see ``INITS``); ``reset_gates`` says when."""
+        if self.init == "neutral":
+            _zero(self.mlp[2])
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The channel weights, shape ``(N, C, 1, 1)``."""
@@ -92,13 +142,31 @@ class ChannelAttention(nn.Module):
 class SpatialAttention(nn.Module):
     """Spatial half of CBAM: a k x k convolution over the channel-wise mean and max maps."""
 
-    def __init__(self, kernel_size: int = 7, spatial_bn: bool = False):
+    def __init__(
+        self,
+        kernel_size: int = 7,
+        spatial_bn: bool = False,
+        init: str = "default",
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         check_positive("kernel_size", kernel_size)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}")
-        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn)
-        self.bn = nn.BatchNorm2d(1) if spatial_bn else nn.Identity()
+        check_choice("init", init, INITS)
+        factory = {"device": device, "dtype": dtype}
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn, **factory)
+        self.bn = nn.BatchNorm2d(1, **factory) if spatial_bn else nn.Identity()
+        self.init = init
+        self.reset_gate()
+
+    def reset_gate(self) -> None:
+        """Apply ``init`` to the layer before the sigmoid (see ``INITS``): with BatchNorm its gamma,
+        as the authors do, so the convolution keeps a gradient; ``reset_gates`` says when."""
+        if self.init == "neutral":
+            _zero(self.bn if isinstance(self.bn, nn.BatchNorm2d) else self.conv)
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The spatial map, shape ``(N, 1, H, W)``."""
@@ -131,12 +199,29 @@ class SpatialAttention(nn.Module):
 class CBAM(nn.Module):
     """Channel attention followed by spatial attention, called like smp's ``SCSEModule``.
 
-    The forward runs a fused implementation that gives the plain formula's outputs and gradients
-    with fewer passes over full-size tensors: compiled CPU kernels (``_KernelCBAM``, see
-    ``smp_cbam.kernels``) for contiguous float32/float64 CPU input, eager ops (``_FastCBAM``)
-    otherwise or when ``kernels`` is set to False. It falls back to the plain formula
-    (``forward_plain``) under TorchScript, tracing, ``torch.compile``/``torch.export``, autocast,
-    tensor subclasses, hooks on ``channel``/``spatial``, or when ``fast`` is set to False.
+    ``impl`` picks the implementation; all give the formula's outputs and gradients (up to
+    summation order), the fused ones with fewer passes over full-size tensors:
+
+    ===============  ============================================================================
+    ``impl``         input it runs on (other input: ``"auto"`` takes the next row down, an explicit
+                     choice raises ``ValueError``)
+    ===============  ============================================================================
+    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous,
+                     non-empty float32/float64 CPU tensors, autocast off, once the kernels are built
+    ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
+                     any device and floating dtype; under autocast with autocast's numerics
+                     (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype)
+    ``"reference"``  the formula with ordinary autograd (``forward_reference``): anything
+    ``"auto"``       the first row that takes the input (the default)
+    ===============  ============================================================================
+
+    Every ``impl`` runs the reference where a fused path would hide what the caller wants to
+    see: under TorchScript and tracing, for tensor subclasses, and while hooks sit on ``channel``
+    or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
+    ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
+    operators (``ops``) where they take the input and the spatial gate has no BatchNorm; all
+    else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever
+    build the kernels, and only for input they take (never for CUDA, meta or other dtypes).
 
     Args:
         in_channels: channels of the input.
@@ -148,6 +233,17 @@ class CBAM(nn.Module):
         inplace: write the output over the input when no gradient is recorded (inference), as
             ``nn.ReLU(inplace=True)`` does; smp's decoders build CBAM with it, since their
             attention inputs are fresh intermediates. Training always writes a new tensor.
+        init: ``"default"`` (PyTorch's initialisation) or ``"neutral"``: the channel MLP's second
+            layer and the spatial convolution (with ``spatial_bn``, the BatchNorm's gamma) start at
+            zero, so both gates are exactly 0.5 for every input and CBAM starts as ``x / 4``
+            (``1.25 x`` with ``residual``), as the authors start their spatial gate.
+        impl: ``"auto"``, ``"kernels"``, ``"fused"`` or ``"reference"`` (table above).
+        rd_ratio, rd_channels: timm's names for the MLP's hidden width (``in_channels * rd_ratio``
+            rounded, or ``rd_channels``); either replaces ``reduction``.
+        device, dtype: where and how the parameters are created, as for torch's layers.
+
+    Built as timm's ``attn_layer`` (``CBAM(channels, device=..., dtype=...)``), e.g.
+    ``timm.create_model("resnet18", block_args={"attn_layer": CBAM})``.
     """
 
     def __init__(
@@ -159,323 +255,149 @@ class CBAM(nn.Module):
         spatial_bn: bool = False,
         residual: bool = False,
         inplace: bool = False,
+        init: str = "default",
+        impl: str = "auto",
+        *,
+        rd_ratio: float | None = None,
+        rd_channels: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        self.channel = ChannelAttention(in_channels, reduction, mlp_bias)
-        self.spatial = SpatialAttention(kernel_size, spatial_bn)
+        check_choice("impl", impl, IMPLS)
+        factory = {"device": device, "dtype": dtype}
+        self.channel = ChannelAttention(
+            in_channels, reduction, mlp_bias, init, rd_ratio=rd_ratio, rd_channels=rd_channels, **factory
+        )
+        self.spatial = SpatialAttention(kernel_size, spatial_bn, init, **factory)
         self.residual = residual
         self.inplace = inplace
-        self.fast = True
-        self.kernels = True
+        self.impl = impl
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fast and not torch.jit.is_scripting() and not torch.jit.is_tracing():
-            return self._forward_fast(x)
-        return self.forward_plain(x)
+        if self.impl == "reference" or torch.jit.is_scripting() or torch.jit.is_tracing():
+            return self.forward_reference(x)
+        return self._forward_fused(x)
 
-    def forward_plain(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The paper's formula with ordinary autograd."""
         out = self.spatial(self.channel(x))
         return out + x if self.residual else out
 
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}, inplace={self.inplace}, impl={self.impl!r}"
+
     @torch.jit.unused
-    def _forward_fast(self, x: torch.Tensor) -> torch.Tensor:
+    def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            return self._forward_captured(x)
         channel, spatial = _fetch(self, "channel"), _fetch(self, "spatial")
         if (
-            torch.compiler.is_compiling()
-            or type(x) is not torch.Tensor
+            type(x) is not torch.Tensor
             or channel._forward_hooks
             or channel._forward_pre_hooks
             or spatial._forward_hooks
             or spatial._forward_pre_hooks
         ):
-            return self.forward_plain(x)
-        train = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
-        if not train and self.kernels and kernels.available():
-            out = _kernel_infer(self, channel, spatial, x)
-            if out is not None:
-                return out
-        path = self._fast_path(x)
-        if path is None:
-            return self.forward_plain(x)
+            return self.forward_reference(x)
+        impl = self._choose(x)
+        if impl == "reference":
+            return self.forward_reference(x)
         check_channels(x, channel.in_channels)
-        use_kernels = path == "kernels"
-        if train:
-            return _training_function(self, use_kernels).apply(x, self, *self.parameters())
-        with torch.no_grad():
-            return (_kernel_forward if use_kernels else _fused_forward)(self, x, track=False)[0]
+        use_kernels = impl == "kernels"
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return cbam_fused.training_function(self, use_kernels).apply(x, self, *self.parameters())
+        if use_kernels:
+            affine = spatial._affine()
+            if affine is not None:  # else the BatchNorm normalizes with batch statistics
+                return cbam_fused.kernel_infer(self, channel, spatial, x, affine)
+        if use_kernels:
+            with torch.no_grad():
+                return cbam_fused.kernel_forward(self, x, track=False).out
+        return cbam_fused.fused_infer(self, x)
 
     @torch.jit.unused
-    def _fast_path(self, x: torch.Tensor) -> str | None:
-        """``"kernels"``, ``"eager"``, or None where the plain formula must run, by the dimensions,
-        layout, device and dtype of ``x``, and autocast. Each property of ``x`` is read once: in a
-        network, with cold caches, every call into torch costs microseconds."""
+    def _forward_captured(self, x: torch.Tensor) -> torch.Tensor:
+        """Under ``torch.compile``/``torch.export``: the kernels as custom operators (``ops``,
+        visible to the graph, with their fake implementations and backward) where they take
+        ``x``, else the reference. A spatial BatchNorm's statistics and the fused autograd
+        functions do not go into a captured graph, so those run the reference."""
+        channel, spatial = self.channel, self.spatial
+        if (
+            self.impl not in ("auto", "kernels")
+            or torch.onnx.is_in_onnx_export()  # ONNX has no such operator: the formula's ops
+            or channel._forward_hooks
+            or channel._forward_pre_hooks
+            or spatial._forward_hooks
+            or spatial._forward_pre_hooks
+            or not isinstance(spatial.bn, nn.Identity)
+            or x.dim() != 4
+            or x.device.type != "cpu"
+            or x.dtype not in (torch.float32, torch.float64)
+            or not x.is_contiguous()
+            or x.numel() == 0
+            or torch.is_autocast_enabled("cpu")
+            or not _kernels_ready()
+        ):
+            return self.forward_reference(x)
+        check_channels(x, channel.in_channels)
+        first, _, second = channel.mlp
+        conv = spatial.conv
+        args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, self.residual)
+        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+            return ops.cbam_train(*args)[0]
+        return ops.cbam_infer(*args)
+
+    @torch.jit.unused
+    def _choose(self, x: torch.Tensor) -> str:
+        """The implementation for ``x`` by the class docstring's table, the one place that decides.
+        Each property of ``x`` is read once: in a network, with cold caches, every call into torch
+        costs microseconds."""
+        wanted = self.impl
+        refusal = None
         if x.dim() != 4:
-            return None
-        nchw = x.is_contiguous()
-        if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
-            return None
-        device = x.device.type
-        if torch.is_autocast_enabled(device):
-            return None
-        kernels_apply = (
-            self.kernels
-            and nchw
-            and device == "cpu"
-            and x.dtype in (torch.float32, torch.float64)
-            and x.numel() > 0
-            and kernels.available()
-        )
-        return "kernels" if kernels_apply else "eager"
+            refusal = f"{x.dim()}-d input"
+        else:
+            nchw = x.is_contiguous()
+            if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
+                refusal = "input that is neither NCHW- nor channels_last-contiguous"
+            elif wanted in ("auto", "kernels"):
+                refusal = _kernel_refusal(x, nchw)
+                if refusal is None:
+                    return "kernels"
+                if wanted == "auto":
+                    return "fused"
+        if refusal is None:
+            return "fused"
+        if wanted == "auto":
+            return "reference"
+        raise ValueError(f"impl={wanted!r} does not take {refusal} (impl='auto' takes anything)")
 
 
-# Fast paths. With g = sigmoid(MLP(mean_hw x) + MLP(max_hw x)) of shape (N,C,1,1), y = x*g,
-# P = [mean_c y; max_c y], s = sigmoid(bn(conv(P))) of shape (N,1,H,W) and out = y*s (+ x):
-# the forward allocates one full-size tensor, y, and scales it by s in place. The backward, with
-# G = dL/dout and T = G*x its one full-size temporary, uses
-#   dL/ds = sum_c T g                                   (a batched matmul)
-#   dL/dP = autograd through sigmoid, bn and conv        (small)
-#   dL/dg = sum_hw T s + sum_hw x dP_avg / C + x[argmax_c] dP_max    (argmax_c from y = x*g in T)
-#   dL/dy = G s + dP_avg / C + dP_max scattered to argmax_c                (written into T)
-#   dL/dx = g dL/dy + d_avg / HW + d_max scattered to argmax_hw (+ G)      (in place in T)
-# where d_avg, d_max come from autograd through the MLP and sigmoid (small). The MLP and the
-# conv/bn keep ordinary autograd graphs over small leaf tensors made in the forward, so their
-# parameter gradients and BatchNorm's running statistics behave exactly as in the plain path.
-# Both paths send a tied max's gradient to its first maximal element, as torch.max(dim) does;
-# the eager path finds that element with cheaper ops (_channel_max_indexed, _channel_argmax_).
-# The kernel paths compute the same in fewer passes over full-size tensors. Without gradients
-# (_kernel_infer): pool over H*W, then pool over C, convolve and scale one block of rows at a time
-# while the block is in cache (over x itself when inplace). Training without spatial BatchNorm
-# (_KernelCBAM): those two passes into a new tensor; backward, dL/ds, sum_hw T s, argmax_c, dL/dP
-# and sum_hw x dP_avg one block of rows at a time (G, x), then dL/dx (G -> dx); one kernel call
-# each way, the MLP and the k x k convolution differentiated by hand. With spatial BatchNorm (_KernelBatchNormCBAM), whose batch
-# statistics need the whole convolution before the sigmoid: pool over H*W, pool over C and scale
-# as three passes, the MLP and BatchNorm with autograd graphs, the convolution in the kernels
-# (oneDNN is slow for 2 -> 1 channels).
+def _autocast(device: str) -> bool:
+    """Whether autocast is on for ``device`` (a device type without autocast, like meta: no)."""
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
-def _leaf_gate(gate: Callable[..., torch.Tensor], track: bool, *inputs: torch.Tensor) -> torch.Tensor:
-    """``gate(*inputs)``; with ``track``, a graph from the inputs, made leaves, to the result."""
-    with torch.set_grad_enabled(track):
-        return gate(*(t.requires_grad_(track) for t in inputs))
+@torch.compiler.assume_constant_result
+def _kernels_ready() -> bool:
+    """``kernels.available()``, read once by a graph capture as a constant, not traced into."""
+    return kernels.available()
 
 
-def _channel_max_indexed(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The max over H*W, ``(N, C)``, and its flat index, ``(N, C, 1)``: ``x.flatten(2).max(dim=2)``.
-
-    The max over W, then the first row holding the maximum, then the first column in that row:
-    the first maximal element in H*W order, which is what ``torch.max(dim)`` returns.
-    """
-    n, c, h, w = x.shape
-    mx, row = x.amax(dim=3).max(dim=2, keepdim=True)
-    cols = x.gather(2, row.unsqueeze(3).expand(n, c, 1, w)).view(n, c, w)
-    return mx.view(n, c), row * w + cols.argmax(dim=2, keepdim=True)
-
-
-def _channel_argmax_(y: torch.Tensor, mx: torch.Tensor) -> torch.Tensor:
-    """The first channel where ``y`` reaches its channel max ``mx`` (``y.max(dim=1)``'s index).
-
-    Overwrites ``y``. Float ops only, since on CPU an indexed or bool-valued reduction over dim 1
-    is 2-3x slower: mark the hits with 1.0, weight channel ``c`` by ``C - c``, take the largest.
-    """
-    c = y.shape[1]
-    if c > 2 / torch.finfo(y.dtype).eps:  # the weights would not be exact in y's dtype
-        return y.max(dim=1, keepdim=True)[1]
-    rank = torch.arange(c, 0, -1, dtype=y.dtype, device=y.device).view(1, c, 1, 1)
-    weights = torch.eq(y, mx, out=y).mul_(rank)
-    # a NaN matches nothing: clamp keeps the index valid, the values are NaN anyway
-    return (c - weights.amax(dim=1, keepdim=True).long()).clamp_(max=c - 1)
-
-
-def _fused_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
-    """Run under no_grad; with ``track`` the indices and small gate graphs for the backward."""
-    n, c = x.shape[:2]
-    avg = x.flatten(2).mean(dim=2)
-    if track:
-        mx, idx_c = _channel_max_indexed(x)
-    else:
-        mx, idx_c = x.amax(dim=(2, 3)), None
-    g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    if cbam.inplace and not track and not cbam.residual:
-        out = x.mul_(g_c.view(n, c, 1, 1))
-    else:
-        out = x * g_c.detach().view(n, c, 1, 1)
-    pooled = torch.cat([out.mean(dim=1, keepdim=True), out.amax(dim=1, keepdim=True)], dim=1)
-    # channels_last makes oneDNN's backward of this 2 -> 1 convolution several times faster
-    pooled = pooled.contiguous(memory_format=torch.channels_last)
-    g_s = _leaf_gate(cbam.spatial._conv_gate, track, pooled)
-    out.mul_(g_s)
-    if cbam.residual:
-        out.add_(x)
-    return out, (avg, mx, g_c, pooled, g_s, idx_c)
-
-
-class _FastCBAM(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        out, (avg, mx, g_c, pooled, g_s, idx_c) = _fused_forward(cbam, x, track=True)
-        ctx.save_for_backward(x, idx_c, *params)
-        ctx.graph = (avg, mx, g_c, pooled, g_s)
-        ctx.n_channel_params = len(list(cbam.channel.parameters()))
-        ctx.residual = cbam.residual
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
-        x, idx_c, *params = ctx.saved_tensors
-        avg, mx, g_c, pooled, g_s = ctx.graph
-        needs = ctx.needs_input_grad[2:]
-        k = ctx.n_channel_params
-        n, c, h, w = x.shape
-        hw = h * w
-        fmt = torch.contiguous_format if x.is_contiguous() else torch.channels_last
-        grad = grad.contiguous(memory_format=fmt)
-        gc, gs = g_c.detach().view(n, c, 1, 1), g_s.detach()
-
-        t = grad * x
-        d_gs = torch.bmm(gc.view(n, 1, c), t.view(n, c, hw))
-        d_gc = torch.bmm(t.view(n, c, hw), gs.reshape(n, hw, 1))
-        sp_params = [p for p, need in zip(params[k:], needs[k:]) if need]
-        d_pooled, *d_sp = torch.autograd.grad(
-            g_s, [pooled, *sp_params], d_gs.view_as(g_s), retain_graph=True
-        )
-        # contiguous halves: a strided broadcast operand slows full-size ops 2-4x
-        d_avg_c, d_max_c = d_pooled.contiguous().split(1, dim=1)
-        d_gc += torch.bmm(x.view(n, c, hw), d_avg_c.reshape(n, hw, 1)) / c
-        mx_s = pooled.detach()[:, 1:].contiguous()
-        idx_s = _channel_argmax_(torch.mul(x, gc, out=t), mx_s)  # T is free again
-        d_gc.view(n, c).scatter_add_(
-            1, idx_s.reshape(n, hw), (x.gather(1, idx_s) * d_max_c).reshape(n, hw)
-        )
-        ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
-        d_avg, d_max, *d_ch = torch.autograd.grad(
-            g_c, [avg, mx, *ch_params], d_gc.view_as(g_c), retain_graph=True
-        )
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = torch.addcmul(d_avg_c / c, grad, gs, out=t)  # dL/dy, reusing T's memory
-            dx.scatter_add_(1, idx_s, d_max_c)
-            dx.mul_(gc).add_(d_avg.view(n, c, 1, 1) / hw)  # faster than a broadcast addcmul
-            dx.view(n, c, hw).scatter_add_(2, idx_c, d_max.reshape(n, c, 1))
-            if ctx.residual:
-                dx.add_(grad)
-        d_params = iter([*d_ch, *d_sp])
-        return (dx, None, *(next(d_params) if need else None for need in needs))
-
-
-def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> tuple[torch.Tensor, tuple]:
-    """``_fused_forward`` with the kernels; the gate graphs start at the pooled descriptors and
-    at the spatial convolution's output (the kernels convolve, ``spatial_conv_backward``)."""
-    n, c, h, w = x.shape
-    ops, conv = torch.ops.smp_cbam, cbam.spatial.conv
-    x3 = x.view(n, c, h * w)
-    avg, mx, idx_c = ops.channel_pool(x3, track)
-    g_c = _leaf_gate(cbam.channel._linear_gate, track, avg, mx)
-    pooled = ops.spatial_pool(x3, g_c.detach()).view(n, 2, h, w)
-    z = ops.spatial_conv(pooled, conv.weight.detach())
-    if conv.bias is not None:
-        z += conv.bias.detach()
-    g_s = _leaf_gate(cbam.spatial._bn_gate, track, z)
-    out = ops.scale(x3, g_c.detach(), g_s.detach().reshape(n, h * w), cbam.residual)
-    return out.view(n, c, h, w), (avg, mx, g_c, pooled, z, g_s, idx_c)
-
-
-def _kernel_infer(
-    cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor
-) -> torch.Tensor | None:
-    """The no-grad forward in one call and two passes over ``x``: its channel pool, then
-    ``attend``, which pools over channels, convolves and scales row blocks while they are in cache
-    (over ``x`` itself if inplace). None where the BatchNorm normalizes with batch statistics, or
-    where the kernels do not take ``x`` (``cbam_infer`` says which)."""
-    affine = spatial._affine()
-    if affine is None:
-        return None
-    first, _, second = _fetch(channel, "mlp")
-    conv = _fetch(spatial, "conv")
-    return torch.ops.smp_cbam.cbam_infer(
-        x, _fetch(first, "weight"), _fetch(first, "bias"), _fetch(second, "weight"), _fetch(second, "bias"),
-        _fetch(conv, "weight"), _fetch(conv, "bias"), *affine, cbam.residual, cbam.inplace,
-    )  # fmt: skip
-
-
-def _training_function(cbam: CBAM, use_kernels: bool) -> type[torch.autograd.Function]:
-    if not use_kernels:
-        return _FastCBAM
-    return _KernelCBAM if isinstance(cbam.spatial.bn, nn.Identity) else _KernelBatchNormCBAM
-
-
-class _KernelCBAM(torch.autograd.Function):
-    """Training without spatial BatchNorm: one kernel call forward (``cbam_train``), one backward
-    (``cbam_backward``, which also differentiates the MLP and the convolution by hand)."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        first, _, second = cbam.channel.mlp
-        conv = cbam.spatial.conv
-        out, *saved = torch.ops.smp_cbam.cbam_train(
-            x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, cbam.residual
-        )
-        ctx.save_for_backward(x, *saved, first.weight, second.weight, conv.weight)
-        # which of the kernel's gradients [w1, b1, w2, b2, weight, bias] are parameters
-        ctx.present = (True, first.bias is not None, True, second.bias is not None, True, conv.bias is not None)
-        ctx.residual = cbam.residual
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
-        needs_x = ctx.needs_input_grad[0]
-        dx, *grads = torch.ops.smp_cbam.cbam_backward(grad, *ctx.saved_tensors, ctx.residual, needs_x)
-        d_params = [d for d, present in zip(grads, ctx.present, strict=True) if present]
-        needs = ctx.needs_input_grad[2:]
-        return (dx if needs_x else None, None, *(d if need else None for d, need in zip(d_params, needs)))
-
-
-class _KernelBatchNormCBAM(torch.autograd.Function):
-    """Training with spatial BatchNorm: its batch statistics need the whole convolution before the
-    sigmoid, so the kernels run as separate passes and the MLP and BatchNorm keep autograd graphs."""
-
-    @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        out, (avg, mx, g_c, pooled, z, g_s, idx_c) = _kernel_forward(cbam, x, track=True)
-        ctx.save_for_backward(x, idx_c, pooled, *params)
-        ctx.graph = (avg, mx, g_c, z, g_s)
-        ctx.n_channel_params = len(list(cbam.channel.parameters()))
-        ctx.n_conv_params = len(list(cbam.spatial.conv.parameters()))
-        ctx.residual = cbam.residual
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
-        x, idx_c, pooled, *params = ctx.saved_tensors
-        avg, mx, g_c, z, g_s = ctx.graph
-        needs = ctx.needs_input_grad[2:]
-        k, k_conv = ctx.n_channel_params, ctx.n_conv_params
-        n, c, h, w = x.shape
-        ops = torch.ops.smp_cbam
-        x3, grad = x.view(n, c, h * w), grad.contiguous().view(n, c, h * w)
-        gc, gs = g_c.detach(), g_s.detach().reshape(n, h * w)
-
-        d_gs, d_gc, idx_s, x_at = ops.gate_grads(grad, x3, gc, gs)
-        bn_params = [p for p, need in zip(params[k + k_conv :], needs[k + k_conv :]) if need]
-        d_z, *d_bn = torch.autograd.grad(g_s, [z, *bn_params], d_gs.view_as(g_s), retain_graph=True)
-        d_pooled, d_weight = ops.spatial_conv_backward(d_z.contiguous(), pooled, params[k])
-        d_conv = [d_weight, d_z.sum().view(1)][:k_conv]
-        d_sp = [d for d, need in zip(d_conv, needs[k:]) if need] + d_bn
-        d_pooled = d_pooled.view(n, 2, h * w)
-        d_gc += ops.pool_gate_grad(x3, d_pooled, idx_s, x_at)
-        ch_params = [p for p, need in zip(params[:k], needs[:k]) if need]
-        d_avg, d_max, *d_ch = torch.autograd.grad(
-            g_c, [avg, mx, *ch_params], d_gc, retain_graph=True
-        )
-
-        dx = None
-        if ctx.needs_input_grad[0]:
-            dx = ops.input_grad(
-                grad, gc, gs, d_pooled, idx_s, d_avg, d_max, idx_c, ctx.residual
-            ).view(n, c, h, w)
-        d_params = iter([*d_ch, *d_sp])
-        return (dx, None, *(next(d_params) if need else None for need in needs))
+def _kernel_refusal(x: torch.Tensor, nchw: bool) -> str | None:
+    """Why the kernels do not take ``x`` (4-D, NCHW or channels_last), or None where they do.
+    The build is asked for last: never for input the kernels would not take."""
+    if x.device.type != "cpu":
+        return f"{x.device.type} input"
+    if torch.is_autocast_enabled("cpu"):
+        return "input under autocast"
+    if x.dtype not in (torch.float32, torch.float64):
+        return f"{x.dtype} input"
+    if not nchw:
+        return "channels_last input"
+    if x.numel() == 0:
+        return "empty input"
+    if not kernels.available():
+        return "input while the kernels are not built (see the warning, or SMP_CBAM_KERNELS)"
+    return None

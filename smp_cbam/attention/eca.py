@@ -17,7 +17,15 @@ def eca_kernel_size(channels: int, gamma: int = 2, b: int = 1) -> int:
 class ECA(nn.Module):
     """``x * sigmoid(conv1d_k(avgpool(x)))``: a 1-D convolution across the pooled channels."""
 
-    def __init__(self, in_channels: int, kernel_size: int | None = None):
+    def __init__(
+        self,
+        in_channels: int,
+        kernel_size: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        """``device``/``dtype`` as for torch's layers, so timm can build it as ``attn_layer``."""
         super().__init__()
         check_positive("in_channels", in_channels)
         if kernel_size is None:
@@ -25,7 +33,7 @@ class ECA(nn.Module):
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and >= 1, got {kernel_size}")
         self.in_channels = in_channels
-        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_channels(x, self.in_channels)

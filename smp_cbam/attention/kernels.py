@@ -1,9 +1,12 @@
 """Fused CPU kernels of the fast CBAM (``csrc/cbam_cpu.cpp``), built on first use.
 
-PyTorch's ``cpp_extension`` compiles them once per machine (about 20 s, cached under
-``TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam``.
-Without a working C++ compiler, or with ``SMP_CBAM_KERNELS=0``, a warning is given and CBAM runs
-its eager fast path instead.
+PyTorch's ``cpp_extension`` compiles them once per machine (cached under ``TORCH_EXTENSIONS_DIR``
+or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam_cpu``. Without a working C++
+compiler a warning is given and CBAM's ``impl="auto"`` runs its eager fused path instead;
+``SMP_CBAM_KERNELS=0`` skips the build. CBAM asks for the build only for input the kernels take
+(contiguous float32/float64 CPU tensors), never for CUDA, meta or other dtypes.
+
+The functions below are the kernels' interface: each returns a tensor or a NamedTuple of them.
 """
 
 import logging
@@ -12,6 +15,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -75,3 +79,125 @@ def _load() -> bool:
         )
         return False
     return True
+
+
+class ChannelPool(NamedTuple):
+    """Mean and max over H*W of ``x`` (N, C, HW), each (N, C); ``index``: the max's pixel (or empty)."""
+
+    mean: torch.Tensor
+    max: torch.Tensor
+    index: torch.Tensor
+
+
+class GateGrads(NamedTuple):
+    """dL/ds (N, HW) and dL/dg (N, C) through ``out = x g s``, the channel max of ``y = x g`` at
+    each pixel (``index``, N, HW) and ``x`` there (``x_at``)."""
+
+    d_spatial: torch.Tensor
+    d_channel: torch.Tensor
+    index: torch.Tensor
+    x_at: torch.Tensor
+
+
+class ConvGrads(NamedTuple):
+    """The spatial convolution's gradients: for its input (N, 2, H, W) and its weight."""
+
+    d_pooled: torch.Tensor
+    d_weight: torch.Tensor
+
+
+class TrainForward(NamedTuple):
+    """``cbam_train``: the output and what ``cbam_backward`` needs (descriptors [avg; max] (2N, C),
+    the MLP's hidden layer (2N, C/r), channel gate (N, C), each channel's max pixel (N, C),
+    spatial gate (N, HW) and the pooled maps (N, 2, H, W))."""
+
+    out: torch.Tensor
+    descriptors: torch.Tensor
+    hidden: torch.Tensor
+    channel_gate: torch.Tensor
+    channel_index: torch.Tensor
+    spatial_gate: torch.Tensor
+    pooled: torch.Tensor
+
+
+class TrainGrads(NamedTuple):
+    """``cbam_backward``: dL/dx (empty unless asked for) and the parameters' gradients; ``b1``,
+    ``b2`` and ``bias`` are computed whether or not the module has those biases."""
+
+    x: torch.Tensor
+    w1: torch.Tensor
+    b1: torch.Tensor
+    w2: torch.Tensor
+    b2: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+
+
+def _ops() -> object:
+    return torch.ops.smp_cbam_cpu
+
+
+def channel_pool(x: torch.Tensor, with_index: bool) -> ChannelPool:
+    return ChannelPool(*_ops().channel_pool(x, with_index))
+
+
+def spatial_pool(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """[mean_c; max_c] of ``x g`` (N, C, HW) as (N, 2, HW)."""
+    return _ops().spatial_pool(x, g)
+
+
+def spatial_conv(pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _ops().spatial_conv(pooled, weight)
+
+
+def spatial_conv_backward(d_out: torch.Tensor, pooled: torch.Tensor, weight: torch.Tensor) -> ConvGrads:
+    return ConvGrads(*_ops().spatial_conv_backward(d_out, pooled, weight))
+
+
+def scale(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, residual: bool) -> torch.Tensor:
+    """``x g s`` (``+ x``) for x (N, C, HW), g (N, C), s (N, HW)."""
+    return _ops().scale(x, g, s, residual)
+
+
+def gate_grads(grad: torch.Tensor, x: torch.Tensor, g: torch.Tensor, s: torch.Tensor) -> GateGrads:
+    return GateGrads(*_ops().gate_grads(grad, x, g, s))
+
+
+def pool_gate_grad(x: torch.Tensor, d_pooled: torch.Tensor, index: torch.Tensor, x_at: torch.Tensor) -> torch.Tensor:
+    """dL/dg (N, C) through the spatial pool's mean and max."""
+    return _ops().pool_gate_grad(x, d_pooled, index, x_at)
+
+
+def input_grad(
+    grad: torch.Tensor, g: torch.Tensor, s: torch.Tensor, d_pooled: torch.Tensor, index_s: torch.Tensor,
+    d_avg: torch.Tensor, d_max: torch.Tensor, index_c: torch.Tensor, residual: bool,
+) -> torch.Tensor:  # fmt: skip
+    """dL/dx (N, C, HW)."""
+    return _ops().input_grad(grad, g, s, d_pooled, index_s, d_avg, d_max, index_c, residual)
+
+
+def cbam_infer(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    weight: torch.Tensor, bias: torch.Tensor | None, a: float, b: float, residual: bool, inplace: bool,
+) -> torch.Tensor:  # fmt: skip
+    """The no-grad forward with ``s = sigmoid(a (conv(P) + bias) + b)``; into ``x`` with inplace."""
+    return _ops().cbam_infer(x, w1, b1, w2, b2, weight, bias, a, b, residual, inplace)
+
+
+def cbam_train(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    weight: torch.Tensor, bias: torch.Tensor | None, residual: bool,
+) -> TrainForward:  # fmt: skip
+    """The training forward of a CBAM without spatial BatchNorm."""
+    return TrainForward(*_ops().cbam_train(x, w1, b1, w2, b2, weight, bias, residual))
+
+
+def cbam_backward(
+    grad: torch.Tensor, x: torch.Tensor, saved: TrainForward, w1: torch.Tensor, w2: torch.Tensor,
+    weight: torch.Tensor, residual: bool, with_input_grad: bool,
+) -> TrainGrads:  # fmt: skip
+    """``cbam_train``'s gradients for ``grad`` = dL/dout."""
+    return TrainGrads(*_ops().cbam_backward(
+        grad, x, saved.descriptors, saved.hidden, saved.channel_gate, saved.channel_index,
+        saved.spatial_gate, saved.pooled, w1, w2, weight, residual, with_input_grad,
+    ))  # fmt: skip

@@ -1,4 +1,5 @@
-"""Benchmark of the fast CBAM: module cost, training-step overhead, peak memory, params and MACs.
+"""Benchmark of the fast CBAM: module cost, training-step overhead, peak memory, params and MACs,
+mixed precision and torch.compile.
 
 Every timing is interleaved (one call of each contender per round, in one process) and reported
 as a median over rounds, so that a noisy machine moves all contenders alike.
@@ -79,7 +80,8 @@ def _geomean(values: Sequence[float]) -> float:
 def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     """A resnet18 ``arch`` with random weights.
 
-    ``cbam_eager`` is CBAM's fast path without the compiled kernels, ``cbam_plain`` the formula.
+    ``cbam_eager`` is CBAM's eager fused path (``impl="fused"``), ``cbam_plain`` the formula
+    (``impl="reference"``).
     """
     name = "cbam" if attention in ("cbam_eager", "cbam_plain") else attention
     model = ARCHS[arch](
@@ -88,10 +90,10 @@ def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
         decoder_attention_type=None if name == "none" else name,
         **kwargs,
     )
+    impl = {"cbam_eager": "fused", "cbam_plain": "reference"}.get(attention, "auto")
     for module in model.modules():
         if isinstance(module, CBAM):
-            module.kernels = attention != "cbam_eager"
-            module.fast = attention != "cbam_plain"
+            module.impl = impl
     return model
 
 
@@ -110,13 +112,10 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
     for shape in shapes:
         channels = shape[1]
         torch.manual_seed(0)
-        eager, plain = CBAM(channels), CBAM(channels)
-        eager.kernels = False
-        plain.fast = False
         modules = {
             "cbam": CBAM(channels),
-            "eager": eager,
-            "plain": plain,
+            "eager": CBAM(channels, impl="fused"),
+            "plain": CBAM(channels, impl="reference"),
             "timm": CbamModule(channels),
             "scse": SCSEModule(channels),
         }
@@ -146,8 +145,10 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
 
 
 def train_step_fn(
-    model: nn.Module, batch: int, size: int, device: torch.device
+    model: nn.Module, batch: int, size: int, device: torch.device, amp: torch.dtype | None = None
 ) -> Callable[[], object]:
+    """One SGD step; with ``amp``, forward and loss under autocast to that dtype (as Lightning's
+    ``bf16-mixed``/``16-mixed`` do), the backward outside it."""
     model.to(device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     image = torch.randn(batch, 3, size, size, device=device)
@@ -155,18 +156,22 @@ def train_step_fn(
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        F.binary_cross_entropy_with_logits(model(image), target).backward()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = F.binary_cross_entropy_with_logits(model(image).float(), target)
+        loss.backward()
         optimizer.step()
 
     return step
 
 
-def infer_fn(model: nn.Module, batch: int, size: int, device: torch.device) -> Callable[[], object]:
+def infer_fn(
+    model: nn.Module, batch: int, size: int, device: torch.device, amp: torch.dtype | None = None
+) -> Callable[[], object]:
     model.to(device).eval()
     image = torch.randn(batch, 3, size, size, device=device)
 
     def infer() -> None:
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             model(image)
 
     return infer
@@ -197,6 +202,82 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
                 f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in STEP_TYPES[1:]
             )
         )
+    return "\n".join(lines)
+
+
+AMP_TYPES = ("none", "scse", "cbam", "cbam_plain")
+
+
+def amp_dtype(device: torch.device) -> torch.dtype:
+    """Autocast's half-precision dtype for the benchmark: bf16 on CPU, fp16 on CUDA."""
+    return torch.bfloat16 if device.type == "cpu" else torch.float16
+
+
+def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int = 160) -> str:
+    """Unet training-step and inference overhead over none, in fp32 and under autocast.
+
+    ``cbam_plain`` is the formula (what CBAM ran under autocast before its fused path took
+    autocast); the last column is none's autocast time over its fp32 time in the same round.
+    """
+    dtype = amp_dtype(device)
+    amp_name = str(dtype).removeprefix("torch.")
+    lines = [
+        f"## 5. mixed precision: step overhead over none (Unet resnet18, batch {batch}, 3x{size}x{size}; "
+        f"median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for inference)",
+        f"{'setting':<30}{'none ms':>9}" + "".join(f"{t:>12}" for t in AMP_TYPES[1:]) + f"{'none amp/fp32':>15}",
+    ]
+    for label, make, setting_rounds in (
+        ("train", train_step_fn, rounds),
+        ("inference", infer_fn, INFERENCE_ROUNDS * rounds),
+    ):
+        for amp in (None, dtype):
+            fns = {}
+            for attention in AMP_TYPES:
+                torch.manual_seed(0)
+                fns[attention] = make(build_bench_model("Unet", attention), batch, size, device, amp)
+            if amp is not None:
+                torch.manual_seed(0)
+                fns["fp32"] = make(build_bench_model("Unet", "none"), batch, size, device)
+            times = interleaved_times(fns, setting_rounds, device, warmup=1)
+            speed = f"{paired_ratio(times, 'none', 'fp32'):15.2f}" if amp is not None else ""
+            lines.append(
+                f"{'Unet ' + label + (' ' + amp_name + ' autocast' if amp else ' fp32'):<30}"
+                f"{statistics.median(times['none']) * 1e3:9.1f}"
+                + "".join(f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in AMP_TYPES[1:])
+                + speed
+            )
+    return "\n".join(lines)
+
+
+COMPILE_TYPES = ("none", "scse", "cbam")
+
+
+def compile_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int = 160) -> str:
+    """``torch.compile`` of the whole Unet (inductor) for none, scse and cbam, next to the same
+    models in eager mode, all interleaved: what each attention adds compiled and eager."""
+    lines = [
+        f"## 6. torch.compile (inductor) of the whole Unet: overhead over none (resnet18, batch {batch}, "
+        f"3x{size}x{size}; median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for "
+        "inference; compilation in the warm-up)",
+        f"{'setting':<22}{'mode':<10}{'none ms':>9}" + "".join(f"{t:>10}" for t in COMPILE_TYPES[1:]),
+    ]
+    for label, make, setting_rounds in (
+        ("Unet train", train_step_fn, rounds),
+        ("Unet inference", infer_fn, INFERENCE_ROUNDS * rounds),
+    ):
+        fns = {}
+        for attention in COMPILE_TYPES:
+            for compiled in (False, True):
+                torch.manual_seed(0)
+                model = build_bench_model("Unet", attention)
+                fns[attention, compiled] = make(torch.compile(model) if compiled else model, batch, size, device)
+        times = interleaved_times(fns, setting_rounds, device, warmup=2)
+        for compiled in (True, False):
+            by_type = {t: times[t, compiled] for t in COMPILE_TYPES}
+            lines.append(
+                f"{label:<22}{'compiled' if compiled else 'eager':<10}{statistics.median(by_type['none']) * 1e3:9.1f}"
+                + "".join(f"{100 * (paired_ratio(by_type, t, 'none') - 1):+9.1f}%" for t in COMPILE_TYPES[1:])
+            )
     return "\n".join(lines)
 
 
@@ -371,7 +452,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--sections",
         default="module,step,process,memory,table",
-        help="comma-separated subset of module,step,process,memory,table",
+        help="comma-separated subset of module,step,process,memory,table,amp,compile "
+        "(amp and compile run only when named)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -382,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.keep_heap and not keep_heap():
         parser.error("--keep-heap needs glibc")
     sections = set(args.sections.split(","))
-    unknown = sections - {"module", "step", "process", "memory", "table"}
+    unknown = sections - {"module", "step", "process", "memory", "table", "amp", "compile"}
     if unknown:
         parser.error(f"unknown sections: {', '.join(sorted(unknown))}")
 
@@ -407,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
         print(memory_benchmark(device, batch, size), flush=True)
     if "table" in sections:
         print(table(128 if args.quick else 256), flush=True)
+    if "amp" in sections:
+        print(amp_benchmark(step_rounds, device, batch, size), flush=True)
+    if "compile" in sections:
+        print(compile_benchmark(step_rounds, device, batch, size), flush=True)
     return 0
 
 

@@ -1,11 +1,10 @@
-// Fused CPU passes of CBAM over NCHW-contiguous float32/float64 tensors (see smp_cbam/kernels.py).
+// Fused CPU passes of CBAM over NCHW-contiguous float32/float64 tensors (see smp_cbam/attention/kernels.py).
 //
 // x is (N, C, HW); g the channel gate (N, C); s the spatial gate (N, HW). Each pass reads its
 // full-size operands once; every max returns the first maximal element, NaN counting as maximal,
 // as torch.max(dim) does.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/autocast_mode.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
@@ -907,24 +906,23 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
 }
 
 // The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
-// into x itself with inplace (its version bumped, as by any in-place op). Returns nothing where it
-// does not apply, for the caller to take another path: x and the parameters must be contiguous CPU
-// tensors of one floating dtype, x (N, C, H, W) non-empty with C = w2's rows, CPU autocast off.
-// One call that also makes these checks, so a module costs little Python: in a network, with cold
-// caches, each call into torch from Python costs 10-40 us.
-std::optional<at::Tensor> cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                                     const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                     const at::Tensor& weight, const std::optional<at::Tensor>& bias, double a,
-                                     double b, bool residual, bool inplace) {
+// into x itself with inplace (its version bumped, as by any in-place op). The caller
+// (CBAM's implementation selector) sends only what this takes: x and the parameters contiguous CPU
+// tensors of one floating dtype, x (N, C, H, W) non-empty with C = w2's rows; anything else is an
+// error here, never a silent other path.
+at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                      const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
+                      const std::optional<at::Tensor>& bias, double a, double b, bool residual, bool inplace) {
   const auto fits = [&](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.is_contiguous();
   };
   const auto fits_optional = [&](const std::optional<at::Tensor>& t) { return !t || fits(*t); };
-  const bool applies = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() == 4 &&
-                       x.numel() > 0 && fits(x) && fits(w1) && fits(w2) && fits(weight) && fits_optional(b1) &&
-                       fits_optional(b2) && fits_optional(bias) && w2.size(0) == x.size(1) &&
-                       !at::autocast::is_autocast_enabled(at::kCPU);
-  if (!applies) return std::nullopt;
+  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() == 4 && x.numel() > 0 &&
+                  fits(x),
+              "cbam_infer: x must be a non-empty contiguous float32/float64 CPU tensor (N, C, H, W)");
+  TORCH_CHECK(fits(w1) && fits(w2) && fits(weight) && fits_optional(b1) && fits_optional(b2) && fits_optional(bias),
+              "cbam_infer: the parameters must be contiguous CPU tensors of x's dtype");
+  TORCH_CHECK(w2.size(0) == x.size(1), "cbam_infer: x has ", x.size(1), " channels, the MLP ", w2.size(0));
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
   const at::Tensor out = inplace ? x : at::empty_like(x);
   attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
@@ -1039,7 +1037,9 @@ std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& 
 
 }  // namespace
 
-TORCH_LIBRARY(smp_cbam, m) {
+// The namespace smp_cbam_cpu: smp_cbam.attention.ops registers the operators that torch.compile and
+// torch.export see (smp_cbam::...), with fake implementations, over these.
+TORCH_LIBRARY(smp_cbam_cpu, m) {
   m.def("channel_pool", &channel_pool);
   m.def("spatial_pool", &spatial_pool);
   m.def("scale", &scale);
@@ -1051,6 +1051,6 @@ TORCH_LIBRARY(smp_cbam, m) {
   m.def("cbam_train", &cbam_train);
   m.def("cbam_backward", &cbam_backward);
   m.def("cbam_infer(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, "
-        "float a, float b, bool residual, bool inplace) -> Tensor?",
+        "float a, float b, bool residual, bool inplace) -> Tensor",
         &cbam_infer);
 }

@@ -1,0 +1,111 @@
+"""CBAM's CPU kernels as ``torch.library`` custom operators: ``smp_cbam::cbam_train``,
+``smp_cbam::cbam_backward`` and ``smp_cbam::cbam_infer``.
+
+Each has a schema, a fake implementation (output shapes only: used by ``torch.compile``,
+``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
+implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
+registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
+gradient instead of falling back to the formula.
+
+CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
+the kernels directly, since a custom operator's Python dispatch costs more than the kernels' own
+entry points.
+"""
+
+import torch
+from torch import Tensor
+
+from . import kernels
+
+_TRAIN_OUTPUTS = 7
+
+
+def _cpu(x: Tensor) -> None:
+    if not kernels.available():
+        raise RuntimeError("smp_cbam's CPU kernels are not built; CBAM only calls this operator where they are")
+
+
+@torch.library.custom_op("smp_cbam::cbam_train", mutates_args=(), device_types="cpu")
+def cbam_train(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
+    residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``kernels.cbam_train``: the output and what the backward needs (``kernels.TrainForward``)."""
+    _cpu(x)
+    return tuple(kernels.cbam_train(x.contiguous(), w1, b1, w2, b2, weight, bias, residual))
+
+
+@cbam_train.register_fake
+def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
+    n, c, h, w = x.shape
+    hidden = w1.shape[0]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        x.new_empty(2 * n, c),
+        x.new_empty(2 * n, hidden),
+        x.new_empty(n, c),
+        x.new_empty(n, c, dtype=torch.long),
+        x.new_empty(n, h * w),
+        x.new_empty(n, 2, h, w),
+    )
+
+
+@torch.library.custom_op("smp_cbam::cbam_backward", mutates_args=(), device_types="cpu")
+def cbam_backward(
+    grad: Tensor, x: Tensor, descriptors: Tensor, hidden: Tensor, channel_gate: Tensor, channel_index: Tensor,
+    spatial_gate: Tensor, pooled: Tensor, w1: Tensor, w2: Tensor, weight: Tensor, residual: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """``kernels.cbam_backward``: ``kernels.TrainGrads`` (dx always computed here)."""
+    _cpu(x)
+    saved = kernels.TrainForward(None, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled)
+    return tuple(kernels.cbam_backward(grad.contiguous(), x.contiguous(), saved, w1, w2, weight, residual, True))
+
+
+@cbam_backward.register_fake
+def _(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
+    c, n_hidden = x.shape[1], hidden.shape[1]
+    return (
+        torch.empty_like(x, memory_format=torch.contiguous_format),
+        w1.new_empty(w1.shape),
+        w1.new_empty(n_hidden),
+        w2.new_empty(w2.shape),
+        w2.new_empty(c),
+        weight.new_empty(weight.shape),
+        weight.new_empty(1),
+    )
+
+
+def _setup_train(ctx, inputs, output) -> None:  # noqa: ANN001 - register_autograd's signature
+    x, w1, b1, w2, b2, weight, bias, residual = inputs
+    ctx.save_for_backward(x, *output[1:], w1, w2, weight)
+    ctx.residual = residual
+    ctx.has_bias = (b1 is not None, b2 is not None, bias is not None)
+
+
+def _train_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202 - register_autograd's signature
+    x, descriptors, hidden, g, index, s, pooled, w1, w2, weight = ctx.saved_tensors
+    dx, dw1, db1, dw2, db2, dweight, dbias = cbam_backward(
+        grad, x, descriptors, hidden, g, index, s, pooled, w1, w2, weight, ctx.residual
+    )
+    has_b1, has_b2, has_bias = ctx.has_bias
+    return (
+        dx, dw1, db1 if has_b1 else None, dw2, db2 if has_b2 else None, dweight, dbias if has_bias else None, None
+    )  # fmt: skip
+
+
+cbam_train.register_autograd(_train_backward, setup_context=_setup_train)
+
+
+@torch.library.custom_op("smp_cbam::cbam_infer", mutates_args=(), device_types="cpu")
+def cbam_infer(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
+    residual: bool,
+) -> Tensor:  # fmt: skip
+    """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor."""
+    _cpu(x)
+    return kernels.cbam_infer(x.contiguous(), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
+
+
+@cbam_infer.register_fake
+def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

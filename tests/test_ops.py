@@ -1,0 +1,200 @@
+"""CBAM's implementation selector (``impl``), its kernels as ``torch.library`` operators under
+``torch.compile``/``torch.export``, and input that must never build the kernels."""
+
+import copy
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from smp_cbam import CBAM
+from smp_cbam.attention import kernels, ops
+
+needs_kernels = pytest.mark.skipif(
+    os.environ.get("SMP_CBAM_KERNELS") == "0", reason="kernels disabled by SMP_CBAM_KERNELS=0"
+)
+
+
+def _module(**kwargs: object) -> CBAM:
+    torch.manual_seed(0)
+    return CBAM(16, reduction=4, **kwargs)
+
+
+def _grads(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    out = module(x)
+    return [out.detach(), *torch.autograd.grad(out.square().sum(), [x, *module.parameters()])]
+
+
+class _Recorder:
+    """A ``torch.compile`` backend that keeps the captured FX graphs' operator targets."""
+
+    def __init__(self) -> None:
+        self.targets: list[object] = []
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        self.targets += [node.target for node in gm.graph.nodes if node.op == "call_function"]
+        return gm.forward
+
+
+# ---------------------------------------------------------------------------------------------
+# the selector
+
+
+@pytest.mark.parametrize(
+    ("impl", "x", "backward"),
+    [
+        ("auto", torch.randn(2, 16, 5, 4), "KernelCBAMBackward"),
+        ("kernels", torch.randn(2, 16, 5, 4), "KernelCBAMBackward"),
+        ("auto", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "FusedCBAMBackward"),
+        ("fused", torch.randn(2, 16, 5, 4), "FusedCBAMBackward"),
+        ("auto", torch.randn(2, 16, 5, 4).bfloat16(), "FusedCBAMBackward"),
+        ("reference", torch.randn(2, 16, 5, 4), "MulBackward0"),
+        ("auto", torch.randn(2, 16, 5, 4)[:, :, ::2], "MulBackward0"),  # neither layout
+    ],
+)
+@needs_kernels
+def test_impl_routes_input_by_the_table(impl: str, x: torch.Tensor, backward: str) -> None:
+    module = _module(impl=impl).to(x.dtype)
+    out = module(x.requires_grad_())
+    assert type(out.grad_fn).__name__ == backward
+    reference = copy.deepcopy(module)
+    reference.impl = "reference"
+    tol = {"rtol": 2e-2, "atol": 2e-2} if x.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(out, reference(x), **tol)
+
+
+@pytest.mark.parametrize(
+    ("impl", "x", "message"),
+    [
+        ("kernels", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "channels_last input"),
+        ("kernels", torch.randn(2, 16, 5, 4).double()[:, :, :0], "empty input"),
+        ("kernels", torch.randn(2, 16, 5, 4).half(), "torch.float16 input"),
+        ("fused", torch.randn(16, 5, 4), "3-d input"),
+        ("fused", torch.randn(2, 16, 5, 4)[:, :, ::2], "input that is neither NCHW- nor channels_last"),
+    ],
+)
+def test_an_explicit_impl_refuses_input_it_cannot_take(impl: str, x: torch.Tensor, message: str) -> None:
+    module = _module(impl=impl).to(x.dtype)
+    with pytest.raises(ValueError, match=f"impl='{impl}' does not take {message}"):
+        module(x)
+
+
+def test_bad_impl_names_the_argument() -> None:
+    with pytest.raises(ValueError, match="impl must be one of 'auto', 'reference', 'fused', 'kernels', got 'fast'"):
+        CBAM(8, impl="fast")
+
+
+# ---------------------------------------------------------------------------------------------
+# never a build for input the kernels do not take
+
+
+@pytest.fixture
+def no_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernels as if never built in this process, and any build attempt a test failure."""
+    monkeypatch.setattr(kernels, "_state", {})
+    monkeypatch.setattr(kernels, "_build", lambda: pytest.fail("CBAM asked for the CPU kernels' build"))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("spatial_bn", [False, True])
+def test_meta_device_forward_works_without_a_build(no_build: None, grad: bool, spatial_bn: bool) -> None:
+    module = _module(spatial_bn=spatial_bn, residual=True).to("meta")
+    x = torch.empty(2, 16, 5, 4, device="meta", requires_grad=grad)
+    out = module(x)
+    assert out.device.type == "meta" and out.shape == x.shape
+    if grad:
+        out.sum().backward()
+        assert x.grad.shape == x.shape
+    assert kernels._state == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_other_dtypes_run_without_a_build(no_build: None, dtype: torch.dtype) -> None:
+    module = _module().to(dtype)
+    x = torch.randn(2, 16, 5, 4, dtype=dtype, requires_grad=True)
+    module(x).sum().backward()
+    with torch.no_grad():
+        module.eval()(x)
+    assert kernels._state == {}
+
+
+def test_fake_tensors_run_without_a_build(no_build: None) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    module = _module()
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = module(mode.from_tensor(torch.randn(2, 16, 5, 4)))
+    assert out.shape == (2, 16, 5, 4)
+    assert kernels._state == {}
+
+
+# ---------------------------------------------------------------------------------------------
+# the custom operators
+
+
+@needs_kernels
+@pytest.mark.parametrize("bias", [False, True])
+def test_opcheck(bias: bool) -> None:
+    module = _module(mlp_bias=bias).double()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    x = torch.randn(2, 16, 5, 4, dtype=torch.float64, requires_grad=True)
+    args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, True)
+    torch.library.opcheck(ops.cbam_train, args)
+    with torch.no_grad():
+        torch.library.opcheck(ops.cbam_infer, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+
+
+@needs_kernels
+@pytest.mark.parametrize("kwargs", [{}, {"mlp_bias": True, "residual": True}])
+def test_compile_fullgraph_keeps_the_training_operator(kwargs: dict) -> None:
+    module = _module(**kwargs)
+    recorder = _Recorder()
+    compiled = torch.compile(module, fullgraph=True, backend=recorder)
+    x = torch.randn(2, 16, 5, 4)
+    got = _grads(compiled, x)
+    assert torch.ops.smp_cbam.cbam_train.default in recorder.targets
+    reference = copy.deepcopy(module)
+    reference.impl = "reference"
+    for a, b in zip(got, _grads(reference, x), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # and through AOTAutograd, which traces the registered backward
+    aot = torch.compile(copy.deepcopy(module), fullgraph=True, backend="aot_eager")
+    for a, b in zip(_grads(aot, x), got, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernels
+def test_compile_fullgraph_keeps_the_inference_operator() -> None:
+    module = _module(residual=True).eval()
+    recorder = _Recorder()
+    compiled = torch.compile(module, fullgraph=True, backend=recorder)
+    x = torch.randn(2, 16, 5, 4)
+    with torch.no_grad():
+        out = compiled(x)
+        torch.testing.assert_close(out, module.forward_reference(x), rtol=1e-5, atol=1e-6)
+    assert recorder.targets == [torch.ops.smp_cbam.cbam_infer.default]
+
+
+@needs_kernels
+def test_compile_falls_back_to_the_formula_where_the_kernels_do_not_apply() -> None:
+    module = _module(spatial_bn=True)
+    recorder = _Recorder()
+    x = torch.randn(2, 16, 5, 4)
+    torch.testing.assert_close(torch.compile(module, fullgraph=True, backend=recorder)(x), module.forward_reference(x))
+    assert not any("smp_cbam" in str(t) for t in recorder.targets)
+
+
+@needs_kernels
+@pytest.mark.parametrize("strict", [False, True])
+def test_export_keeps_the_operator(strict: bool) -> None:
+    module = _module(mlp_bias=True).eval()
+    x = torch.randn(2, 16, 5, 4)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,), strict=strict)
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert targets & {"smp_cbam.cbam_infer.default", "smp_cbam.cbam_train.default"}, targets
+    y = torch.randn(2, 16, 5, 4)
+    torch.testing.assert_close(program.module()(y), module.forward_reference(y), rtol=1e-5, atol=1e-6)
