@@ -45,6 +45,7 @@ from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base import modules as smp_modules
 from torch import nn
 
+from .attention.cbam import reset_gates
 from . import registry
 
 WHERE = ("decoder", "encoder", "both")
@@ -455,6 +456,9 @@ def _wrap_init(cls: type) -> None:
             _add(self, attention, "decoder", record=False)  # the hub config has the argument
         for spec in recorded:
             _apply_recorded(self, spec)
+        # smp's initialize_decoder re-initialises every conv and BatchNorm of the decoder,
+        # attention included: a CBAM built with init="neutral" gets its neutral start back
+        reset_gates(self)
 
     __init__._smp_cbam = True
     cls.__init__ = __init__

@@ -71,6 +71,8 @@ for _name, _factory in {
     "cbam": partial(CBAM, inplace=True),
     # x + CBAM(x): the identity path that smp's decoder lacks around its attention
     "cbam_residual": partial(CBAM, residual=True, inplace=True),
+    # both gates start at a constant (sigmoid(0) = 0.5), as in the authors' initialisation
+    "cbam_neutral": partial(CBAM, init="neutral", inplace=True),
     "cbam_channel": ChannelAttention,
     "cbam_spatial": lambda in_channels: SpatialAttention(),
     "se": SqueezeExcite,

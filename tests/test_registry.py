@@ -30,6 +30,8 @@ from smp_cbam import (
 
 BUILTIN = {
     "cbam": CBAM,
+    "cbam_residual": CBAM,
+    "cbam_neutral": CBAM,
     "cbam_channel": ChannelAttention,
     "cbam_spatial": SpatialAttention,
     "se": SqueezeExcite,
