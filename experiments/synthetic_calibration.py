@@ -59,7 +59,8 @@ def main() -> None:
     parser.add_argument("--archs", nargs="+", default=["unet", "unetplusplus"])
     parser.add_argument("--attentions", nargs="+", default=["none", "scse", "cbam"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--n-train", type=int, default=256)
+    parser.add_argument("--n-train", type=int, default=192)
+    parser.add_argument("--cue-rows", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--encoder-depth", type=int, default=2)
     parser.add_argument("--decoder-channels", nargs="+", type=int, default=[32, 16])
@@ -69,7 +70,7 @@ def main() -> None:
     parser.add_argument("--min-delta", type=float, default=0.005)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
-    synthetic = {"n_train": args.n_train}
+    synthetic = {"n_train": args.n_train, "cue_rows": args.cue_rows}
     test = generate_splits(**synthetic)["test"]
     print(
         "arch attention seed | cpu s/epoch epochs best | test_miou context_miou context_acc object_iou | total_s",

@@ -105,7 +105,7 @@ def main_job_size() -> int:
     return MAIN_JOB["data"]["synthetic"].get("size", DEFAULTS["size"])
 
 
-@pytest.mark.parametrize("arch", MAIN_JOB["grid"]["archs"])
+@pytest.mark.parametrize("arch", sorted({"unet", "unetplusplus", *MAIN_JOB["grid"]["archs"]}))
 def test_main_job_none_model_cannot_see_the_cue(arch):
     """The object zone's logits have exactly zero gradient on the band (eval mode, float64, so no
     rounding hides a dependence), and they do not change when the cue is flipped."""
