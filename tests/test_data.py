@@ -21,7 +21,7 @@ from smp_cbam.training.data import (
     SegmentationDataModule,
     seeded_split,
 )
-from smp_cbam.training.synthetic import CLASS_NAMES, PLAIN, generate, generate_splits, label
+from smp_cbam.training.synthetic import CLASS_NAMES
 
 SMALL = {"n_train": 24, "n_val": 8, "n_test": 8}
 
@@ -94,47 +94,6 @@ def differs(a: list, b: list) -> bool:
 
 def split_images(dm: SegmentationDataModule) -> dict[str, list[str]]:
     return {split: [p.image.name for p in ds.pairs] for split, ds in dm.datasets.items()}
-
-
-# synthetic generator
-
-
-def test_synthetic_is_deterministic_and_has_every_class():
-    start = time.perf_counter()
-    splits = generate_splits()
-    assert time.perf_counter() - start < 4.0  # < 2 s on an idle core; slack for a shared CPU
-    assert [len(splits[s].images) for s in ("train", "val", "test")] == [384, 64, 64]
-    for data in splits.values():
-        assert data.images.shape[1:] == (64, 64, 3) and data.images.dtype == np.uint8
-        assert set(np.unique(data.masks)) == set(range(len(CLASS_NAMES)))
-        assert set(data.cues.tolist()) == {0, 1}
-    again = generate_splits(n_train=10)  # one split's size does not change another split
-    assert np.array_equal(again["val"].images, splits["val"].images)
-    assert np.array_equal(again["test"].masks, splits["test"].masks)
-    assert np.array_equal(again["train"].images, splits["train"].images[:10])
-    assert not np.array_equal(generate(4, seed=1).images, generate(4, seed=2).images)
-
-
-def miou(pred: np.ndarray, true: np.ndarray) -> float:
-    return float(np.mean([((pred == c) & (true == c)).sum() / ((pred == c) | (true == c)).sum() for c in range(4)]))
-
-
-def test_synthetic_labels_depend_on_the_global_cue():
-    data = generate(300, seed=3)
-    warm = (data.cues == 0)[:, None, None]
-    # the rule: a textured object's class is its texture in warm images, the next texture in cool ones
-    textured = (data.textures >= 1) & (data.textures <= 3)
-    assert np.array_equal(data.masks, np.where(textured, np.where(warm, data.textures, data.textures % 3 + 1), 0))
-    assert [label(1, 0), label(1, 1), label(3, 1), label(PLAIN, 0), label(PLAIN, 1)] == [1, 2, 1, 0, 0]
-    assert 0.55 < warm.mean() < 0.8 and set(np.unique(data.textures)) == {0, 1, 2, 3, PLAIN}
-    # the tint of the background encodes the cue: red minus blue, averaged over the image
-    background = (data.textures == 0)[..., None]
-    mean = (data.images * background).sum((1, 2)) / background.sum((1, 2))
-    assert ((mean[:, 0] > mean[:, 2]) == (data.cues == 0)).mean() > 0.97
-    # without the cue a model is capped well below what the cue allows
-    blind = miou(data.cue_blind(), data.masks)
-    assert blind > miou(np.zeros_like(data.masks), data.masks) + 0.3
-    assert 0.5 < blind < 0.7
 
 
 # datamodule: synthetic
