@@ -1,7 +1,6 @@
 """Tests for smp_cbam.training.data and smp_cbam.training.synthetic on tiny generated data."""
 
 import random
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
