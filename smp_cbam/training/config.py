@@ -104,10 +104,10 @@ class TrainConfig:
     ``stop="plateau"``: Lightning's ``EarlyStopping`` on ``val_miou`` (mode max) ends a run once
     ``patience`` validations in a row have not improved on the best by more than ``min_delta``;
     ``max_epochs`` and ``max_steps`` (``None``: no step limit) bound every run. ``stop="fixed"``
-    trains every run for the whole budget. The same rule applies to every arm. ``min_epochs``
-    keeps a run going at least that long whatever the rule says (a run that starts at the trivial
-    floor may sit there for a few epochs before it learns). ``epochs`` is the older name of
-    ``max_epochs``.
+    trains every run for the whole budget. The same rule applies to every arm. ``epochs`` is the
+    older name of ``max_epochs``. (No ``min_epochs``: Lightning keeps a stop signal raised before
+    ``min_epochs`` and ends the run exactly there; a run that starts at the trivial floor needs a
+    ``patience`` longer than its stay there.)
     """
 
     lr: float = _module()
@@ -118,7 +118,6 @@ class TrainConfig:
     min_delta: float = 0.001
     max_epochs: int = 50
     max_steps: int | None = None
-    min_epochs: int = 0
 
     def module_kwargs(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("module")}
@@ -619,8 +618,6 @@ def _check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.max_epochs must be >= 1, got {train.max_epochs}")
     if train.max_steps is not None and train.max_steps < 1:
         raise ConfigError(f"train.max_steps must be >= 1 or null, got {train.max_steps}")
-    if not 0 <= train.min_epochs <= train.max_epochs:
-        raise ConfigError(f"train.min_epochs must be in 0..train.max_epochs ({train.max_epochs}), got {train.min_epochs}")
     if train.patience < 1:
         raise ConfigError(f"train.patience must be >= 1, got {train.patience}")
     if train.min_delta < 0:

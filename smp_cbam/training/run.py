@@ -321,7 +321,6 @@ def run_one(
         config,
         max_epochs=budget,
         max_steps=config.train.max_steps or -1,
-        min_epochs=config.train.min_epochs,
         callbacks=callbacks,
         logger=make_loggers(config, run_dir, run),
         default_root_dir=run_dir,
