@@ -10,7 +10,7 @@ import yaml
 from smp_cbam.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_DATA = '{"size": 32, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8}'
+TINY_DATA = '{"size": 48, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8}'
 TINY_TRAIN = [
     "--data.synthetic", TINY_DATA, "--data.batch_size", "8",
     "--model.encoder_depth", "3", "--model.decoder_channels", "[32, 16, 16]",

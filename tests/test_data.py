@@ -532,7 +532,7 @@ def test_module_and_data_module_in_a_users_trainer_with_a_logger(tmp_path):
 
     from smp_cbam.training.module import SegmentationModule
 
-    dm = SegmentationDataModule(batch_size=8, synthetic={"size": 32, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 8, "n_test": 8})
+    dm = SegmentationDataModule(batch_size=8, synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 8, "n_test": 8})
     module = SegmentationModule(
         arch="unet", encoder="resnet18", attention="scse", encoder_depth=3, decoder_channels=[32, 16, 16],
         num_classes=dm.num_classes, in_channels=dm.in_channels, class_names=dm.class_names, ignore_index=dm.ignore_index,

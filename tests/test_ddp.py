@@ -18,7 +18,7 @@ TINY = {
     "data": {
         "dataset": "synthetic",
         "batch_size": 4,
-        "synthetic": {"size": 32, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8},
+        "synthetic": {"size": 48, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8},
     },
     "model": {"encoder_depth": 3, "decoder_channels": [32, 16, 16]},
     "train": {"epochs": 2},
@@ -111,7 +111,7 @@ def test_two_process_cpu_ddp_train(tmp_path: Path) -> None:
         "OMP_NUM_THREADS": "1",
     }
     done = subprocess.run(
-        [sys.executable, "-m", "smp_cbam", "train", "--data.synthetic", '{"size": 32, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8}',
+        [sys.executable, "-m", "smp_cbam", "train", "--data.synthetic", '{"size": 48, "cue_rows": 2, "gap": 8, "n_train": 16, "n_val": 8, "n_test": 8}',
          "--data.batch_size", "4", "--model.encoder_depth", "3", "--model.decoder_channels", "[32, 16, 16]",
          "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
          "--trainer.logger", "false", "--trainer.default_root_dir", "run", "--trainer.enable_progress_bar", "false",

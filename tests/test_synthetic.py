@@ -96,8 +96,8 @@ def test_context_miou_averages_the_classes_present_in_the_context():
 def main_job_model(arch: str, attention: str | None = None) -> torch.nn.Module:
     model = MAIN_JOB["model"]
     return build_model(
-        arch, model["encoder"], attention, 3, len(CLASS_NAMES), model["decoder_channels"],
-        encoder_depth=model["encoder_depth"], seed=0,
+        arch, model["encoder"], attention, in_channels=3, classes=len(CLASS_NAMES),
+        decoder_channels=model["decoder_channels"], encoder_depth=model["encoder_depth"], seed=0,
     ).double().eval()  # fmt: skip
 
 

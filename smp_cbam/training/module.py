@@ -18,7 +18,7 @@ import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import torch
 from torch import nn
-from torchmetrics.classification import MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from .models import PLACEMENTS, build_model, check_model_args, count_parameters, used_parameters
 
@@ -272,9 +272,12 @@ class SegmentationModule(pl.LightningModule):
         iou = MulticlassJaccardIndex(  # masks are validated by the data module, not per batch
             self.num_classes, average="none", ignore_index=ignore, zero_division=float("nan"), validate_args=False
         )
+        # context pixels: a confusion matrix, so the mean can skip classes absent from the context
+        # targets (a class predicted there but never true would add an IoU of 0 to every image)
+        confusion = MulticlassConfusionMatrix(self.num_classes, ignore_index=ignore, validate_args=False)
         for stage in STAGES:
             setattr(self, f"{stage}_iou", iou.clone())
-            setattr(self, f"{stage}_context_iou", iou.clone())
+            setattr(self, f"{stage}_context_iou", confusion.clone())
         self._heads_for = (self.num_classes, self.ignore_index)
 
     # ------------------------------------------------------------------ forward and loss
@@ -423,7 +426,11 @@ class SegmentationModule(pl.LightningModule):
             self.log(f"{stage}_iou_{name}", value, sync_dist=True)
         context = getattr(self, f"{stage}_context_iou")
         if self._context_seen[stage]:
-            self.log(f"{stage}_context_miou", context.compute().nanmean(), sync_dist=True)
+            matrix = context.compute().double()  # [true, predicted]
+            tp = matrix.diagonal()
+            present = matrix.sum(1) > 0
+            iou = tp / (matrix.sum(0) + matrix.sum(1) - tp).clamp(min=1)
+            self.log(f"{stage}_context_miou", iou[present].mean(), sync_dist=True)
         context.reset()
 
     def _gather_counts(self) -> np.ndarray:
