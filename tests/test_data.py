@@ -83,8 +83,9 @@ def batches(loader, epoch: int | None = None) -> list[tuple[torch.Tensor, torch.
 
 def assert_same(a: list, b: list) -> None:
     assert len(a) == len(b)
-    for (xa, ya), (xb, yb) in zip(a, b):
-        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    for batch_a, batch_b in zip(a, b):  # (image, mask) or (image, mask, context)
+        assert len(batch_a) == len(batch_b)
+        assert all(torch.equal(ta, tb) for ta, tb in zip(batch_a, batch_b))
 
 
 def differs(a: list, b: list) -> bool:
@@ -111,7 +112,7 @@ def test_synthetic_datamodule_batches():
     assert set(mask.unique().tolist()) <= {0, 1, 2, 3, PAD_INDEX}
     assert -2.2 < image.min() and image.max() < 2.7 and abs(image.mean()) < 0.6
     val = list(dm.val_dataloader())
-    assert len(val) == 2 and set(torch.cat([m for _, m in val]).unique().tolist()) == {0, 1, 2, 3}
+    assert len(val) == 2 and set(torch.cat([b[1] for b in val]).unique().tolist()) == {0, 1, 2, 3}
     assert len(list(dm.test_dataloader())) == 2
     with pytest.raises(ValueError, match="unknown synthetic options"):
         SegmentationDataModule(synthetic={"n_trian": 3})

@@ -106,7 +106,7 @@ def test_predict_returns_labels_or_probabilities(tmp_path) -> None:
 
     labels = trainer.predict(module, dataloaders=datamodule.test_dataloader())
     images, _ = _test_images(datamodule)
-    assert [p.shape for p in labels] == [(4, 32, 32), (2, 32, 32)] and labels[0].dtype == torch.int64
+    assert [p.shape for p in labels] == [(4, 64, 64), (2, 64, 64)] and labels[0].dtype == torch.int64
     module.eval()
     with torch.no_grad():
         expected = module(images).argmax(1)
@@ -114,8 +114,8 @@ def test_predict_returns_labels_or_probabilities(tmp_path) -> None:
 
     module.predict_output = "probabilities"
     probabilities = torch.cat(trainer.predict(module, dataloaders=datamodule.test_dataloader()))
-    assert probabilities.shape == (6, 4, 32, 32)
-    torch.testing.assert_close(probabilities.sum(1), torch.ones(6, 32, 32))
+    assert probabilities.shape == (6, 4, 64, 64)
+    torch.testing.assert_close(probabilities.sum(1), torch.ones(6, 64, 64))
     assert torch.equal(probabilities.argmax(1), expected)
     # plain image batches work too
     plain = torch.utils.data.DataLoader(images[:3], batch_size=3)
@@ -186,7 +186,7 @@ def test_aux_params_train_a_class_presence_head() -> None:
     after = _weights(module.model.classification_head)
     assert all(not torch.equal(before[k], after[k]) for k in before)  # the head is trained
     images, _ = _test_images(datamodule)
-    assert module(images).shape == (6, 4, 32, 32)  # forward gives the mask logits only
+    assert module(images).shape == (6, 4, 64, 64)  # forward gives the mask logits only
     assert {"classification_head.3.weight", "classification_head.3.bias"} <= set(
         used_parameters(module.model, images[:1])
     )
