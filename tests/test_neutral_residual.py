@@ -2,13 +2,12 @@
 through smp's Unet with ``decoder_attention_type``."""
 
 import copy
-from functools import partial
 
 import pytest
 import segmentation_models_pytorch as smp
 import torch
 
-from smp_cbam import CBAM, ChannelAttention, SpatialAttention, registry
+from smp_cbam import CBAM, ChannelAttention, SpatialAttention
 from smp_cbam.attention import reset_gates
 
 IMPLS = ["auto", "reference", "fused"]
