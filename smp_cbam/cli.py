@@ -36,6 +36,7 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     add("--archs", nargs="+", help="smp architectures, e.g. unet unetplusplus")
     add("--attentions", nargs="+", help="attention types, e.g. none scse cbam")
     add("--seeds", type=int, nargs="+", help="seeds; runs with the same seed are paired")
+    add("--jobs", type=int, help="runs trained at a time on the CPU, sharing its threads (grid.jobs)")
     add("--dataset", choices=["synthetic", "camvid", "pets", "folder"], help="dataset")
     add("--data-root", help="dataset root folder")
     add("--classes", type=int, help="number of classes (folder datasets; 2 = binary)")
@@ -110,7 +111,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "strategy": args.strategy,
             "precision": args.precision,
         },
-        "grid": {"archs": args.archs, "attentions": args.attentions, "seeds": args.seeds},
+        "grid": {"archs": args.archs, "attentions": args.attentions, "seeds": args.seeds, "jobs": args.jobs},
     }
     sections: dict = {k: {n: v for n, v in d.items() if v is not None} for k, d in options.items()}
     sections = {k: d for k, d in sections.items() if d}

@@ -28,7 +28,7 @@ from smp_cbam.training.synthetic import CLASS_NAMES
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = {
-    "grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0]},
+    "grid": {"archs": ["unet"], "attentions": ["none", "cbam"], "seeds": [0], "jobs": 1},
     "data": {
         "dataset": "synthetic",
         "batch_size": 8,
@@ -184,6 +184,16 @@ def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tm
     compare(tiny_config(tmp_path))
     assert (tmp_path / "runs" / "unet-cbam-s0" / "result.json").stat().st_mtime == mtime
     assert "unet-cbam-s0: finished earlier (ok), skipped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_runs_in_parallel_give_the_results_of_one_at_a_time(finished: Path, tmp_path: Path) -> None:
+    results = compare(tiny_config(tmp_path, grid={"jobs": 2}))
+    first = pd.read_csv(finished / "results.csv")
+    pd.testing.assert_frame_equal(results[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
+    assert (tmp_path / "summary.md").read_text().count("`cbam`") >= 1
+    with pytest.raises(ConfigError, match="grid.jobs"):
+        tiny_config(tmp_path / "other", grid={"jobs": 0})
 
 
 @pytest.mark.slow
@@ -343,7 +353,7 @@ def test_folder_dataset_runs_from_the_command_line(tmp_path: Path, capsys) -> No
     _folder_dataset(tmp_path / "data")
     code = main(
         ["compare", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--classes", "2",
-         "--archs", "unet", "--attentions", "none", "cbam", "--seeds", "0", "--epochs", "1",
+         "--archs", "unet", "--attentions", "none", "cbam", "--seeds", "0", "--jobs", "1", "--epochs", "1",
          "--batch-size", "4", "--output", str(tmp_path / "out")]
     )  # fmt: skip
     assert code == 0
@@ -376,7 +386,7 @@ def test_bad_data_stops_before_anything_is_written_and_the_corrected_command_wor
     good = (tmp_path / "data" / "images" / "im3.jpg").read_bytes()
     (tmp_path / "data" / "images" / "im3.jpg").write_bytes(b"not an image")
     command = ["compare", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--classes", "2",
-               "--archs", "unet", "--attentions", "none", "--seeds", "0", "--epochs", "1", "--batch-size", "4",
+               "--archs", "unet", "--attentions", "none", "--seeds", "0", "--jobs", "1", "--epochs", "1", "--batch-size", "4",
                "--output", str(tmp_path / "out")]  # fmt: skip
     assert main(command) == 2
     assert "im3.jpg" in capsys.readouterr().err

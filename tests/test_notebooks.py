@@ -11,7 +11,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["compare_results.ipynb", "attention_maps.ipynb"]
 # none, scse and cbam with two seeds: paired differences vs both baselines with intervals
 TINY = {
-    "grid": {"archs": ["unet"], "attentions": ["none", "scse", "cbam"], "seeds": [0, 1]},
+    "grid": {"archs": ["unet"], "attentions": ["none", "scse", "cbam"], "seeds": [0, 1], "jobs": 1},
     "data": {"dataset": "synthetic", "batch_size": 8, "synthetic": {"size": 64, "n_train": 8, "n_val": 8, "n_test": 8}},
     "model": {"encoder": "mobilenet_v2", "encoder_depth": 5, "decoder_channels": [32, 16, 16, 16, 16]},
     "train": {"stop": "fixed", "max_epochs": 2},

@@ -3,7 +3,7 @@
 A configuration is a YAML mapping of sections::
 
     output: runs/synthetic          # the output directory
-    grid:    archs, attentions, seeds, placements      -> the runs (GridConfig)
+    grid:    archs, attentions, seeds, placements, jobs -> the runs (GridConfig)
     data:    SegmentationDataModule's arguments          (checked against its signature)
     model:   SegmentationModule's model arguments        (ModelConfig)
     train:   SegmentationModule's optimiser arguments and the stopping rule (TrainConfig)
@@ -73,12 +73,17 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class GridConfig:
-    """The runs: every arch x attention x placement x seed (``none`` once per arch and seed)."""
+    """The runs: every arch x attention x placement x seed (``none`` once per arch and seed).
+
+    ``jobs`` runs that many runs at a time in worker processes, the CPU's threads shared among
+    them (small models use one core poorly; results do not depend on it). It applies to training
+    on one CPU device; with another accelerator or several devices runs go one at a time."""
 
     archs: list[str]
     attentions: list[str]
     seeds: list[int]
     placements: list[str] = field(default_factory=lambda: ["decoder"])
+    jobs: int = 1
 
 
 @dataclass(frozen=True)
@@ -386,6 +391,8 @@ NATIVE_DECODER_ATTENTION = ("unet", "unetplusplus")
 
 
 def _check_grid(grid: GridConfig, encoder: str) -> None:
+    if not isinstance(grid.jobs, int) or grid.jobs < 1:
+        raise ConfigError(f"grid.jobs must be an integer >= 1, got {grid.jobs!r}")
     for key in ("archs", "attentions", "seeds", "placements"):
         values = getattr(grid, key)
         if not values:

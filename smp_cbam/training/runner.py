@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 import yaml
 
 from ..report import atomic_write_csv, atomic_write_text, write_report
@@ -182,52 +183,18 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     runs = grid_runs(config)
     eta = Eta(runs, config.train.max_epochs)
     log = Log()
-    for i, run in enumerate(runs, 1):
-        run_dir = output / "runs" / run.name
-        result_path = run_dir / "result.json"
-        previous = read_result_json(result_path) if result_path.exists() else None
-        if previous is not None and previous.get("status") == "failed" and retry_failed:
-            log(f"[run {i}/{len(runs)}] {run.name}: failed earlier, running it again (--retry-failed)")
-            if is_writer():
-                shutil.rmtree(run_dir)
-        elif previous is not None:
-            eta.run_done(run, previous.get("epochs"))
-            status = previous.get("status")
-            hint = "; rerun with --retry-failed to run it again" if status == "failed" else ""
-            log(f"[run {i}/{len(runs)}] {run.name}: finished earlier ({status}), skipped{hint}")
-            continue
-        elif result_path.exists():
-            log(f"[run {i}/{len(runs)}] {run.name}: {result_path} is damaged; running it again")
-        run_dir.mkdir(parents=True, exist_ok=True)
-        log(f"[run {i}/{len(runs)}] {run.name}  (grid time left ~{format_seconds(eta.seconds_left())})")
-        try:
-            row = run_one(
-                config, run, run_dir, Log(run_dir / "log.txt"),
-                on_epoch=lambda r, run=run: eta.epoch_done(run, r["seconds"], r["epoch"]),
-            )  # fmt: skip
-        except ConfigError:
-            raise
-        except Exception as err:  # a failed run is recorded and the grid goes on
-            row = {"status": "failed", "failure": f"{type(err).__name__}: {err}"}
-            log(f"  run failed: {row['failure']}")
-        if row["status"] == "ok" and not row["converged"]:
-            log(f"  not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving")
-        if row["status"] == "ok" and row["at_floor"]:
-            log(f"  stuck at the trivial floor: best val mIoU {row['val_miou']:.4f} vs {row['floor_miou']:.4f}")
-        ident = {
-            "dataset": config.dataset,
-            "arch": run.arch,
-            "encoder": config.model.encoder,
-            "attention": run.attention,
-            "placement": run.placement,
-            "seed": run.seed,
-        }
-        row = {**ident, **row, "run_dir": run_dir.relative_to(output).as_posix()}
-        eta.run_done(run, row.get("epochs"))
-        if is_writer():
-            atomic_write_text(result_path, json.dumps(row, indent=1))
-            collect_results(output, config)
-            write_report(output)
+    jobs = config.grid.jobs
+    if jobs > 1 and (str(config.trainer.get("devices", 1)) != "1" or config.trainer.get("accelerator") != "cpu"):
+        log(f"grid.jobs {jobs} applies to one CPU device; with trainer {config.trainer} runs go one at a time")
+        jobs = 1
+    if jobs == 1:
+        for i, run in enumerate(runs, 1):
+            if _grid_step(config, run, f"[run {i}/{len(runs)}]", retry_failed, eta, log):
+                if is_writer():
+                    collect_results(output, config)
+                    write_report(output)
+    else:
+        _parallel_steps(config, runs, jobs, retry_failed, log)
     results = collect_results(output, config)
     if not is_writer():
         return results
@@ -244,6 +211,90 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     for line in convergence_notes(results):
         log(line)
     return results
+
+
+
+def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: "Eta | None", log: Log) -> bool:
+    """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran."""
+    output = Path(config.output)
+    run_dir = output / "runs" / run.name
+    result_path = run_dir / "result.json"
+    previous = read_result_json(result_path) if result_path.exists() else None
+    if previous is not None and previous.get("status") == "failed" and retry_failed:
+        log(f"{tag} {run.name}: failed earlier, running it again (--retry-failed)")
+        if is_writer():
+            shutil.rmtree(run_dir)
+    elif previous is not None:
+        if eta is not None:
+            eta.run_done(run, previous.get("epochs"))
+        status = previous.get("status")
+        hint = "; rerun with --retry-failed to run it again" if status == "failed" else ""
+        log(f"{tag} {run.name}: finished earlier ({status}), skipped{hint}")
+        return False
+    elif result_path.exists():
+        log(f"{tag} {run.name}: {result_path} is damaged; running it again")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    left = f"  (grid time left ~{format_seconds(eta.seconds_left())})" if eta is not None else ""
+    log(f"{tag} {run.name}{left}")
+    on_epoch = None if eta is None else (lambda r, run=run: eta.epoch_done(run, r["seconds"], r["epoch"]))
+    try:
+        row = run_one(config, run, run_dir, Log(run_dir / "log.txt"), on_epoch=on_epoch)
+    except ConfigError:
+        raise
+    except Exception as err:  # a failed run is recorded and the grid goes on
+        row = {"status": "failed", "failure": f"{type(err).__name__}: {err}"}
+        log(f"  {run.name} failed: {row['failure']}")
+    if row["status"] == "ok" and not row["converged"]:
+        log(f"  {run.name} not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving")
+    if row["status"] == "ok" and row["at_floor"]:
+        log(f"  {run.name} stuck at the trivial floor: best val mIoU {row['val_miou']:.4f} vs {row['floor_miou']:.4f}")
+    ident = {
+        "dataset": config.dataset,
+        "arch": run.arch,
+        "encoder": config.model.encoder,
+        "attention": run.attention,
+        "placement": run.placement,
+        "seed": run.seed,
+    }
+    row = {**ident, **row, "run_dir": run_dir.relative_to(output).as_posix()}
+    if eta is not None:
+        eta.run_done(run, row.get("epochs"))
+    if is_writer():
+        atomic_write_text(result_path, json.dumps(row, indent=1))
+    return True
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> None:
+    import logging
+
+    logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    _grid_step(config, run, tag, retry_failed, None, Log())
+
+
+def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed: bool, log: Log) -> None:
+    """``jobs`` runs at a time, each in a worker process with its share of the CPU's
+    threads; the report is rewritten here as each run ends. Every run is seeded on its own, so
+    the results equal those of one run at a time."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    output = Path(config.output)
+    threads = max(torch.get_num_threads() // jobs, 1)
+    log(f"running {jobs} runs at a time, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(_worker_step, config, run, f"[run {i}/{len(runs)}]", retry_failed): run
+            for i, run in enumerate(runs, 1)
+        }
+        for future in as_completed(futures):
+            future.result()  # a ConfigError stops the grid as in one process
+            collect_results(output, config)
+            write_report(output)
 
 
 def convergence_notes(results: pd.DataFrame) -> list[str]:
