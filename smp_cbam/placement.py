@@ -45,8 +45,8 @@ from segmentation_models_pytorch.base import SegmentationModel
 from segmentation_models_pytorch.base import modules as smp_modules
 from torch import nn
 
-from .attention.cbam import reset_gates
 from . import registry
+from .attention.cbam import reset_gates
 
 WHERE = ("decoder", "encoder", "both")
 CONFIG_KEY = "_smp_cbam_attention"

@@ -8,6 +8,7 @@ as a median over rounds, so that a noisy machine moves all contenders alike.
 
 import argparse
 import ctypes
+import functools
 import gc
 import math
 import random
@@ -123,14 +124,14 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
         grad = torch.randn(shape, device=device)
         buffer = torch.empty(shape, device=device)
 
-        def step(module: nn.Module) -> None:
+        def step(module: nn.Module, x: torch.Tensor, grad: torch.Tensor) -> None:
             module(x).backward(grad)
             x.grad = None
 
         fns: dict[str, Callable[[], object]] = {
-            name: (lambda m=module.to(device): step(m)) for name, module in modules.items()
+            name: functools.partial(step, module.to(device), x, grad) for name, module in modules.items()
         }
-        fns["copy"] = lambda: buffer.copy_(x.detach())
+        fns["copy"] = functools.partial(buffer.copy_, x.detach())
         times = interleaved_times(fns, rounds, device)
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         for name in ratios:
@@ -252,11 +253,14 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
 COMPILE_TYPES = ("none", "scse", "cbam")
 
 
-def compile_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int = 160) -> str:
-    """``torch.compile`` of the whole Unet (inductor) for none, scse and cbam, next to the same
-    models in eager mode, all interleaved: what each attention adds compiled and eager."""
+def compile_benchmark(
+    rounds: int, device: torch.device, batch: int = 4, size: int = 160, backend: str = "inductor"
+) -> str:
+    """``torch.compile`` of the whole Unet (``backend``, inductor by default) for none, scse and
+    cbam, next to the same models in eager mode, all interleaved: what each attention adds
+    compiled and eager."""
     lines = [
-        f"## 6. torch.compile (inductor) of the whole Unet: overhead over none (resnet18, batch {batch}, "
+        f"## 6. torch.compile ({backend}) of the whole Unet: overhead over none (resnet18, batch {batch}, "
         f"3x{size}x{size}; median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for "
         "inference; compilation in the warm-up)",
         f"{'setting':<22}{'mode':<10}{'none ms':>9}" + "".join(f"{t:>10}" for t in COMPILE_TYPES[1:]),
@@ -270,7 +274,7 @@ def compile_benchmark(rounds: int, device: torch.device, batch: int = 4, size: i
             for compiled in (False, True):
                 torch.manual_seed(0)
                 model = build_bench_model("Unet", attention)
-                fns[attention, compiled] = make(torch.compile(model) if compiled else model, batch, size, device)
+                fns[attention, compiled] = make(torch.compile(model, backend=backend) if compiled else model, batch, size, device)
         times = interleaved_times(fns, setting_rounds, device, warmup=2)
         for compiled in (True, False):
             by_type = {t: times[t, compiled] for t in COMPILE_TYPES}

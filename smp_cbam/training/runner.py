@@ -214,7 +214,7 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
 
 
 
-def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: "Eta | None", log: Log) -> bool:
+def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: Eta | None, log: Log) -> bool:
     """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran."""
     output = Path(config.output)
     run_dir = output / "runs" / run.name
