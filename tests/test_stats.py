@@ -311,3 +311,13 @@ def test_per_image_counts_must_match_the_runs_test_miou(tmp_path: Path) -> None:
         diffs = report.comparisons(results, tmp_path)
     with_scse = (diffs["attention"] == "scse") | (diffs["baseline"] == "scse")
     assert (diffs.loc[with_scse, "boot_seeds"] == 0).all() and (diffs.loc[~with_scse, "boot_seeds"] == 1).all()
+
+
+def test_a_difference_from_an_unconverged_or_floor_run_never_holds(tmp_path: Path) -> None:
+    results = make_study(tmp_path, [0], {"cbam": 25})
+    for column, value in (("converged", False), ("at_floor", True)):
+        flagged = results.copy()
+        flagged.loc[flagged["attention"] == "cbam", column] = value
+        diffs = report.comparisons(flagged, tmp_path)
+        cbam = diffs[(diffs["attention"] == "cbam") & (diffs["baseline"] == "none")].iloc[0]
+        assert cbam["boot_p_holm"] < 0.05 and not cbam["holds"], column

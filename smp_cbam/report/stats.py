@@ -299,7 +299,12 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
 
 
 def _holds(row: pd.Series) -> bool:
-    """Whether a comparison's difference holds: the rule of the summary's bold (see docs/statistics.md)."""
+    """Whether a comparison's difference holds: the rule of the summary's bold (see docs/statistics.md).
+
+    A pair with a run that did not converge, or that stayed at the trivial floor, never holds: its
+    difference measures learning speed (or a failure to learn), whatever its p-value."""
+    if bool(row.get("not_converged", False)) or bool(row.get("at_floor", False)):
+        return False
     boot = row["boot_seeds"] > 0
     if row["n_pairs"] >= MIN_SEEDS_FOR_TEST:
         return bool(row["p_holm"] < ALPHA and (not boot or row["boot_p_holm"] < ALPHA))

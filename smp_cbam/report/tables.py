@@ -134,7 +134,7 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
             f"**Bold** marks a difference that holds: its paired t-test over seeds, Holm-adjusted across the "
             f"comparisons of its table, is below {ALPHA}"
             + (", and so is its Holm-adjusted image bootstrap" if has_boot else "")
-            + ". A difference not in bold is not shown: an interval that contains 0 means no detectable "
+            + ", and both its runs converged above the trivial floor. A difference not in bold is not shown: an interval that contains 0 means no detectable "
             "difference with these runs, not evidence that there is none."
         )
     if 2 in ns:
