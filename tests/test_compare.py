@@ -47,41 +47,10 @@ def tiny_config(output: Path, **sections) -> smp_cbam.training.runner.Config:
     return load_config(overrides={**merged, "output": str(output)})
 
 
-class CountingModule(SegmentationModule):
-    """Per-image confusion counts (contract C2) for a SegmentationModule that does not compute
-    them itself yet; the runner's side is the same either way."""
-
-    def on_test_epoch_start(self) -> None:
-        self._counts = []
-
-    def test_step(self, batch, batch_idx):
-        super().test_step(batch, batch_idx)
-        image, mask = batch[0], batch[1]
-        pred = self.predict_labels(self(image))
-        c = self.hparams.num_classes
-        for p, m in zip(pred, mask):
-            keep = m != self.hparams.ignore_index
-            p, m = p[keep], m[keep]
-            self._counts.append(
-                [
-                    [((p == k) & (m == k)).sum(), ((p == k) & (m != k)).sum(), ((p != k) & (m == k)).sum()]
-                    for k in range(c)
-                ]
-            )
-        self.per_image_counts = np.asarray(self._counts, dtype=np.int64).transpose(0, 2, 1)
-
-
-def _module_counts_per_image() -> bool:
-    return "per_image_counts" in inspect.getsource(SegmentationModule)
-
-
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     output = tmp_path_factory.mktemp("compare")
-    with pytest.MonkeyPatch.context() as mp:
-        if not _module_counts_per_image():
-            mp.setattr(run_module, "SegmentationModule", CountingModule)
-        compare(tiny_config(output))
+    compare(tiny_config(output))
     return output
 
 
@@ -173,10 +142,7 @@ def test_the_best_model_is_exported_for_from_pretrained(finished: Path) -> None:
 
 @pytest.mark.slow
 def test_same_seed_same_metrics_and_finished_runs_are_skipped(finished: Path, tmp_path: Path, capsys) -> None:
-    with pytest.MonkeyPatch.context() as mp:
-        if not _module_counts_per_image():
-            mp.setattr(run_module, "SegmentationModule", CountingModule)
-        again = compare(tiny_config(tmp_path))
+    again = compare(tiny_config(tmp_path))
     first = pd.read_csv(finished / "results.csv")
     pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
     mtime = (tmp_path / "runs" / "unet-cbam-s0" / "result.json").stat().st_mtime
@@ -201,10 +167,7 @@ def test_a_run_killed_after_training_only_evaluates_again(finished: Path, tmp_pa
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     (tmp_path / "runs" / "unet-cbam-s0" / "result.json").unlink()
     capsys.readouterr()
-    with pytest.MonkeyPatch.context() as mp:
-        if not _module_counts_per_image():
-            mp.setattr(run_module, "SegmentationModule", CountingModule)
-        again = compare(tiny_config(tmp_path))
+    again = compare(tiny_config(tmp_path))
     assert "training finished earlier; evaluating" in capsys.readouterr().out
     first = pd.read_csv(finished / "results.csv")
     pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
