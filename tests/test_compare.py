@@ -17,12 +17,13 @@ import segmentation_models_pytorch as smp
 import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
 import smp_cbam
 from smp_cbam.cli import main
 from smp_cbam.training import run as run_module
 from smp_cbam.training.module import SegmentationModule
-from smp_cbam.training.run import floor_miou, plateau_reached, write_per_image
+from smp_cbam.training.run import PlateauStopping, floor_miou, plateau_reached, write_per_image
 from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
@@ -89,7 +90,7 @@ def test_compare_writes_results_per_contract(finished: Path) -> None:
         assert row["best_epoch"] == best["epoch"] and row["val_miou"] == pytest.approx(best["val_miou"])
         assert row["train_seconds"] == pytest.approx(history["seconds"].sum())
         # the stopping rule: Lightning's EarlyStopping, and the same rule recomputed from the history
-        plateau = plateau_reached(history["val_miou"], patience=2, min_delta=0.001)
+        plateau = plateau_reached(history["val_miou"], patience=2, min_delta=0.001, floor=row["floor_miou"] + 0.01)
         assert row["stop_reason"] == ("plateau" if plateau else "max_epochs") and row["converged"] == plateau
         assert len(history) == 3 or plateau
         # the trivial floor: the most frequent val class everywhere
@@ -262,7 +263,8 @@ def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
     )
     assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
     history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
-    assert bool(fixed["converged"].iloc[0]) == plateau_reached(history["val_miou"], 2, 0.001)
+    floor = fixed["floor_miou"].iloc[0] + 0.01
+    assert bool(fixed["converged"].iloc[0]) == plateau_reached(history["val_miou"], 2, 0.001, floor)
     steps = compare(
         tiny_config(
             tmp_path / "steps",
@@ -283,6 +285,32 @@ def test_plateau_rule_is_lightnings_early_stopping() -> None:
         early = EarlyStopping("m", mode="max", patience=patience, min_delta=min_delta, check_finite=False)
         stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
         assert plateau_reached(values, patience, min_delta) == stopped
+        # with no floor in reach, the runner's callback is EarlyStopping itself
+        plain = PlateauStopping("m", floor=-1.0, patience=patience, min_delta=min_delta)
+        assert any(plain._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values) == stopped
+
+
+def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:
+    # at the floor (<= 0.3) for 6 validations, then learning, then flat: patience counts from 0.5 on
+    values = [0.25, 0.125, 0.25, 0.25, 0.1875, 0.25, 0.5, 0.625, 0.625, 0.625, 0.625]
+    early = PlateauStopping("m", floor=0.3, patience=3, min_delta=0.01)
+    decisions = [early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values]
+    assert decisions == [False] * 10 + [True]
+    assert early.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    assert plateau_reached(values, 3, 0.01, floor=0.3) and not plateau_reached(values[:10], 3, 0.01, floor=0.3)
+    # EarlyStopping alone would have called the floor a plateau
+    assert plateau_reached(values[:6], 3, 0.01)
+    # a run that never leaves the floor never stops by the rule: it ends at the budget, flagged at_floor
+    stuck = PlateauStopping("m", floor=0.3, patience=2, min_delta=0.0)
+    assert not any(stuck._evaluate_stopping_criteria(torch.tensor(v))[0] for v in [0.25] * 20)
+    assert not plateau_reached([0.25] * 20, 2, 0.0, floor=0.3)
+    rng = np.random.default_rng(1)
+    for _ in range(200):  # the history's rule and the callback agree, floor or not
+        values = rng.uniform(0, 1, size=rng.integers(1, 15)).round(2)
+        floor, patience = float(rng.uniform(0, 1)), int(rng.integers(1, 4))
+        early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005)
+        stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
+        assert plateau_reached(values, patience, 0.005, floor) == stopped
 
 
 def test_floor_and_per_image_files(tmp_path: Path) -> None:

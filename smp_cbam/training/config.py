@@ -107,12 +107,13 @@ class TrainConfig:
     """How long each run trains and how it learns.
 
     ``stop="plateau"``: Lightning's ``EarlyStopping`` on ``val_miou`` (mode max) ends a run once
-    ``patience`` validations in a row have not improved on the best by more than ``min_delta``;
+    ``patience`` validations in a row have not improved on the best by more than ``min_delta``,
+    counting only validations above the trivial floor (``run.PlateauStopping``: a run still at
+    the all-most-frequent-class mIoU has not started learning, so it has not converged either);
     ``max_epochs`` and ``max_steps`` (``None``: no step limit) bound every run. ``stop="fixed"``
     trains every run for the whole budget. The same rule applies to every arm. ``epochs`` is the
     older name of ``max_epochs``. (No ``min_epochs``: Lightning keeps a stop signal raised before
-    ``min_epochs`` and ends the run exactly there; a run that starts at the trivial floor needs a
-    ``patience`` longer than its stay there.)
+    ``min_epochs`` and ends the run exactly there; the floor rule is what a warm-up would be for.)
     """
 
     lr: float = _module()

@@ -130,18 +130,42 @@ class EpochHistory(pl.Callback):
         self.rows = list(state_dict["rows"])
 
 
-def plateau_reached(values: Sequence[float], patience: int, min_delta: float) -> bool:
-    """Whether ``values`` (one per validation) reach a plateau by EarlyStopping's rule (mode max):
-    ``patience`` values in a row that do not beat the best so far by more than ``min_delta``."""
+def plateau_reached(values: Sequence[float], patience: int, min_delta: float, floor: float = -math.inf) -> bool:
+    """Whether ``values`` (one per validation) reach a plateau by :class:`PlateauStopping`'s rule:
+    ``patience`` values in a row above ``floor`` that do not beat the best so far by more than
+    ``min_delta`` (EarlyStopping's rule, mode max, counted only once a value has left the floor)."""
     best, wait = -math.inf, 0
     for value in values:
-        if value - min_delta > best:
+        if value <= floor:
+            wait = 0
+        elif value - min_delta > best:
             best, wait = value, 0
         else:
             wait += 1
             if wait >= patience:
                 return True
     return False
+
+
+class PlateauStopping(EarlyStopping):
+    """Lightning's EarlyStopping (mode max) whose patience counts only validations above ``floor``.
+
+    A run whose metric still sits at the trivial floor (every pixel the most frequent class) has
+    not started learning; it has not converged either. Without this, a patience long enough for
+    the arm that leaves the floor last would be the only fair setting, and it would be tuned on
+    the arms. With it, every arm gets the same rule: patience starts once the run has left the
+    floor, and a run that never leaves it ends at the budget, flagged ``at_floor``.
+    """
+
+    def __init__(self, monitor: str, *, floor: float, patience: int, min_delta: float) -> None:
+        super().__init__(monitor, mode="max", patience=patience, min_delta=min_delta, check_finite=False)
+        self.floor = floor
+
+    def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        if float(current) <= self.floor:
+            self.wait_count = 0
+            return False, None
+        return super()._evaluate_stopping_criteria(current)
 
 
 def floor_miou(loader: Any, num_classes: int, ignore_index: int | None) -> float:
@@ -312,9 +336,11 @@ def run_one(
     )
     early = None
     callbacks: list[pl.Callback] = [history, checkpoint, LearningRateMonitor()]
+    floor = floor_miou(datamodule.val_dataloader(), datamodule.num_classes, datamodule.ignore_index)
+    stuck = floor + FLOOR_MARGIN if math.isfinite(floor) else -math.inf
     if config.train.stop == "plateau":
-        early = EarlyStopping(
-            "val_miou", mode="max", patience=config.train.patience, min_delta=config.train.min_delta, check_finite=False
+        early = PlateauStopping(
+            "val_miou", floor=stuck, patience=config.train.patience, min_delta=config.train.min_delta
         )
         callbacks.append(early)
     trainer = _trainer(
@@ -362,10 +388,9 @@ def run_one(
     untrained_miou = untrained_evaluate(SegmentationModule(**kwargs), datamodule=datamodule, verbose=False)[0][
         f"{stage}_miou"
     ]
-    floor = floor_miou(datamodule.val_dataloader(), datamodule.num_classes, datamodule.ignore_index)
     example = next(iter(datamodule.val_dataloader()))[0][:1]
     converged = fit["stop_reason"] == "plateau" or plateau_reached(
-        values, config.train.patience, config.train.min_delta
+        values, config.train.patience, config.train.min_delta, stuck
     )
     row = {
         "status": "ok",
@@ -379,7 +404,7 @@ def run_one(
         "test_miou": float(metrics["test_miou"]) if stage == "test" else math.nan,
         "test_context_miou": float(metrics["test_context_miou"]) if "test_context_miou" in metrics else math.nan,
         "floor_miou": floor,
-        "at_floor": bool(best["val_miou"] <= floor + FLOOR_MARGIN),
+        "at_floor": bool(best["val_miou"] <= stuck),
         "untrained_miou": float(untrained_miou),
         "params": count_params(module.model, example),
         "train_seconds": float(sum(r["seconds"] for r in rows)),
