@@ -51,6 +51,7 @@ def test_step_models_train(attention: str) -> None:
     assert modes == expected.get(attention, set())
 
 
+@pytest.mark.slow
 def test_quick_run_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--quick", "--repeats", "1", "--threads", "1", "--sections", "module,step"]) == 0
     out = capsys.readouterr().out
@@ -66,6 +67,7 @@ def test_unknown_section_is_an_error() -> None:
         main(["--sections", "module,nope"])
 
 
+@pytest.mark.slow
 def test_one_model_in_a_fresh_process() -> None:
     ms = in_fresh_process("Unet", "cbam", True, 1, 1, 64)
     assert ms > 0
@@ -79,6 +81,7 @@ def test_keep_heap_reports_whether_it_applied() -> None:
 AB_SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "ab_cbam.py"
 
 
+@pytest.mark.slow
 def test_ab_script_times_both_versions_of_a_training_step() -> None:
     run = subprocess.run(
         [sys.executable, str(AB_SCRIPT), "HEAD", "--train", "--rounds", "1"], capture_output=True, text=True
@@ -89,6 +92,7 @@ def test_ab_script_times_both_versions_of_a_training_step() -> None:
     assert all(float(v) > 0 for v in found.groups())
 
 
+@pytest.mark.slow
 def test_ab_script_names_a_bad_ref() -> None:
     run = subprocess.run([sys.executable, str(AB_SCRIPT), "no-such-ref"], capture_output=True, text=True)
     assert run.returncode != 0

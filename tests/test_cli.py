@@ -52,6 +52,7 @@ def test_help_imports_neither_torch_nor_smp() -> None:
     assert "HEAVY []" in done.stdout
 
 
+@pytest.mark.slow
 def test_import_registers_the_names_when_smp_is_imported_later() -> None:
     done = _python(
         "import sys\n"

@@ -106,6 +106,7 @@ for arch in ("Unet", "UnetPlusPlus"):
 """
 
 
+@pytest.mark.slow
 def test_save_pretrained_from_pretrained_in_fresh_process(tmp_path: Path) -> None:
     x = torch.randn(1, 2, 64, 64)
     torch.save(x, tmp_path / "x.pt")
@@ -178,6 +179,7 @@ def _tiny_unet(seed: int = 0) -> nn.Module:
     return _model("Unet", seed=seed, encoder_depth=3, decoder_channels=(32, 16, 16), classes=2)
 
 
+@pytest.mark.slow
 def test_compile_inductor_eval_matches_eager(fresh_dynamo: None) -> None:
     model = _tiny_unet().eval()
     compiled = torch.compile(model, fullgraph=True)  # default backend: inductor
@@ -189,6 +191,7 @@ def test_compile_inductor_eval_matches_eager(fresh_dynamo: None) -> None:
         _close(compiled(x2), model(x2))
 
 
+@pytest.mark.slow
 def test_compile_train_step_matches_eager(fresh_dynamo: None) -> None:
     eager = _tiny_unet(seed=3).train()
     compiled_model = copy.deepcopy(eager)
@@ -236,6 +239,7 @@ def test_torch_export_matches_eager(arch: str) -> None:
 # ONNX
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", ["Unet", "UnetPlusPlus"])
 def test_onnx_export_runs_in_onnxruntime(arch: str, tmp_path: Path) -> None:
     model = _model(arch, classes=3).eval()

@@ -189,6 +189,7 @@ def test_env_switch_skips_the_build(monkeypatch: pytest.MonkeyPatch) -> None:
     assert kernels.available() is False
 
 
+@pytest.mark.slow
 def test_default_capability_build_matches_the_formula(tmp_path: Path) -> None:
     """The kernels built for a CPU without AVX2 (ATen's scalar Vectorized), in a fresh process."""
     code = """

@@ -251,6 +251,7 @@ def test_per_image_counts_of_trainer_test_match_the_predictions() -> None:
     np.testing.assert_array_equal(module.per_image_counts, counts)
 
 
+@pytest.mark.slow
 def test_lightning_cli_sets_every_argument_of_both_classes(tmp_path) -> None:
     from pytorch_lightning.cli import LightningCLI
 

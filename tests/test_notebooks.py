@@ -7,6 +7,8 @@ from nbclient import NotebookClient
 from smp_cbam.training.runner import compare, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
+pytestmark = pytest.mark.slow  # each notebook trains or runs a comparison in a kernel
+
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 NAMES = ["compare_results.ipynb", "attention_maps.ipynb"]
 # none, scse and cbam with two seeds: paired differences vs both baselines with intervals

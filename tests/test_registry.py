@@ -185,6 +185,7 @@ def test_cbam_count_and_widths_match_scse(arch: str) -> None:
 # smp's own types are untouched
 
 
+@pytest.mark.slow
 def test_native_types_identical_to_smp_without_smp_cbam(
     script_runs: dict[str, tuple[dict, Path]],
 ) -> None:

@@ -210,8 +210,10 @@ def test_write_report(tmp_path: Path) -> None:
         if i == 0:
             continue  # a run without a history file
         write_history(tmp_path / row["run_dir"], row["val_miou"], empty=i == 1)
+    tables_only = report.write_report(tmp_path, title="Toy", plots=False)  # what the runner writes after each run
+    assert (tmp_path / "summary.md").is_file() and not (tmp_path / "plots").exists()
     text = report.write_report(tmp_path, title="Toy")
-    assert (tmp_path / "summary.md").read_text() == text
+    assert (tmp_path / "summary.md").read_text() == text == tables_only
     assert "72.00 ± 2.65" in text and FAILURE in text
     summary = pd.read_csv(tmp_path / "summary.csv", keep_default_na=False, na_values=[""])
     assert len(summary) == 6

@@ -75,9 +75,9 @@ __all__ = [
 ]
 
 
-def write_report(output_dir: str | os.PathLike, title: str | None = None) -> str:
+def write_report(output_dir: str | os.PathLike, title: str | None = None, plots: bool = True) -> str:
     """Rebuild the results of ``output_dir``; write ``summary.md``, ``summary.csv``, ``differences.csv``
-    and ``plots/*.png``; return the markdown.
+    and (with ``plots``) ``plots/*.png``; return the markdown.
 
     Damaged files are named in :class:`ReportWarning` warnings and left out; raises
     :class:`ReportError` (or ``FileNotFoundError``) when no run can be read.
@@ -91,9 +91,10 @@ def write_report(output_dir: str | os.PathLike, title: str | None = None) -> str
     atomic_write_text(out / "summary.md", text)
     atomic_write_csv(summarize(results, metric, diffs=diffs), out / "summary.csv")
     atomic_write_csv(diffs, out / "differences.csv")
-    plots = out / "plots"
-    plot_miou(results, plots / "miou.png", metric)
-    plot_differences(diffs, plots / "differences.png", metric)
-    plot_learning_curves(out, results, plots / "learning_curves.png")
-    plot_per_class_iou(results, plots / "per_class_iou.png")
+    if plots:
+        folder = out / "plots"
+        plot_miou(results, folder / "miou.png", metric)
+        plot_differences(diffs, folder / "differences.png", metric)
+        plot_learning_curves(out, results, folder / "learning_curves.png")
+        plot_per_class_iou(results, folder / "per_class_iou.png")
     return text

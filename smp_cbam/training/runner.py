@@ -190,9 +190,9 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     if jobs == 1:
         for i, run in enumerate(runs, 1):
             if _grid_step(config, run, f"[run {i}/{len(runs)}]", retry_failed, eta, log):
-                if is_writer():
+                if is_writer():  # the tables after each run; the plots once, at the end
                     collect_results(output, config)
-                    write_report(output)
+                    write_report(output, plots=False)
     else:
         _parallel_steps(config, runs, jobs, retry_failed, log)
     results = collect_results(output, config)
@@ -294,7 +294,7 @@ def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed
         for future in as_completed(futures):
             future.result()  # a ConfigError stops the grid as in one process
             collect_results(output, config)
-            write_report(output)
+            write_report(output, plots=False)  # this process shares the CPU with the workers
 
 
 def convergence_notes(results: pd.DataFrame) -> list[str]:
