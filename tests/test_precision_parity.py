@@ -1,0 +1,64 @@
+"""experiments/precision_parity.py: paired differences and epoch speed-ups of two precisions."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "experiments" / "precision_parity.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("precision_parity", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_study(root: Path, precision: str, runs: dict[tuple[str, int], tuple[float, list[float]]]) -> Path:
+    for (attention, seed), (miou, seconds) in runs.items():
+        run = root / "runs" / f"unet-{attention}-s{seed}"
+        run.mkdir(parents=True)
+        epochs = len(seconds)
+        history = pd.DataFrame({"epoch": range(epochs), "val_miou": [miou] * epochs, "seconds": seconds})
+        history.to_csv(run / "history.csv", index=False)
+        row = {
+            "dataset": "synthetic", "arch": "unet", "encoder": "resnet18", "attention": attention,
+            "placement": "decoder", "seed": seed, "status": "ok", "precision": precision,
+            "stop_reason": "plateau", "converged": True, "epochs": epochs, "steps": 10 * epochs,
+            "best_epoch": epochs - 1, "val_miou": miou, "test_miou": miou, "run_dir": f"runs/{run.name}",
+        }  # fmt: skip
+        (run / "result.json").write_text(json.dumps(row))
+    return root
+
+
+def test_paired_differences_and_speed_ups(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ref = fake_study(
+        tmp_path / "fp32",
+        "32-true",
+        {("none", 0): (0.50, [2.0, 2.0, 9.0]), ("none", 1): (0.54, [2.0, 2.0]), ("cbam", 0): (0.80, [3.0] * 3)},
+    )
+    other = fake_study(
+        tmp_path / "bf16",
+        "bf16-mixed",
+        {("none", 0): (0.51, [1.0, 1.0, 1.0]), ("none", 1): (0.52, [1.0, 1.0]), ("scse", 0): (0.9, [1.0])},
+    )
+    assert load_script().main([str(ref), str(other)]) == 0
+    out = capsys.readouterr().out
+    # none-s0: +1 point; the slow epoch (9 s) does not move the median (2 s): speed-up 2x
+    assert "| unet-none-s0 | 50.00 | 51.00 | +1.00 | 3 | 3 | 2.00 | 1.00 | 2.00x |" in out
+    assert "| unet-none-s1 | 54.00 | 52.00 | -2.00 |" in out
+    # the arm: mean of +1 and -2, against the reference seeds' sample std (50 vs 54: 2.83)
+    assert "| unet | none | 2 | -0.50 | 2.83 | 0.71 | 2.00x |" in out
+    assert "left out (in one folder only): unet-cbam-decoder-0, unet-scse-decoder-0" in out
+    assert "(32-true)" in out and "(bf16-mixed)" in out
+
+
+def test_a_folder_without_results_is_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        load_script().main([str(tmp_path / "empty"), str(tmp_path / "empty")])
+    assert stop.value.code == 2
+    assert f"{tmp_path / 'empty'}: no results.csv or runs/ here" in capsys.readouterr().err
