@@ -36,8 +36,13 @@ def _close(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
 
 
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """The kernels' compute type, that of every small tensor: float32 for bf16 input."""
+    return torch.float32 if dtype == torch.bfloat16 else dtype
+
+
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_channel_pool(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
     x = _tied(shape, dtype)
     x[0, 0, -1] = float("nan")  # the max is the NaN, its index the NaN's
@@ -45,6 +50,8 @@ def test_channel_pool(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -
     x[-1, -1] = float("inf")
     x[-1, -1, 1::2] = -float("inf")  # mean NaN from inf - inf, but no NaN element: max is inf
     mean, mx, idx = ops.channel_pool(x, True)
+    assert mean.dtype == mx.dtype == _acc(dtype)
+    x = x.to(_acc(dtype))  # exact
     ref = x.max(dim=2)
     torch.testing.assert_close(mean, x.mean(dim=2), equal_nan=True)
     torch.testing.assert_close(mx, ref.values, equal_nan=True, rtol=0, atol=0)
@@ -53,22 +60,26 @@ def test_channel_pool(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -
 
 
 @pytest.mark.parametrize("shape", [*SHAPES, (2, 300, 1100)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    """x and G in ``dtype``, the gates and all results in the compute type."""
     n, c, hw = shape
-    x = _tied(shape, dtype)
-    x[0, :, 0] = 3  # every channel ties at one pixel
-    g = torch.rand(n, c, dtype=dtype)
+    acc = _acc(dtype)
+    x_low = _tied(shape, dtype)
+    x_low[0, :, 0] = 3  # every channel ties at one pixel
+    g = torch.rand(n, c, dtype=acc)
     g[:, ::2] = 0.5  # equal weights keep ties in y = x g
-    s = torch.rand(n, hw, dtype=dtype)
-    grad = torch.randn(shape, dtype=dtype)
+    s = torch.rand(n, hw, dtype=acc)
+    grad_low = torch.randn(shape).to(dtype)
+    x, grad = x_low.to(acc), grad_low.to(acc)  # exact
     y = x * g[:, :, None]
     ref = y.max(dim=1)
-    pooled = ops.spatial_pool(x, g)
+    pooled = ops.spatial_pool(x_low, g)
+    assert pooled.dtype == acc
     _close(pooled[:, 0], y.mean(dim=1))
     assert torch.equal(pooled[:, 1], ref.values)
-    d_s, d_g, idx, x_at = ops.gate_grads(grad, x, g, s)
-    assert idx.dtype == dtype
+    d_s, d_g, idx, x_at = ops.gate_grads(grad_low, x_low, g, s)
+    assert idx.dtype == d_s.dtype == d_g.dtype == x_at.dtype == acc
     idx = idx.long()
     assert torch.equal(idx, ref.indices)
     assert torch.equal(x_at, x.gather(1, idx[:, None]).squeeze(1))
@@ -77,15 +88,30 @@ def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype:
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_scale_rounds_like_the_formula(ops: object, residual: bool) -> None:
-    x, g, s = torch.randn(2, 5, 37), torch.rand(2, 5), torch.rand(2, 37)
-    expected = x * g[:, :, None] * s[:, None]
-    assert torch.equal(ops.scale(x, g, s, residual), expected + x if residual else expected)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scale_rounds_like_the_formula(ops: object, residual: bool, dtype: torch.dtype) -> None:
+    """In float32, then (for bf16 x) one rounding to bf16."""
+    x, g, s = torch.randn(2, 5, 37).to(dtype), torch.rand(2, 5), torch.rand(2, 37)
+    expected = x.float() * g[:, :, None] * s[:, None]
+    expected = expected + x.float() if residual else expected
+    out = ops.scale(x, g, s, residual)
+    assert out.dtype == dtype and torch.equal(out, expected.to(dtype))
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("residual", [False, True])
 def test_backward_passes(ops: object, shape: tuple[int, ...], residual: bool) -> None:
+    _backward_passes(ops, shape, residual, torch.float64)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("residual", [False, True])
+def test_backward_passes_bf16(ops: object, shape: tuple[int, ...], residual: bool) -> None:
+    """x and G in bf16, the rest in float32: dL/dg in float32, dL/dx within one bf16 rounding."""
+    _backward_passes(ops, shape, residual, torch.bfloat16)
+
+
+def _backward_passes(ops: object, shape: tuple[int, ...], residual: bool, dtype: torch.dtype) -> None:
     n, c, hw = shape
     torch.manual_seed(0)
     x, grad = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
@@ -98,13 +124,32 @@ def test_backward_passes(ops: object, shape: tuple[int, ...], residual: bool) ->
     at_s = torch.zeros(shape, dtype=torch.float64).scatter_(1, idx_s[:, None], 1.0)
     at_c = torch.zeros(shape, dtype=torch.float64).scatter_(2, idx_c[:, :, None], 1.0)
 
+    if dtype == torch.bfloat16:  # the values the kernels see, exactly, and their small operands
+        x, grad = x.bfloat16().double(), grad.bfloat16().double()
+        g, s, d_pooled, d_avg, d_max = (t.float().double() for t in (g, s, d_pooled, d_avg, d_max))
+        x_at = x.gather(1, idx_s[:, None]).squeeze(1)
+    acc = _acc(dtype)
+
+    def run(t: torch.Tensor, full_size: bool = False) -> torch.Tensor:
+        return t.to(dtype if full_size else acc)
+
     expected = (x * d_pooled[:, :1]).sum(dim=2) / c + (x * at_s * d_pooled[:, 1:]).sum(dim=2)
-    _close(ops.pool_gate_grad(x, d_pooled, idx_s.double(), x_at), expected)
+    d_g = ops.pool_gate_grad(run(x, True), run(d_pooled), run(idx_s), run(x_at))
+    assert d_g.dtype == acc
+    _close(d_g, expected.to(acc))
 
     d_y = grad * s[:, None] + d_pooled[:, :1] / c + at_s * d_pooled[:, 1:]
     expected = d_y * g[:, :, None] + d_avg[:, :, None] / hw + at_c * d_max[:, :, None]
-    dx = ops.input_grad(grad, g, s, d_pooled, idx_s.double(), d_avg, d_max, idx_c, residual)
-    _close(dx, expected + grad if residual else expected)
+    expected = expected + grad if residual else expected
+    dx = ops.input_grad(
+        run(grad, True), run(g), run(s), run(d_pooled), run(idx_s), run(d_avg), run(d_max), idx_c, residual
+    )
+    assert dx.dtype == dtype
+    if dtype == torch.bfloat16:
+        err = ((dx.double() - expected).norm() / expected.norm()).item()
+        assert err <= 2**-8, f"relative error {err:.3g}"
+    else:
+        _close(dx, expected)
 
 
 @pytest.mark.parametrize("kernel_size", [1, 3, 7])
@@ -215,6 +260,20 @@ for spatial_bn, function in [(False, "KernelCBAMBackward"), (True, "KernelBatchN
     module.impl = "auto"
     with torch.no_grad():
         torch.testing.assert_close(module(x.detach()), module.forward_reference(x.detach()))
+# bf16 under autocast: ATen's scalar bf16 conversions, within one bf16 rounding of the formula
+for residual in (False, True):
+    module = CBAM(6, reduction=2, residual=residual)
+    x = torch.randn(2, 6, 11, 9).bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert type(out.grad_fn).__name__ == "KernelCBAMBackward" and out.dtype == torch.bfloat16
+    out.float().sum().backward()
+    module.impl = "reference"
+    x64 = x.detach().double().requires_grad_()
+    expected = module.double()(x64)
+    expected.sum().backward()
+    for got, want in ((out, expected), (x.grad, x64.grad)):
+        assert ((got.double() - want).norm() / want.norm()).item() <= 2**-8
 print("ok")
 """
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}

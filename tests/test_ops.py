@@ -71,6 +71,7 @@ def test_impl_routes_input_by_the_table(impl: str, x: torch.Tensor, backward: st
         ("kernels", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "channels_last input"),
         ("kernels", torch.randn(2, 16, 5, 4).double()[:, :, :0], "empty input"),
         ("kernels", torch.randn(2, 16, 5, 4).half(), "torch.float16 input"),
+        ("kernels", torch.randn(2, 16, 5, 4).bfloat16(), "torch.bfloat16 input outside autocast"),
         ("fused", torch.randn(16, 5, 4), "3-d input"),
         ("fused", torch.randn(2, 16, 5, 4)[:, :, ::2], "input that is neither NCHW- nor channels_last"),
     ],

@@ -207,7 +207,9 @@ class CBAM(nn.Module):
                      choice raises ``ValueError``)
     ===============  ============================================================================
     ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous,
-                     non-empty float32/float64 CPU tensors, autocast off, once the kernels are built
+                     non-empty float32/float64 CPU tensors, and bfloat16 ones under CPU autocast with
+                     float32 parameters (autocast's numerics, as below: ``x``, the output and
+                     ``x``'s gradient in bfloat16, all else in float32), once the kernels are built
     ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
                      any device and floating dtype; under autocast with autocast's numerics
                      (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype)
@@ -219,9 +221,11 @@ class CBAM(nn.Module):
     see: under TorchScript and tracing, for tensor subclasses, and while hooks sit on ``channel``
     or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
     ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
-    operators (``ops``) where they take the input and the spatial gate has no BatchNorm; all
+    operators (``ops``) where they take the input and the spatial gate has no BatchNorm, autocast
+    off (the operators have no autocast rule, so a graph under autocast runs the reference); all
     else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever
-    build the kernels, and only for input they take (never for CUDA, meta or other dtypes).
+    build the kernels, and only for input they take (never for CUDA, meta, float16 input, or
+    bfloat16 input outside autocast).
 
     Args:
         in_channels: channels of the input.
@@ -362,7 +366,7 @@ class CBAM(nn.Module):
             if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
                 refusal = "input that is neither NCHW- nor channels_last-contiguous"
             elif wanted in ("auto", "kernels"):
-                refusal = _kernel_refusal(x, nchw)
+                refusal = _kernel_refusal(self, x, nchw)
                 if refusal is None:
                     return "kernels"
                 if wanted == "auto":
@@ -385,15 +389,24 @@ def _kernels_ready() -> bool:
     return kernels.available()
 
 
-def _kernel_refusal(x: torch.Tensor, nchw: bool) -> str | None:
+def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool) -> str | None:
     """Why the kernels do not take ``x`` (4-D, NCHW or channels_last), or None where they do.
-    The build is asked for last: never for input the kernels would not take."""
+    The build is asked for last: never for input the kernels would not take.
+
+    The kernels compute in float32 for bfloat16 ``x`` and need float32 parameters for it: what
+    autocast gives. Outside autocast bfloat16 input with float32 parameters is an error in the
+    formula, and a model cast to bfloat16 (bfloat16 parameters) runs the fused path."""
     if x.device.type != "cpu":
         return f"{x.device.type} input"
-    if torch.is_autocast_enabled("cpu"):
-        return "input under autocast"
-    if x.dtype not in (torch.float32, torch.float64):
-        return f"{x.dtype} input"
+    dtype = x.dtype
+    if dtype is torch.bfloat16:
+        if not torch.is_autocast_enabled("cpu"):
+            return "torch.bfloat16 input outside autocast"
+        weight = _fetch(_fetch(_fetch(cbam, "spatial"), "conv"), "weight")
+        if weight.dtype is not torch.float32:
+            return f"torch.bfloat16 input with {weight.dtype} parameters"
+    elif dtype is not torch.float32 and dtype is not torch.float64:
+        return f"{dtype} input"
     if not nchw:
         return "channels_last input"
     if x.numel() == 0:

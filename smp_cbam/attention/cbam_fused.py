@@ -240,7 +240,14 @@ class FusedCBAM(torch.autograd.Function):
 
 def kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> GateState:
     """``fused_forward`` with the kernels; the gate graphs start at the pooled descriptors and
-    at the spatial convolution's output (the kernels convolve, ``spatial_conv_backward``)."""
+    at the spatial convolution's output (the kernels convolve, ``spatial_conv_backward``). The
+    small tensors are in the kernels' compute type (float32 for bfloat16 ``x``), so the gates'
+    torch ops run with autocast off, as the fused path's do."""
+    with _autocast_off(x, autocast_gate_dtype(x)):
+        return _kernel_forward(cbam, x, track)
+
+
+def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> GateState:
     n, c, h, w = x.shape
     conv = cbam.spatial.conv
     x3 = x.view(n, c, h * w)
@@ -325,6 +332,12 @@ class KernelBatchNormCBAM(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
+        # the gates' graphs were recorded with autocast off (kernel_forward): not recast here either
+        with _autocast_off(grad, autocast_gate_dtype(grad)):
+            return KernelBatchNormCBAM._backward(ctx, grad)
+
+    @staticmethod
+    def _backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple:
         x, idx_c, pooled, *params = ctx.saved_tensors
         _, avg, mx, g_c, _, z, g_s, _ = ctx.graph
         needs = ctx.needs_input_grad[2:]

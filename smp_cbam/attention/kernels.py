@@ -4,9 +4,14 @@ PyTorch's ``cpp_extension`` compiles them once per machine (cached under ``TORCH
 or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam_cpu``. Without a working C++
 compiler a warning is given and CBAM's ``impl="auto"`` runs its eager fused path instead;
 ``SMP_CBAM_KERNELS=0`` skips the build. CBAM asks for the build only for input the kernels take
-(contiguous float32/float64 CPU tensors), never for CUDA, meta or other dtypes.
+(contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast), never for CUDA, meta
+or other dtypes.
 
 The functions below are the kernels' interface: each returns a tensor or a NamedTuple of them.
+The full-size tensors (``x``, the output, ``grad`` = dL/dout and dL/dx, shaped like ``x``) have
+``x``'s dtype; every other tensor, given or returned, has its compute type: float32 for bfloat16
+``x`` (autocast's numerics: reductions, MLP, convolution and gates in float32), else ``x``'s dtype.
+Indices are int64, or channel numbers in the compute type where noted.
 """
 
 import logging

@@ -1,9 +1,17 @@
-// Fused CPU passes of CBAM over NCHW-contiguous float32/float64 tensors (see smp_cbam/attention/kernels.py).
+// Fused CPU passes of CBAM over NCHW-contiguous float32/float64/bfloat16 tensors (see
+// smp_cbam/attention/kernels.py).
 //
 // x is (N, C, HW); g the channel gate (N, C); s the spatial gate (N, HW). Each pass reads its
 // full-size operands once; every max returns the first maximal element, NaN counting as maximal,
 // as torch.max(dim) does.
+//
+// The full-size tensors (x, the output, G = dL/dout and dL/dx) are read and written in their own
+// dtype T; all arithmetic is in Acc<T> = at::opmath_type<T> (float for bfloat16, T itself for
+// float and double), and everything small (pooled descriptors and maps, the gates, the parameters
+// and their gradients) is an Acc<T> tensor: autocast's numerics, which keep reductions in float32,
+// with each full-size element rounded to bfloat16 once.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -13,11 +21,50 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 namespace {
 
-constexpr int64_t kChunk = 1024;  // elements summed in scalar_t before adding to a double
+template <typename T>
+using Acc = at::opmath_type<T>;
+template <typename T>
+using AccVec = at::vec::Vectorized<Acc<T>>;
+
+// AccVec<T>::size() elements of p, widened to the compute type (exact)
+template <typename T>
+inline AccVec<T> load_acc(const T* p) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+    AccVec<T> out;
+    at::vec::load_fp32_from_bf16(p, out);
+    return out;
+  } else {
+    return AccVec<T>::loadu(p);
+  }
+}
+
+// v rounded to T (to nearest even, as c10::BFloat16's constructor rounds the scalar tails) into
+// AccVec<T>::size() elements of p
+template <typename T>
+inline void store_acc(const AccVec<T>& v, T* p) {
+  if constexpr (std::is_same_v<T, at::BFloat16>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16 lanes in, 16 out: convert_float_bfloat16 would also convert a second, unused half
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), at::vec::cvtfp32_bf16(__m512(v)));
+#else
+    at::vec::convert_float_bfloat16(v, v).store(p, AccVec<T>::size());
+#endif
+  } else {
+    v.store(p);
+  }
+}
+
+// The options of x's small companions: its compute type (float32 for bfloat16 x)
+at::TensorOptions acc_options(const at::Tensor& x) {
+  return x.options().dtype(at::toOpMathType(x.scalar_type()));
+}
+
+constexpr int64_t kChunk = 1024;  // elements summed in Acc<T> before adding to a double
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
 constexpr int64_t kAhead = 4;     // channels ahead that pool_span and gate_span prefetch
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead row_mean_max's stream is prefetched
@@ -39,22 +86,24 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
-// Sum of a[i] * b[i] over [0, len): in scalar_t per kChunk, then in double.
+// Sum of a[i] * b[i] over [0, len) for a full-size row a and a small one b: in Acc<T> per kChunk,
+// then in double.
 template <typename T>
-double dot(const T* a, const T* b, int64_t len) {
-  using Vec = at::vec::Vectorized<T>;
+double dot(const T* a, const Acc<T>* b, int64_t len) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
   double total = 0;
   for (int64_t start = 0; start < len; start += kChunk) {
     const int64_t stop = std::min(start + kChunk, len);
-    Vec acc(T(0));
+    Vec acc(A(0));
     int64_t i = start;
     for (; i + Vec::size() <= stop; i += Vec::size()) {
-      acc = acc + Vec::loadu(a + i) * Vec::loadu(b + i);
+      acc = acc + load_acc(a + i) * Vec::loadu(b + i);
     }
-    T lanes[Vec::size()];
+    A lanes[Vec::size()];
     acc.store(lanes);
-    for (; i < stop; ++i) total += a[i] * b[i];
-    for (T lane : lanes) total += lane;
+    for (; i < stop; ++i) total += static_cast<A>(a[i]) * b[i];
+    for (A lane : lanes) total += lane;
   }
   return total;
 }
@@ -79,17 +128,20 @@ T dot_short(const T* a, const T* b, int64_t len) {
 
 // The first i in [from, len) with row[i] == value, else len.
 template <typename T>
-int64_t find_first(const T* row, int64_t from, int64_t len, T value) {
-  using Vec = at::vec::Vectorized<T>;
+int64_t find_first(const T* row, int64_t from, int64_t len, Acc<T> value) {
+  using Vec = AccVec<T>;
   const Vec target(value);
   int64_t i = from;
   for (; i + Vec::size() <= len; i += Vec::size()) {
     // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
-    const auto hits = ~static_cast<uint64_t>((Vec::loadu(row + i) == target).zero_mask()) &
+    const auto hits = ~static_cast<uint64_t>((load_acc(row + i) == target).zero_mask()) &
                       ((uint64_t(1) << Vec::size()) - 1);
     if (hits) return i + __builtin_ctzll(hits);
   }
-  return std::find(row + i, row + len, value) - row;
+  for (; i < len; ++i) {
+    if (static_cast<Acc<T>>(row[i]) == value) return i;
+  }
+  return len;
 }
 
 // Prefetches the cache lines kPrefetchBytes past [p, p + len): a stream read through the L2 gets
@@ -101,28 +153,29 @@ inline void prefetch_ahead(const T* p, int64_t len) {
 }
 
 // Mean and max of each of the n rows of x (n, len), and the max's first index when idx is set.
-// Each chunk is summed in two vectors of scalar_t, then added to a double. The rows are read as
+// Each chunk is summed in two vectors of Acc<T>, then added to a double. The rows are read as
 // one stream, prefetched ahead across their ends.
 template <typename T>
-void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* idx) {
-  using Vec = at::vec::Vectorized<T>;
+void row_mean_max(const T* x, int64_t n, int64_t len, Acc<T>* mean, Acc<T>* max, int64_t* idx) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
   const auto add = [](const Vec& a, const Vec& b) { return a + b; };
   const auto greater = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * len;
-      T best = -std::numeric_limits<T>::infinity();
+      A best = -std::numeric_limits<A>::infinity();
       int64_t best_chunk = 0;  // the first chunk that holds the max
       double total = 0;
       for (int64_t start = 0; start < len; start += kChunk) {
         const int64_t stop = std::min(start + kChunk, len);
-        Vec s0(T(0)), s1(T(0)), m0(-std::numeric_limits<T>::infinity()), m1(m0);
+        Vec s0(A(0)), s1(A(0)), m0(-std::numeric_limits<A>::infinity()), m1(m0);
         int64_t i = start;
         // clamp_min is the plain vector max; a NaN shows in the sum, and is looked for below
         for (; i + 4 * Vec::size() <= stop; i += 4 * Vec::size()) {
           prefetch_ahead(row + i, 4 * Vec::size());
-          const Vec v0 = Vec::loadu(row + i), v1 = Vec::loadu(row + i + Vec::size());
-          const Vec v2 = Vec::loadu(row + i + 2 * Vec::size()), v3 = Vec::loadu(row + i + 3 * Vec::size());
+          const Vec v0 = load_acc(row + i), v1 = load_acc(row + i + Vec::size());
+          const Vec v2 = load_acc(row + i + 2 * Vec::size()), v3 = load_acc(row + i + 3 * Vec::size());
           s0 = s0 + v0 + v2;
           s1 = s1 + v1 + v3;
           m0 = at::vec::clamp_min(at::vec::clamp_min(v0, m0), v2);
@@ -130,17 +183,18 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
         }
         for (; i + 2 * Vec::size() <= stop; i += 2 * Vec::size()) {
           prefetch_ahead(row + i, 2 * Vec::size());
-          const Vec v0 = Vec::loadu(row + i), v1 = Vec::loadu(row + i + Vec::size());
+          const Vec v0 = load_acc(row + i), v1 = load_acc(row + i + Vec::size());
           s0 = s0 + v0;
           s1 = s1 + v1;
           m0 = at::vec::clamp_min(v0, m0);
           m1 = at::vec::clamp_min(v1, m1);
         }
-        T chunk_sum = at::vec::vec_reduce_all<T>(add, s0 + s1);
-        T chunk_max = at::vec::vec_reduce_all<T>(greater, at::vec::maximum(m0, m1));
+        A chunk_sum = at::vec::vec_reduce_all<A>(add, s0 + s1);
+        A chunk_max = at::vec::vec_reduce_all<A>(greater, at::vec::maximum(m0, m1));
         for (; i < stop; ++i) {
-          chunk_sum += row[i];
-          chunk_max = beats(row[i], chunk_max) ? row[i] : chunk_max;
+          const A v = row[i];
+          chunk_sum += v;
+          chunk_max = beats(v, chunk_max) ? v : chunk_max;
         }
         total += chunk_sum;
         if (chunk_max > best || start == 0) {
@@ -148,12 +202,12 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
           best_chunk = start;
         }
       }
-      mean[r] = static_cast<T>(total / len);
+      mean[r] = static_cast<A>(total / len);
       // a NaN element makes the sum NaN (so does inf - inf): only then look for one
-      const T* nan = total != total ? std::find_if(row, row + len, [](T v) { return v != v; })
+      const T* nan = total != total ? std::find_if(row, row + len, [](A v) { return v != v; })
                                     : row + len;
       if (nan != row + len) {
-        max[r] = *nan;
+        max[r] = static_cast<A>(*nan);
         if (idx) idx[r] = nan - row;
       } else {
         max[r] = best;
@@ -166,12 +220,13 @@ void row_mean_max(const T* x, int64_t n, int64_t len, T* mean, T* max, int64_t* 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> channel_pool(const at::Tensor& x, bool with_index) {
   check(x, "x", 3);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
-  auto mean = at::empty({n, c}, x.options());
-  auto max = at::empty({n, c}, x.options());
+  auto mean = at::empty({n, c}, acc_options(x));
+  auto max = at::empty({n, c}, acc_options(x));
   auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_pool", [&] {
-    row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, mean.data_ptr<scalar_t>(),
-                           max.data_ptr<scalar_t>(), with_index ? idx.data_ptr<int64_t>() : nullptr);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "channel_pool", [&] {
+    using A = Acc<scalar_t>;
+    row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, mean.data_ptr<A>(), max.data_ptr<A>(),
+                           with_index ? idx.data_ptr<int64_t>() : nullptr);
   });
   return {mean, max, idx};
 }
@@ -192,10 +247,12 @@ void for_tiles(int64_t n, int64_t hw, const F& f) {
 // the pixels [p0, p0 + len), into sum and max. Four channels per pass over sum and max, added in
 // channel order (the same sums as one at a time, with a quarter of the loads and stores of them).
 template <typename T>
-void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_t len, T* sum, T* max) {
-  using Vec = at::vec::Vectorized<T>;
-  std::fill(sum, sum + len, T(0));
-  std::fill(max, max + len, -std::numeric_limits<T>::infinity());
+void pool_span(const T* x, const Acc<T>* g, int64_t c, int64_t hw, int64_t p0, int64_t len, Acc<T>* sum,
+               Acc<T>* max) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  std::fill(sum, sum + len, A(0));
+  std::fill(max, max + len, -std::numeric_limits<A>::infinity());
   int64_t ch = 0;
   for (; ch + 4 <= c; ch += 4) {
     const T* row = x + ch * hw + p0;
@@ -207,36 +264,36 @@ void pool_span(const T* x, const T* g, int64_t c, int64_t hw, int64_t p0, int64_
       if (ahead) {
         for (int64_t k = 0; k < 4; ++k) __builtin_prefetch(ahead + k * hw + i);
       }
-      const Vec v0 = Vec::loadu(row + i) * g0, v1 = Vec::loadu(row + hw + i) * g1;
-      const Vec v2 = Vec::loadu(row + 2 * hw + i) * g2, v3 = Vec::loadu(row + 3 * hw + i) * g3;
+      const Vec v0 = load_acc(row + i) * g0, v1 = load_acc(row + hw + i) * g1;
+      const Vec v2 = load_acc(row + 2 * hw + i) * g2, v3 = load_acc(row + 3 * hw + i) * g3;
       (Vec::loadu(sum + i) + v0 + v1 + v2 + v3).store(sum + i);
       const Vec m01 = at::vec::maximum(at::vec::maximum(Vec::loadu(max + i), v0), v1);  // NaN-propagating
       at::vec::maximum(at::vec::maximum(m01, v2), v3).store(max + i);
     }
     for (; i < len; ++i) {
       for (int64_t k = 0; k < 4; ++k) {
-        const T v = row[k * hw + i] * g[ch + k];
+        const A v = static_cast<A>(row[k * hw + i]) * g[ch + k];
         sum[i] += v;
         max[i] = beats(v, max[i]) ? v : max[i];
       }
     }
   }
   for (; ch < c; ++ch) {
-    const T w = g[ch];
+    const A w = g[ch];
     const T* row = x + ch * hw + p0;
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
-      const Vec v = Vec::loadu(row + i) * Vec(w);
+      const Vec v = load_acc(row + i) * Vec(w);
       (Vec::loadu(sum + i) + v).store(sum + i);
       at::vec::maximum(Vec::loadu(max + i), v).store(max + i);
     }
     for (; i < len; ++i) {
-      const T v = row[i] * w;
+      const A v = static_cast<A>(row[i]) * w;
       sum[i] += v;
       max[i] = beats(v, max[i]) ? v : max[i];
     }
   }
-  for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<T>(c);
+  for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<A>(c);
 }
 
 // pooled (N, 2, HW): mean and max over channels of y = x * g.
@@ -244,13 +301,14 @@ at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
   check(x, "x", 3);
   check(g, "g", 2);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
-  auto pooled = at::empty({n, 2, hw}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "spatial_pool", [&] {
+  auto pooled = at::empty({n, 2, hw}, acc_options(x));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "spatial_pool", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    scalar_t* out = pooled.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    A* out = pooled.data_ptr<A>();
     for_tiles(n, hw, [&](int64_t b, int64_t, int64_t p0, int64_t p1) {
-      scalar_t* sum = out + b * 2 * hw + p0;
+      A* sum = out + b * 2 * hw + p0;
       pool_span(xp + b * c * hw, gp + b * c, c, hw, p0, p1 - p0, sum, sum + hw);
     });
   });
@@ -259,14 +317,18 @@ at::Tensor spatial_pool(const at::Tensor& x, const at::Tensor& g) {
 
 // out = x * g * s (+ x) over len elements; out may be x
 template <typename T>
-void scale_span(const T* x, T g, const T* s, int64_t len, bool residual, T* out) {
-  using Vec = at::vec::Vectorized<T>;
+void scale_span(const T* x, Acc<T> g, const Acc<T>* s, int64_t len, bool residual, T* out) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
   int64_t i = 0;
   for (; i + Vec::size() <= len; i += Vec::size()) {
-    const Vec v = Vec::loadu(x + i), y = v * Vec(g) * Vec::loadu(s + i);
-    (residual ? y + v : y).store(out + i);
+    const Vec v = load_acc(x + i), y = v * Vec(g) * Vec::loadu(s + i);
+    store_acc(residual ? y + v : y, out + i);
   }
-  for (; i < len; ++i) out[i] = residual ? x[i] * g * s[i] + x[i] : x[i] * g * s[i];
+  for (; i < len; ++i) {
+    const A v = x[i];
+    out[i] = static_cast<T>(residual ? v * g * s[i] + v : v * g * s[i]);
+  }
 }
 
 // out = x * g * s (+ x), rounded as (x * g) * s like the plain formula.
@@ -276,10 +338,11 @@ at::Tensor scale(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s, 
   check(s, "s", 2);
   const int64_t c = x.size(1), hw = x.size(2);
   auto out = at::empty_like(x);
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "scale", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    const A* sp = s.data_ptr<A>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, x.size(0) * c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) scale_span(xp + r * hw, gp[r], sp + (r / c) * hw, hw, residual, op + r * hw);
@@ -293,29 +356,30 @@ at::Tensor scale(const at::Tensor& x, const at::Tensor& g, const at::Tensor& s, 
 // so that it is updated with the same vector masks) and x there into x_at (all at p0), and sum G x s
 // over these pixels added to each channel's dg.
 template <typename T>
-void gate_span(const T* gr, const T* x, const T* g, const T* s, int64_t c, int64_t hw, int64_t p0, int64_t len,
-               T* ds, T* arg, T* x_at, double* dg) {
-  using Vec = at::vec::Vectorized<T>;
-  T max[kTile];
-  std::fill(ds, ds + len, T(0));
-  std::fill(x_at, x_at + len, T(0));
-  std::fill(max, max + len, -std::numeric_limits<T>::infinity());
-  std::fill(arg, arg + len, T(0));
-  const T* srow = s + p0;
+void gate_span(const T* gr, const T* x, const Acc<T>* g, const Acc<T>* s, int64_t c, int64_t hw, int64_t p0,
+               int64_t len, Acc<T>* ds, Acc<T>* arg, Acc<T>* x_at, double* dg) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  A max[kTile];
+  std::fill(ds, ds + len, A(0));
+  std::fill(x_at, x_at + len, A(0));
+  std::fill(max, max + len, -std::numeric_limits<A>::infinity());
+  std::fill(arg, arg + len, A(0));
+  const A* srow = s + p0;
   for (int64_t ch = 0; ch < c; ++ch) {
-    const T w = g[ch], channel = static_cast<T>(ch);
+    const A w = g[ch], channel = static_cast<A>(ch);
     const T* row = x + ch * hw + p0;
     const T* grow = gr + ch * hw + p0;
     const bool ahead = ch + kAhead < c;  // prefetch as in pool_span
     const Vec wv(w), chv(channel);
-    Vec lanes(T(0));
+    Vec lanes(A(0));
     int64_t i = 0;
     for (; i + Vec::size() <= len; i += Vec::size()) {
       if (ahead) {
         __builtin_prefetch(row + kAhead * hw + i);
         __builtin_prefetch(grow + kAhead * hw + i);
       }
-      const Vec xv = Vec::loadu(row + i), gx = Vec::loadu(grow + i) * xv;
+      const Vec xv = load_acc(row + i), gx = load_acc(grow + i) * xv;
       lanes = lanes + gx * Vec::loadu(srow + i);
       (Vec::loadu(ds + i) + gx * wv).store(ds + i);
       const Vec v = xv * wv, m = Vec::loadu(max + i);
@@ -324,24 +388,24 @@ void gate_span(const T* gr, const T* x, const T* g, const T* s, int64_t c, int64
       Vec::blendv(Vec::loadu(arg + i), chv, up).store(arg + i);
       Vec::blendv(Vec::loadu(x_at + i), xv, up).store(x_at + i);
     }
-    double total = at::vec::vec_reduce_all<T>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
+    double total = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
     for (; i < len; ++i) {
-      const T gx = grow[i] * row[i];
+      const A xi = row[i], gx = static_cast<A>(grow[i]) * xi;
       total += gx * srow[i];
       ds[i] += gx * w;
-      const T v = row[i] * w;
+      const A v = xi * w;
       const bool up = beats(v, max[i]);
       max[i] = up ? v : max[i];
       arg[i] = up ? channel : arg[i];
-      x_at[i] = up ? row[i] : x_at[i];
+      x_at[i] = up ? xi : x_at[i];
     }
     dg[ch] += total;
   }
 }
 
 // With G = dL/dout: d_s = sum_c G x g (N, HW), d_g = sum_hw G x s (N, C), and the channel of
-// max_c x g (N, HW, a channel number in x's dtype) with x there (N, HW), recomputed here rather than
-// kept from the forward.
+// max_c x g (N, HW, a channel number in the compute type) with x there (N, HW), recomputed here
+// rather than kept from the forward.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::Tensor& grad,
                                                           const at::Tensor& x, const at::Tensor& g,
                                                           const at::Tensor& s) {
@@ -352,31 +416,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_grads(const at::
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
   TORCH_CHECK(c <= (int64_t(1) << 24), "gate_grads supports at most 2^24 channels, got ", c);
   const int64_t tiles = (hw + kTile - 1) / kTile;
-  auto d_s = at::empty({n, hw}, x.options());
-  auto idx = at::empty({n, hw}, x.options());
-  auto x_at = at::empty({n, hw}, x.options());
+  auto d_s = at::empty({n, hw}, acc_options(x));
+  auto idx = at::empty({n, hw}, acc_options(x));
+  auto x_at = at::empty({n, hw}, acc_options(x));
   auto d_g_tiles = at::zeros({n, tiles, c}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_grads", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gate_grads", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    const A* sp = s.data_ptr<A>();
     for_tiles(n, hw, [&](int64_t b, int64_t tile, int64_t p0, int64_t p1) {
       const int64_t at = b * hw + p0;
       gate_span(gr + b * c * hw, xp + b * c * hw, gp + b * c, sp + b * hw, c, hw, p0, p1 - p0,
-                d_s.data_ptr<scalar_t>() + at, idx.data_ptr<scalar_t>() + at, x_at.data_ptr<scalar_t>() + at,
+                d_s.data_ptr<A>() + at, idx.data_ptr<A>() + at, x_at.data_ptr<A>() + at,
                 d_g_tiles.data_ptr<double>() + (b * tiles + tile) * c);
     });
   });
-  return {d_s, d_g_tiles.sum(1).to(x.scalar_type()), idx, x_at};
+  return {d_s, d_g_tiles.sum(1).to(d_s.scalar_type()), idx, x_at};
 }
 
 // P's share of dL/dg from the pixels [p0, p1) of one batch item (x: its (C, HW); d_avg, d_max, idx,
 // x_at: its (HW)), added to each channel's dg: sum x d_avg / C, and x_at d_max at each pixel's max
 // channel idx.
 template <typename T>
-void pool_share(const T* x, const T* d_avg, const T* d_max, const T* idx, const T* x_at, int64_t c,
-                int64_t hw, int64_t p0, int64_t p1, double* dg) {
+void pool_share(const T* x, const Acc<T>* d_avg, const Acc<T>* d_max, const Acc<T>* idx, const Acc<T>* x_at,
+                int64_t c, int64_t hw, int64_t p0, int64_t p1, double* dg) {
   for (int64_t ch = 0; ch < c; ++ch) dg[ch] += dot(x + ch * hw + p0, d_avg + p0, p1 - p0) / c;
   for (int64_t p = p0; p < p1; ++p) dg[static_cast<int64_t>(idx[p])] += x_at[p] * d_max[p];
 }
@@ -390,17 +455,18 @@ at::Tensor pool_gate_grad(const at::Tensor& x, const at::Tensor& d_pooled, const
   check(x_at, "x_at", 2);
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2);
   auto d_g = at::zeros({n, c}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pool_gate_grad", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "pool_gate_grad", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* dp = d_pooled.data_ptr<scalar_t>();
+    const A* dp = d_pooled.data_ptr<A>();
     at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
       for (int64_t b = begin; b < end; ++b) {
-        pool_share(xp + b * c * hw, dp + b * 2 * hw, dp + (b * 2 + 1) * hw, idx.data_ptr<scalar_t>() + b * hw,
-                   x_at.data_ptr<scalar_t>() + b * hw, c, hw, int64_t(0), hw, d_g.data_ptr<double>() + b * c);
+        pool_share(xp + b * c * hw, dp + b * 2 * hw, dp + (b * 2 + 1) * hw, idx.data_ptr<A>() + b * hw,
+                   x_at.data_ptr<A>() + b * hw, c, hw, int64_t(0), hw, d_g.data_ptr<double>() + b * c);
       }
     });
   });
-  return d_g.to(x.scalar_type());
+  return d_g.to(at::toOpMathType(x.scalar_type()));
 }
 
 // dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s where the channel is the pixel's
@@ -419,48 +485,54 @@ at::Tensor input_grad(const at::Tensor& grad, const at::Tensor& g, const at::Ten
   check(idx_c, "idx_c", 2);
   const int64_t c = grad.size(1), hw = grad.size(2);
   auto dx = at::empty_like(grad);
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "input_grad", [&] {
-    using Vec = at::vec::Vectorized<scalar_t>;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, grad.scalar_type(), "input_grad", [&] {
+    using A = Acc<scalar_t>;
+    using Vec = AccVec<scalar_t>;
     const scalar_t* gr = grad.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    const scalar_t* dp = d_pooled.data_ptr<scalar_t>();
-    const scalar_t* isp = idx_s.data_ptr<scalar_t>();
-    const scalar_t* dap = d_avg.data_ptr<scalar_t>();
-    const scalar_t* dmp = d_max.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    const A* sp = s.data_ptr<A>();
+    const A* dp = d_pooled.data_ptr<A>();
+    const A* isp = idx_s.data_ptr<A>();
+    const A* dap = d_avg.data_ptr<A>();
+    const A* dmp = d_max.data_ptr<A>();
     const int64_t* icp = idx_c.data_ptr<int64_t>();
     scalar_t* out = dx.data_ptr<scalar_t>();
-    const scalar_t inv_c = scalar_t(1) / static_cast<scalar_t>(c);
+    const A inv_c = A(1) / static_cast<A>(c);
     at::parallel_for(0, grad.size(0) * c, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         const int64_t b = r / c;
-        const scalar_t w = gp[r], base = dap[r] / static_cast<scalar_t>(hw), channel = static_cast<scalar_t>(r % c);
+        const A w = gp[r], base = dap[r] / static_cast<A>(hw), channel = static_cast<A>(r % c);
         const scalar_t* grow = gr + r * hw;
-        const scalar_t* srow = sp + b * hw;
-        const scalar_t* d_avg_s = dp + b * 2 * hw;
-        const scalar_t* d_max_s = d_avg_s + hw;
-        const scalar_t* arg = isp + b * hw;
+        const A* srow = sp + b * hw;
+        const A* d_avg_s = dp + b * 2 * hw;
+        const A* d_max_s = d_avg_s + hw;
+        const A* arg = isp + b * hw;
         scalar_t* orow = out + r * hw;
         const Vec wv(w), basev(base), inv(inv_c), chv(channel);
         int64_t i = 0;
         for (; i + Vec::size() <= hw; i += Vec::size()) {
-          const Vec gv = Vec::loadu(grow + i);
+          const Vec gv = load_acc(grow + i);
           Vec v = (gv * Vec::loadu(srow + i) + Vec::loadu(d_avg_s + i) * inv) * wv + basev;
           if (residual) v = v + gv;
           // the max's share where this is the max channel (a true comparison sets every bit)
           v = v + ((Vec::loadu(arg + i) == chv) & (wv * Vec::loadu(d_max_s + i)));
-          v.store(orow + i);
+          store_acc(v, orow + i);
         }
         for (; i < hw; ++i) {
-          scalar_t v = (grow[i] * srow[i] + d_avg_s[i] * inv_c) * w + base;
-          if (residual) v += grow[i];
+          const A gi = grow[i];
+          A v = (gi * srow[i] + d_avg_s[i] * inv_c) * w + base;
+          if (residual) v += gi;
           if (arg[i] == channel) v += w * d_max_s[i];
-          orow[i] = v;
+          orow[i] = static_cast<scalar_t>(v);
         }
       }
     });
+    // a second rounding, in bfloat16, of one element per channel
     for (int64_t b = 0; b < grad.size(0); ++b) {
-      for (int64_t ch = 0; ch < c; ++ch) out[(b * c + ch) * hw + icp[b * c + ch]] += dmp[b * c + ch];
+      for (int64_t ch = 0; ch < c; ++ch) {
+        scalar_t& at_max = out[(b * c + ch) * hw + icp[b * c + ch]];
+        at_max = static_cast<scalar_t>(static_cast<A>(at_max) + dmp[b * c + ch]);
+      }
     }
   });
   return dx;
@@ -588,7 +660,8 @@ void weight_grad_map(const T* pad, int64_t ld, const T* dz, int64_t ldz, int64_t
   }
 }
 
-// The 2 -> 1 k x k convolution of the pooled map (N, 2, H, W), without bias: (N, 1, H, W).
+// The 2 -> 1 k x k convolution of the pooled map (N, 2, H, W), without bias: (N, 1, H, W). Like the
+// MLP's backward below, it sees only small tensors of the compute type, never bfloat16.
 at::Tensor spatial_conv(const at::Tensor& pooled, const at::Tensor& weight) {
   check(pooled, "pooled", 4);
   check(weight, "weight", 4);
@@ -702,23 +775,24 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
   const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
   const Segments split(n, h, r);
   const int64_t seg_rows = split.rows, segs = split.count;
-  auto pad = at::empty({n, 2, h + 2 * r, ld}, x.options());  // pool_rows fills all but the border
-  auto s_all = keep ? at::empty({n, hw}, x.options()) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attend", [&] {
+  auto pad = at::empty({n, 2, h + 2 * r, ld}, acc_options(x));  // pool_rows fills all but the border
+  auto s_all = keep ? at::empty({n, hw}, acc_options(x)) : at::Tensor();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "attend", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* w = weight.data_ptr<scalar_t>();
-    scalar_t* pp = pad.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    const A* w = weight.data_ptr<A>();
+    A* pp = pad.data_ptr<A>();
     scalar_t* op = out.data_ptr<scalar_t>();
     const int64_t span = std::max(kTile, wd);
     for (int64_t p = 0; p < 2 * n; ++p) zero_border(pp + p * plane, h, wd, r, ld);
     // P's rows [y0, y1) of batch item bi, a tile of whole rows at a time
-    auto pool_rows = [&](int64_t bi, int64_t y0, int64_t y1, scalar_t* sum, scalar_t* max) {
+    auto pool_rows = [&](int64_t bi, int64_t y0, int64_t y1, A* sum, A* max) {
       for (int64_t ya = y0; ya < y1;) {
         const int64_t yb = std::min(y1, ya + std::max<int64_t>(1, kTile / wd));
         pool_span(xp + bi * c * hw, gp + bi * c, c, hw, ya * wd, (yb - ya) * wd, sum, max);
         for (int64_t y = ya; y < yb; ++y) {
-          scalar_t* dst = pp + bi * 2 * plane + (y + r) * ld + r;
+          A* dst = pp + bi * 2 * plane + (y + r) * ld + r;
           std::copy(sum + (y - ya) * wd, sum + (y - ya + 1) * wd, dst);
           std::copy(max + (y - ya) * wd, max + (y - ya + 1) * wd, dst + plane);
         }
@@ -726,7 +800,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
       }
     };
     at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sum(span), max(span);
+      std::vector<A> sum(span), max(span);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
         if (seg > 0) pool_rows(bi, y0, std::min(y0 + r, y1), sum.data(), max.data());
@@ -735,7 +809,7 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
     });
     const int64_t block_rows = std::max<int64_t>(1, kBlockBytes / (c * wd * sizeof(scalar_t)));
     at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> sum(span), max(span), s(block_rows * wd);
+      std::vector<A> sum(span), max(span), s(block_rows * wd);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
         int64_t pooled = seg > 0 ? std::min(y0 + r, y1) : y0;  // rows of P done
@@ -746,13 +820,13 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
             pool_rows(bi, pooled, std::min(q1 + r, last), sum.data(), max.data());
             pooled = std::min(q1 + r, last);
           }
-          std::fill(s.begin(), s.begin() + len, scalar_t(0));
+          std::fill(s.begin(), s.begin() + len, A(0));
           for (int64_t ch = 0; ch < 2; ++ch) {
             correlate_rows(pp + (bi * 2 + ch) * plane + q0 * ld, ld, w + ch * k * k, k, 0, q1 - q0, wd,
                            s.data());
           }
-          sigmoid_affine(s.data(), len, static_cast<scalar_t>(a), static_cast<scalar_t>(b));
-          if (keep) std::copy(s.begin(), s.begin() + len, s_all.data_ptr<scalar_t>() + bi * hw + q0 * wd);
+          sigmoid_affine(s.data(), len, static_cast<A>(a), static_cast<A>(b));
+          if (keep) std::copy(s.begin(), s.begin() + len, s_all.data_ptr<A>() + bi * hw + q0 * wd);
           for (int64_t ch = 0; ch < c; ++ch) {
             const int64_t offset = (bi * c + ch) * hw + q0 * wd;
             scale_span(xp + offset, gp[bi * c + ch], s.data(), len, residual, op + offset);
@@ -784,45 +858,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::T
   const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
   const Segments split(n, h, r);
   const int64_t seg_rows = split.rows, segs = split.count;
-  auto pad = at::zeros({n, h + 2 * r, ld}, x.options());
-  auto d_u = at::empty({n, hw}, x.options());
-  auto d_pooled = at::zeros({n, 2, hw}, x.options());
-  auto idx = at::empty({n, hw}, x.options());
-  auto x_at = at::empty({n, hw}, x.options());
+  auto pad = at::zeros({n, h + 2 * r, ld}, acc_options(x));
+  auto d_u = at::empty({n, hw}, acc_options(x));
+  auto d_pooled = at::zeros({n, 2, hw}, acc_options(x));
+  auto idx = at::empty({n, hw}, acc_options(x));
+  auto x_at = at::empty({n, hw}, acc_options(x));
   auto d_g = at::zeros({n * segs, c}, x.options().dtype(at::kDouble));
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "gate_pass", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "gate_pass", [&] {
+    using A = Acc<scalar_t>;
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* gp = g.data_ptr<scalar_t>();
-    const scalar_t* sp = s.data_ptr<scalar_t>();
-    scalar_t* pp = pad.data_ptr<scalar_t>();
-    scalar_t* dup = d_u.data_ptr<scalar_t>();
-    scalar_t* dp = d_pooled.data_ptr<scalar_t>();
-    scalar_t* ip = idx.data_ptr<scalar_t>();
-    scalar_t* xap = x_at.data_ptr<scalar_t>();
-    std::vector<scalar_t> taps(2 * k * k);  // the kernel turned by 180 degrees: the adjoint
-    const scalar_t* w = weight.data_ptr<scalar_t>();
+    const A* gp = g.data_ptr<A>();
+    const A* sp = s.data_ptr<A>();
+    A* pp = pad.data_ptr<A>();
+    A* dup = d_u.data_ptr<A>();
+    A* dp = d_pooled.data_ptr<A>();
+    A* ip = idx.data_ptr<A>();
+    A* xap = x_at.data_ptr<A>();
+    std::vector<A> taps(2 * k * k);  // the kernel turned by 180 degrees: the adjoint
+    const A* w = weight.data_ptr<A>();
     for (int64_t ch = 0; ch < 2; ++ch) std::reverse_copy(w + ch * k * k, w + (ch + 1) * k * k, taps.data() + ch * k * k);
     // gate_span over rows [y0, y1) of item bi, a tile at a time, then d_u into du (and into the
     // map for the rows [own0, own1))
-    auto gate_rows = [&](int64_t bi, int64_t y0, int64_t y1, int64_t own0, int64_t own1, scalar_t* ds,
-                         double* dg, scalar_t* du) {
+    auto gate_rows = [&](int64_t bi, int64_t y0, int64_t y1, int64_t own0, int64_t own1, A* ds, double* dg,
+                         A* du) {
       const int64_t base = bi * hw, first = y0 * wd, last = y1 * wd;
       for (int64_t p0 = first; p0 < last; p0 += kTile) {
         gate_span(gr + base * c, xp + base * c, gp + bi * c, sp + base, c, hw, p0, std::min(kTile, last - p0),
                   ds + p0 - first, ip + base + p0, xap + base + p0, dg);
       }
       for (int64_t y = y0; y < y1; ++y) {
-        const scalar_t* srow = sp + base + y * wd;
-        const scalar_t* drow = ds + (y - y0) * wd;
-        scalar_t* out = du + (y - y0) * wd;
-        for (int64_t i = 0; i < wd; ++i) out[i] = drow[i] * srow[i] * (scalar_t(1) - srow[i]);
+        const A* srow = sp + base + y * wd;
+        const A* drow = ds + (y - y0) * wd;
+        A* out = du + (y - y0) * wd;
+        for (int64_t i = 0; i < wd; ++i) out[i] = drow[i] * srow[i] * (A(1) - srow[i]);
         if (y >= own0 && y < own1) std::copy(out, out + wd, pp + bi * plane + (y + r) * ld + r);
       }
     };
     // the rows at each segment's borders that its neighbours read
     at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ds(r * wd), du(r * wd);
+      std::vector<A> ds(r * wd), du(r * wd);
       std::vector<double> scratch(c);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
@@ -834,7 +909,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::T
     // blocks of G and x of about kBlockBytes, but at least a tile of pixels per channel
     const int64_t block_rows = std::max(kBlockBytes / (2 * c * wd * int64_t(sizeof(scalar_t))), (kTile + wd - 1) / wd);
     at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> ds(block_rows * wd);
+      std::vector<A> ds(block_rows * wd);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
         const int64_t own0 = seg > 0 ? std::min(y0 + r, y1) : y0, own1 = seg < segs - 1 ? std::max(y1 - r, y0) : y1;
@@ -856,7 +931,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::T
       }
     });
   });
-  return {d_g.view({n, segs, c}).sum(1).to(x.scalar_type()), d_u, d_pooled, idx};
+  return {d_g.view({n, segs, c}).sum(1).to(d_u.scalar_type()), d_u, d_pooled, idx};
 }
 
 // The channel gate: pooled descriptors D = [mean_hw; max_hw](x) (2N, C), the MLP's hidden layer
@@ -873,56 +948,66 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
   const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), hid = w1.size(0);
   TORCH_CHECK(w1.numel() == hid * c && w2.numel() == c * hid, "expected MLP weights (C/r, C) and (C, C/r)");
   const auto w1c = w1.contiguous(), w2c = w2.contiguous();
-  auto descriptors = at::empty({2 * n, c}, x.options());
-  auto hidden = at::empty({2 * n, hid}, x.options());
-  auto g = at::empty({n, c}, x.options());
+  auto descriptors = at::empty({2 * n, c}, acc_options(x));
+  auto hidden = at::empty({2 * n, hid}, acc_options(x));
+  auto g = at::empty({n, c}, acc_options(x));
   auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "channel_gate", [&] {
-    scalar_t* d = descriptors.data_ptr<scalar_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "channel_gate", [&] {
+    using A = Acc<scalar_t>;
+    A* d = descriptors.data_ptr<A>();
     row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, d, d + n * c,
                            with_index ? idx.data_ptr<int64_t>() : nullptr);
-    const scalar_t* w1p = w1c.data_ptr<scalar_t>();
-    const scalar_t* w2p = w2c.data_ptr<scalar_t>();
-    const scalar_t* b1p = b1 ? b1->data_ptr<scalar_t>() : nullptr;
-    const scalar_t* b2p = b2 ? b2->data_ptr<scalar_t>() : nullptr;
-    scalar_t* hp = hidden.data_ptr<scalar_t>();
+    const A* w1p = w1c.data_ptr<A>();
+    const A* w2p = w2c.data_ptr<A>();
+    const A* b1p = b1 ? b1->data_ptr<A>() : nullptr;
+    const A* b2p = b2 ? b2->data_ptr<A>() : nullptr;
+    A* hp = hidden.data_ptr<A>();
     for (int64_t i = 0; i < 2 * n; ++i) {
       for (int64_t j = 0; j < hid; ++j) {
-        const scalar_t v = dot_short(d + i * c, w1p + j * c, c) + (b1p ? b1p[j] : scalar_t(0));
-        hp[i * hid + j] = std::max(v, scalar_t(0));
+        const A v = dot_short(d + i * c, w1p + j * c, c) + (b1p ? b1p[j] : A(0));
+        hp[i * hid + j] = std::max(v, A(0));
       }
     }
-    std::vector<scalar_t> sum(hid);
-    scalar_t* gp = g.data_ptr<scalar_t>();
+    std::vector<A> sum(hid);
+    A* gp = g.data_ptr<A>();
     for (int64_t i = 0; i < n; ++i) {
       for (int64_t j = 0; j < hid; ++j) sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
       for (int64_t ch = 0; ch < c; ++ch) {
-        const scalar_t z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : scalar_t(0));
-        gp[i * c + ch] = scalar_t(1) / (scalar_t(1) + std::exp(-z));
+        const A z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : A(0));
+        gp[i * c + ch] = A(1) / (A(1) + std::exp(-z));
       }
     }
   });
   return {descriptors, hidden, g, idx};
 }
 
+// What cbam_infer and cbam_train take, else an error naming the function: x a non-empty
+// contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W) with C = w2's rows, the parameters
+// contiguous CPU tensors of x's compute type (float32 for bfloat16 x, as under autocast).
+void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
+                const std::optional<at::Tensor>& bias) {
+  const auto type = x.scalar_type();
+  TORCH_CHECK((type == at::kFloat || type == at::kDouble || type == at::kBFloat16) && x.dim() == 4 &&
+                  x.numel() > 0 && x.device().is_cpu() && x.is_contiguous(),
+              name, ": x must be a non-empty contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W)");
+  const auto fits = [&](const at::Tensor& t) {
+    return t.device().is_cpu() && t.scalar_type() == at::toOpMathType(type) && t.is_contiguous();
+  };
+  const auto fits_optional = [&](const std::optional<at::Tensor>& t) { return !t || fits(*t); };
+  TORCH_CHECK(fits(w1) && fits(w2) && fits(weight) && fits_optional(b1) && fits_optional(b2) && fits_optional(bias),
+              name, ": the parameters must be contiguous CPU tensors of x's dtype (float32 for bfloat16 x)");
+  TORCH_CHECK(w2.size(0) == x.size(1), name, ": x has ", x.size(1), " channels, the MLP ", w2.size(0));
+}
+
 // The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
 // into x itself with inplace (its version bumped, as by any in-place op). The caller
-// (CBAM's implementation selector) sends only what this takes: x and the parameters contiguous CPU
-// tensors of one floating dtype, x (N, C, H, W) non-empty with C = w2's rows; anything else is an
+// (CBAM's implementation selector) sends only what this takes (check_call); anything else is an
 // error here, never a silent other path.
 at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, double a, double b, bool residual, bool inplace) {
-  const auto fits = [&](const at::Tensor& t) {
-    return t.device().is_cpu() && t.scalar_type() == x.scalar_type() && t.is_contiguous();
-  };
-  const auto fits_optional = [&](const std::optional<at::Tensor>& t) { return !t || fits(*t); };
-  TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.dim() == 4 && x.numel() > 0 &&
-                  fits(x),
-              "cbam_infer: x must be a non-empty contiguous float32/float64 CPU tensor (N, C, H, W)");
-  TORCH_CHECK(fits(w1) && fits(w2) && fits(weight) && fits_optional(b1) && fits_optional(b2) && fits_optional(bias),
-              "cbam_infer: the parameters must be contiguous CPU tensors of x's dtype");
-  TORCH_CHECK(w2.size(0) == x.size(1), "cbam_infer: x has ", x.size(1), " channels, the MLP ", w2.size(0));
+  check_call("cbam_infer", x, w1, b1, w2, b2, weight, bias);
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
   const at::Tensor out = inplace ? x : at::empty_like(x);
   attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
@@ -936,6 +1021,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
     const std::optional<at::Tensor>& b2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     bool residual) {
+  check_call("cbam_train", x, w1, b1, w2, b2, weight, bias);
   auto gate = channel_gate(x, w1, b1, w2, b2, true);
   auto out = at::empty_like(x);
   auto [s, pooled] = attend(x, gate.g, weight, 1.0, bias ? bias->item<double>() : 0.0, residual, out, true);
