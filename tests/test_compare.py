@@ -440,3 +440,25 @@ def test_loggers_follow_trainer_logger(tmp_path: Path) -> None:
     assert kinds("pytorch_lightning.loggers.TensorBoardLogger") == [CSVLogger, TensorBoardLogger]
     loggers = make_loggers(load_config(), tmp_path, run)
     assert Path(loggers[0].log_dir) == tmp_path / "logs" and Path(loggers[1].log_dir) == tmp_path / "logs"
+
+
+def test_the_last_runs_of_a_parallel_grid_share_the_idle_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import multiprocessing
+
+    from smp_cbam.training import runner
+
+    before = torch.get_num_threads()
+    unfinished = multiprocessing.get_context("spawn").Value("i", 8)
+    try:
+        runner._worker_init(4, 2, unfinished)  # 4 cores, 2 workers, 8 runs to go: 2 threads each
+        assert torch.get_num_threads() == 2
+        unfinished.value = 1  # the other worker is idle: the last run takes every core
+        runner._share_threads({"epoch": 3})
+        assert torch.get_num_threads() == 4
+        runner._worker_init(2, 3, unfinished)  # more workers than cores: never below one thread
+        unfinished.value = 5
+        runner._share_threads()
+        assert torch.get_num_threads() == 1
+    finally:
+        monkeypatch.setattr(runner, "_SHARE", None)
+        torch.set_num_threads(before)

@@ -3,6 +3,7 @@ in a plain ``pl.Trainer`` with loggers, predict, step-sized schedules, a prebuil
 auxiliary head. Tiny synthetic data and a depth-3 model keep each run to a few seconds."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -20,6 +21,7 @@ from smp_cbam.training.models import used_parameters
 DATA = dict(dataset="synthetic", batch_size=4, synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 4, "n_test": 6})
 MODEL = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 16))
 QUIET = dict(enable_model_summary=False, enable_progress_bar=False)
+DEPTH2 = {**MODEL, "encoder_depth": 2, "decoder_channels": (32, 16)}
 
 # C4: the data module saves its resolved values as hyperparameters (the data helper's branch); only
 # then can a module given the same values by hand log its hyperparameters beside the data module's
@@ -58,6 +60,32 @@ def test_default_trainer_fits_validates_and_reloads(tmp_path, monkeypatch) -> No
     with torch.no_grad():
         torch.testing.assert_close(reloaded(images), module(images))
     assert reloaded.class_names == module.class_names
+
+
+def test_checkpoints_leave_out_the_encoder_stages_the_model_never_uses(tmp_path) -> None:
+    # resnet18 at depth 2: smp keeps layer2-layer4 (11M parameters) though the forward stops at layer1
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(arch="unet", attention="cbam", init_seed=0, **DEPTH2)
+    trainer = pl.Trainer(max_epochs=1, default_root_dir=tmp_path, **QUIET)
+    trainer.fit(module, datamodule=datamodule)
+    path = trainer.checkpoint_callback.best_model_path
+    checkpoint = torch.load(path, weights_only=True)
+    left_out = checkpoint["smp_cbam_unused_parameters"]
+    assert "model.encoder.layer4.1.conv2.weight" in left_out and not any(".layer1." in k for k in left_out)
+    assert not set(left_out) & set(checkpoint["state_dict"])
+    assert Path(path).stat().st_size < 5_000_000  # with them: about 45 MB
+    reloaded = SegmentationModule.load_from_checkpoint(path)  # strict: every key is back
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[key], value, rtol=0, atol=0, msg=key)
+    images, _ = _test_images(datamodule)
+    module.eval(), reloaded.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(images), module(images))
+    # resuming training from it, as the runner does after an interruption
+    again = pl.Trainer(max_epochs=2, default_root_dir=tmp_path, **QUIET)
+    again.fit(SegmentationModule(arch="unet", attention="cbam", **DEPTH2),
+              datamodule=datamodule, ckpt_path=path, weights_only=True)  # fmt: skip
+    assert again.current_epoch == 2
 
 
 def test_csv_logger_records_step_loss_epoch_metrics_and_learning_rate(tmp_path) -> None:

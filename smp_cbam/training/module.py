@@ -36,6 +36,7 @@ __all__ = [
 DATA_KEYS = ("num_classes", "in_channels", "class_names", "ignore_index")
 SCHEDULERS = ("cosine", "poly", "none")
 PREDICT_OUTPUTS = ("labels", "probabilities")
+UNUSED_KEY = "smp_cbam_unused_parameters"  # checkpoint entry: the keys left out of its state_dict
 STAGES = ("val", "test")
 
 
@@ -179,6 +180,7 @@ class SegmentationModule(pl.LightningModule):
         self._heads_for: tuple | None = None
         self._counts: list[torch.Tensor] = []
         self._context_seen = dict.fromkeys(STAGES, False)
+        self._unused_keys: list[str] = []
         if num_classes is not None and (model is not None or in_channels is not None):
             self._setup_from(None)
 
@@ -199,6 +201,8 @@ class SegmentationModule(pl.LightningModule):
         self.hparams.update({key: value for key, value in resolved.items() if value is not None})
         if self.model is None:
             self.model = self._build_model()
+            # what build_model froze as never used by the forward pass (see checkpoint hooks below)
+            self._unused_keys = [f"model.{n}" for n, p in self.model.named_parameters() if not p.requires_grad]
         if self._heads_for != (self.num_classes, self.ignore_index):
             self._build_losses_and_metrics()
 
@@ -441,6 +445,36 @@ class SegmentationModule(pl.LightningModule):
             loader = loaders[0] if isinstance(loaders, (list, tuple)) else loaders
             local = distributed_order(self.all_gather(local), len(loader.dataset))
         return local.cpu().numpy().astype(np.int64)
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Leave out the parameters that the forward pass never uses: smp keeps every stage of a
+        torchvision-style encoder whatever ``encoder_depth`` (resnet18 at depth 2: 11M parameters
+        stored, 0.2M used), and a checkpoint written every epoch would carry them each time.
+        They are frozen at their initial values, which the same hyperparameters rebuild (bit for
+        bit with ``init_seed``; without it, other never-used values: the outputs are the same)."""
+        state = checkpoint["state_dict"]
+        left_out = [key for key in self._unused_keys if state.pop(key, None) is not None]
+        if left_out:
+            checkpoint[UNUSED_KEY] = left_out
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Put back what :meth:`on_save_checkpoint` left out, from this module's own (identically
+        built, never trained) weights, so that strict loading finds every key."""
+        left_out = checkpoint.get(UNUSED_KEY, [])
+        if not left_out:
+            return
+        own = self.state_dict() if self.model is not None else {}
+        missing = [key for key in left_out if key not in own]
+        if missing:
+            raise RuntimeError(
+                f"the checkpoint left out {len(missing)} never-used parameters (e.g. {missing[0]}) that this "
+                "module does not have; build it with the checkpoint's hyperparameters"
+            )
+        state = checkpoint["state_dict"]
+        for key in left_out:
+            state.setdefault(key, own[key])
 
     def configure_optimizers(self):
         hp = self.hparams

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import shutil
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -214,8 +215,17 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
 
 
 
-def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: Eta | None, log: Log) -> bool:
-    """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran."""
+def _grid_step(
+    config: Config,
+    run: RunSpec,
+    tag: str,
+    retry_failed: bool,
+    eta: Eta | None,
+    log: Log,
+    after_epoch: Callable[[dict], None] | None = None,
+) -> bool:
+    """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran.
+    ``after_epoch`` is called with each epoch's history row."""
     output = Path(config.output)
     run_dir = output / "runs" / run.name
     result_path = run_dir / "result.json"
@@ -236,7 +246,12 @@ def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: 
     run_dir.mkdir(parents=True, exist_ok=True)
     left = f"  (grid time left ~{format_seconds(eta.seconds_left())})" if eta is not None else ""
     log(f"{tag} {run.name}{left}")
-    on_epoch = None if eta is None else (lambda r, run=run: eta.epoch_done(run, r["seconds"], r["epoch"]))
+    def on_epoch(row: dict) -> None:
+        if eta is not None:
+            eta.epoch_done(run, row["seconds"], row["epoch"])
+        if after_epoch is not None:
+            after_epoch(row)
+
     try:
         row = run_one(config, run, run_dir, Log(run_dir / "log.txt"), on_epoch=on_epoch)
     except ConfigError:
@@ -264,29 +279,57 @@ def _grid_step(config: Config, run: RunSpec, tag: str, retry_failed: bool, eta: 
     return True
 
 
-def _worker_init(threads: int) -> None:
-    torch.set_num_threads(threads)
+_SHARE: tuple[int, int, Any] | None = None  # in a worker: (cores, jobs, the grid's count of unfinished runs)
+
+
+def _worker_init(cores: int, jobs: int, unfinished: Any) -> None:
+    global _SHARE
+    _SHARE = (cores, jobs, unfinished)
+    _share_threads()
+
+
+def _share_threads(_row: dict | None = None) -> None:
+    """The cores split among the runs still going: ``cores // jobs`` threads while every worker
+    has a run, more once the grid's last runs are all that is left (a grid's tail otherwise runs
+    on one core while the others idle). Called before each run and after each of its epochs."""
+    if _SHARE is None:
+        return
+    cores, jobs, unfinished = _SHARE
+    threads = max(cores // max(min(jobs, unfinished.value), 1), 1)
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
 
 
 def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> None:
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
-    _grid_step(config, run, tag, retry_failed, None, Log())
+    _share_threads()
+    try:
+        _grid_step(config, run, tag, retry_failed, None, Log(), after_epoch=_share_threads)
+    finally:
+        if _SHARE is not None:
+            with _SHARE[2].get_lock():
+                _SHARE[2].value -= 1
 
 
 def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed: bool, log: Log) -> None:
-    """``jobs`` runs at a time, each in a worker process with its share of the CPU's
-    threads; the report is rewritten here as each run ends. Every run is seeded on its own, so
-    the results equal those of one run at a time."""
+    """``jobs`` runs at a time, each in a worker process with its share of the CPU's threads
+    (the whole CPU shared among the last runs, see ``_share_threads``); the report is rewritten
+    here as each run ends. Every run is seeded on its own, so the results equal those of one run
+    at a time (up to the summation order of a different thread count)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
     output = Path(config.output)
-    threads = max(torch.get_num_threads() // jobs, 1)
+    cores = torch.get_num_threads()
+    threads = max(cores // jobs, 1)
     log(f"running {jobs} runs at a time, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
-    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_init, initargs=(threads,)) as pool:
+    unfinished = context.Value("i", len(runs))
+    with ProcessPoolExecutor(
+        jobs, mp_context=context, initializer=_worker_init, initargs=(cores, jobs, unfinished)
+    ) as pool:
         futures = {
             pool.submit(_worker_step, config, run, f"[run {i}/{len(runs)}]", retry_failed): run
             for i, run in enumerate(runs, 1)
