@@ -25,8 +25,8 @@ import pytorch_lightning as pl
 import torch
 
 from smp_cbam.training.config import load_config
-from smp_cbam.training.run import RunSpec, align_hparams, make_datamodule, module_kwargs
 from smp_cbam.training.module import SegmentationModule
+from smp_cbam.training.run import RunSpec, align_hparams, make_datamodule, module_kwargs
 
 PRECISIONS = ("32-true", "bf16-mixed")
 
