@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     datamodule.setup("fit")
     align_hparams(datamodule)
     print(
-        f"{config.dataset}: {config.grid.archs[0]} {config.model.encoder}, batch {config.data.batch_size}, "
+        f"{config.dataset}: {config.grid.archs[0]} {config.model.encoder}, batch {datamodule.batch_size}, "
         f"{torch.get_num_threads()} thread(s), {args.rounds} timed round(s) after 1 untimed"
     )
     times: dict[tuple[str, str], list[float]] = {}
