@@ -10,23 +10,11 @@ import segmentation_models_pytorch as smp
 import torch
 
 from smp_cbam import CBAM
-from smp_cbam.attention import cbam_fused, kernels
+from smp_cbam.attention import cbam_fused
 
 needs_kernels = pytest.mark.skipif(
     os.environ.get("SMP_CBAM_KERNELS") == "0", reason="kernels disabled by SMP_CBAM_KERNELS=0"
 )
-
-
-@pytest.fixture(params=["kernels", "eager"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the compiled CPU kernels, then with the eager fused path."""
-    if request.param == "kernels":
-        if os.environ.get("SMP_CBAM_KERNELS") == "0":
-            pytest.skip("kernels disabled by SMP_CBAM_KERNELS=0")
-        assert kernels.available()
-    else:
-        monkeypatch.setattr(kernels, "available", lambda: False)
-    return request.param
 
 
 def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:

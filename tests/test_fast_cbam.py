@@ -1,7 +1,6 @@
 """The fast CBAM path against the plain formula: outputs, gradients, ties, variants, fallbacks."""
 
 import copy
-import os
 
 import pytest
 import torch
@@ -27,18 +26,6 @@ VARIANTS = [
     {"kernel_size": 3},
     {"kernel_size": 1, "mlp_bias": True, "spatial_bn": True, "residual": True},
 ]
-
-
-@pytest.fixture(params=["kernels", "eager"])
-def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Runs a test with the compiled CPU kernels, then with the eager fast path."""
-    if request.param == "kernels":
-        if os.environ.get("SMP_CBAM_KERNELS") == "0":
-            pytest.skip("kernels disabled by SMP_CBAM_KERNELS=0")
-        assert kernels.available()
-    else:
-        monkeypatch.setattr(kernels, "available", lambda: False)
-    return request.param
 
 
 def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:
