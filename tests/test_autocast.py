@@ -191,6 +191,14 @@ def _bf16_data(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
+def _float64_formula(reference: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float64 reference's output for ``x`` and, after backward of ``grad``, its input (with ``.grad``)."""
+    x64 = x.detach().double().requires_grad_()
+    expected = reference(x64)
+    expected.backward(grad.double())
+    return expected, x64
+
+
 def _within_one_rounding(actual: torch.Tensor, expected: torch.Tensor) -> None:
     """bf16 ``actual`` within one bf16 rounding (2^-9 relative) of the float64 ``expected``, as a norm
     (the largest-index element of dL/dx is rounded twice), with float32's own error as slack."""
@@ -220,9 +228,7 @@ def test_kernels_training_under_bf16_autocast_match_the_float64_formula(
         out = module(x)
     assert type(out.grad_fn).__name__ == "KernelCBAMBackward" and out.dtype == torch.bfloat16
     out.backward(grad)
-    x64 = x.detach().double().requires_grad_()
-    expected = reference(x64)
-    expected.backward(grad.double())
+    expected, x64 = _float64_formula(reference, x, grad)
     assert out.shape == x.shape and x.grad.dtype == torch.bfloat16
     assert out.is_contiguous() and x.grad.is_contiguous()
     _within_one_rounding(out, expected.detach())
@@ -243,9 +249,7 @@ def test_kernels_with_spatial_batchnorm_under_bf16_autocast(shape: tuple[int, ..
         out = module(x)
     assert type(out.grad_fn).__name__ == "KernelBatchNormCBAMBackward" and out.dtype == torch.bfloat16
     out.backward(grad)
-    x64 = x.detach().double().requires_grad_()
-    expected = reference(x64)
-    expected.backward(grad.double())
+    expected, x64 = _float64_formula(reference, x, grad)
     _within_one_rounding(out, expected.detach())
     _within_one_rounding(x.grad, x64.grad)
     for p, q in zip(module.parameters(), reference.parameters(), strict=True):
