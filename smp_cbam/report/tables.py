@@ -147,8 +147,8 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
         lines.append(
             "One seed: there is no seed-to-seed interval. The image interval shows how far the difference "
             "would move with another draw of test images from the same source; it says nothing about "
-            "another training seed, which can move results as much. "
-            + (f"Bold marks an image interval whose Holm-adjusted bootstrap p is below {ALPHA}." if has_boot else "")
+            "another training seed, which can move results as much, so no one-seed difference is marked. "
+            f"Run {MIN_SEEDS_FOR_TEST} or more seeds to test differences."
         )
     if not has_boot and ns:
         lines.append(
