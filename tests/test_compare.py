@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import cv2
 import numpy as np
@@ -16,14 +17,14 @@ import pytest
 import segmentation_models_pytorch as smp
 import torch
 import yaml
-from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 
 import smp_cbam
 from smp_cbam.cli import main
 from smp_cbam.training import run as run_module
 from smp_cbam.training.module import SegmentationModule
-from smp_cbam.training.run import PlateauStopping, floor_miou, plateau_reached, write_per_image
+from smp_cbam.training.run import PlateauStopping, RunCheckpoint, floor_miou, plateau_reached, write_per_image
 from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
@@ -317,6 +318,33 @@ def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:
         early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005)
         stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
         assert plateau_reached(values, patience, 0.005, floor) == stopped
+
+
+def test_a_moved_run_keeps_its_best_checkpoint_score(tmp_path: Path) -> None:
+    # a run folder moved (renamed, copied off a cluster) and resumed: Lightning's ModelCheckpoint
+    # drops the best score, so the next validation, however poor, would overwrite best.ckpt
+    old, new = tmp_path / "old" / "checkpoints", tmp_path / "new" / "checkpoints"
+    state = {
+        "monitor": "val_miou", "best_model_score": torch.tensor(0.5), "current_score": torch.tensor(0.45),
+        "dirpath": str(old), "best_model_path": str(old / "best.ckpt"), "last_model_path": str(old / "last.ckpt"),
+        "best_k_models": {str(old / "best.ckpt"): torch.tensor(0.5)}, "kth_best_model_path": str(old / "best.ckpt"),
+        "kth_value": torch.tensor(0.5),
+    }  # fmt: skip
+
+    def keeps_best(callback) -> bool:
+        callback.load_state_dict(dict(state))
+        trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=bool))
+        return not callback.check_monitor_top_k(trainer, torch.tensor(0.4))  # 0.4 < 0.5: not a new best
+
+    kwargs = {"filename": "best", "monitor": "val_miou", "mode": "max", "save_last": True}
+    with pytest.warns(UserWarning, match="dirpath has changed"):
+        assert not keeps_best(ModelCheckpoint(dirpath=new, **kwargs))  # what Lightning alone does
+    moved = RunCheckpoint(dirpath=new, **kwargs)
+    assert keeps_best(moved) and float(moved.best_model_score) == 0.5
+    assert moved.best_model_path == str(new / "best.ckpt") and moved.last_model_path == str(new / "last.ckpt")
+    assert list(moved.best_k_models) == [str(new / "best.ckpt")]
+    same = RunCheckpoint(dirpath=old, **kwargs)  # not moved: Lightning's own restore, untouched
+    assert keeps_best(same) and same.best_model_path == str(old / "best.ckpt")
 
 
 def test_floor_and_per_image_files(tmp_path: Path) -> None:

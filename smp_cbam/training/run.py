@@ -147,6 +147,33 @@ def plateau_reached(values: Sequence[float], patience: int, min_delta: float, fl
     return False
 
 
+class RunCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that keeps its best score when the run's folder was moved or renamed.
+
+    Lightning restores the best score only when the checkpoint's stored ``dirpath`` equals the
+    current one; otherwise the first validation after resuming replaces ``best.ckpt`` whatever its
+    score, and the run could be tested on a worse epoch than its history's best. A run's
+    checkpoints move with its folder, so the stored paths are re-rooted in the current folder."""
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        stored = state_dict.get("dirpath")
+        if stored and self.dirpath and Path(stored) != Path(self.dirpath):
+            old, new = Path(stored), Path(self.dirpath)
+
+            def moved(path: Any) -> Any:
+                return str(new / Path(path).name) if path and Path(path).parent == old else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
 class PlateauStopping(EarlyStopping):
     """Lightning's EarlyStopping (mode max) whose patience counts only validations above ``floor``.
 
@@ -331,7 +358,7 @@ def run_one(
             on_epoch(row)
 
     history = EpochHistory(run_dir / "history.csv", epoch_line)
-    checkpoint = ModelCheckpoint(
+    checkpoint = RunCheckpoint(
         dirpath=ckpt_dir, filename="best", monitor="val_miou", mode="max", save_last=True, enable_version_counter=False
     )
     early = None
