@@ -318,7 +318,10 @@ def test_per_image_counts_must_match_the_runs_test_miou(tmp_path: Path) -> None:
 
 def test_a_difference_from_an_unconverged_or_floor_run_never_holds(tmp_path: Path) -> None:
     results = make_study(tmp_path, [0, 1, 2], {"cbam": 25})
-    cbam_vs_none = (lambda d: d[(d["attention"] == "cbam") & (d["baseline"] == "none")].iloc[0])
+
+    def cbam_vs_none(d: pd.DataFrame) -> pd.Series:
+        return d[(d["attention"] == "cbam") & (d["baseline"] == "none")].iloc[0]
+
     assert cbam_vs_none(report.comparisons(results, tmp_path))["holds"]  # holds while every run is clean
     for column, value in (("converged", False), ("at_floor", True)):
         flagged = results.copy()
