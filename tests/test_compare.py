@@ -226,6 +226,46 @@ def test_resume_after_kill_gives_the_results_of_an_uninterrupted_run(finished: P
     assert list(pd.read_csv(history)["epoch"]) == list(range(int(first["epochs"].iloc[1])))
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads Linux's /proc")
+def test_workers_end_with_a_killed_grid(tmp_path: Path) -> None:
+    # a worker left behind would go on training its run while a restarted grid trains it again
+    config = tmp_path / "tiny.yaml"
+    grid = {**TINY["grid"], "jobs": 2}
+    train = {**TINY["train"], "max_epochs": 50, "patience": 50}
+    config.write_text(yaml.safe_dump({**TINY, "grid": grid, "train": train, "costs": {"enabled": False}}))
+    command = [sys.executable, "-m", "smp_cbam", "compare", "--config", str(config), "--output", str(tmp_path / "out")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    histories = [tmp_path / "out" / "runs" / f"unet-{a}-s0" / "history.csv" for a in ("none", "cbam")]
+    deadline = time.monotonic() + 240
+    while not all(h.exists() for h in histories):  # both workers are training
+        assert process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.1)
+    workers = _children(process.pid)
+    assert len(workers) >= 2
+    process.terminate()
+    process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(_alive(w) for w in workers) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(_alive(w) for w in workers)
+    # an interrupted run is not a failed run: the same command resumes it
+    assert not list((tmp_path / "out" / "runs").glob("*/result.json"))
+
+
 class NaNAttention(torch.nn.Module):
     def __init__(self, in_channels: int):
         super().__init__()

@@ -25,8 +25,10 @@ epoch checkpoint (the stopping rule's state included). Failed runs stay failed u
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import statistics
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -282,10 +284,31 @@ def _grid_step(
 _SHARE: tuple[int, int, Any] | None = None  # in a worker: (cores, jobs, the grid's count of unfinished runs)
 
 
-def _worker_init(cores: int, jobs: int, unfinished: Any) -> None:
+def _worker_init(cores: int, jobs: int, unfinished: Any, parent: int | None = None) -> None:
     global _SHARE
+    if parent is not None:
+        _die_with_parent(parent)
     _SHARE = (cores, jobs, unfinished)
     _share_threads()
+
+
+def _die_with_parent(parent: int) -> None:
+    """On Linux, ask the kernel to end this worker when the grid's process ends. A worker left
+    behind (the parent killed by a scheduler or ``kill``) would go on training its run while a
+    restarted grid trains the same run into the same checkpoints."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request was in place
+        os._exit(1)
 
 
 def _share_threads(_row: dict | None = None) -> None:
@@ -307,6 +330,13 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
     _share_threads()
     try:
         _grid_step(config, run, tag, retry_failed, None, Log(), after_epoch=_share_threads)
+    except SystemExit as stop:
+        # SIGTERM (the grid's process ended, see _die_with_parent) stops Lightning at the end of a
+        # batch, never inside a checkpoint's write; the run resumes from its last epoch. The worker
+        # ends here rather than wait for a task from a grid that is gone.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(stop.code if isinstance(stop.code, int) else 1)
     finally:
         if _SHARE is not None:
             with _SHARE[2].get_lock():
@@ -328,7 +358,7 @@ def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed
     context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
     unfinished = context.Value("i", len(runs))
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(cores, jobs, unfinished)
+        jobs, mp_context=context, initializer=_worker_init, initargs=(cores, jobs, unfinished, os.getpid())
     ) as pool:
         futures = {
             pool.submit(_worker_step, config, run, f"[run {i}/{len(runs)}]", retry_failed): run
