@@ -239,7 +239,7 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads Linux's /proc")
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="reads Linux's /proc")
 def test_workers_end_with_a_killed_grid(tmp_path: Path) -> None:
     # a worker left behind would go on training its run while a restarted grid trains it again
     config = tmp_path / "tiny.yaml"
@@ -264,6 +264,15 @@ def test_workers_end_with_a_killed_grid(tmp_path: Path) -> None:
     assert not any(_alive(w) for w in workers)
     # an interrupted run is not a failed run: the same command resumes it
     assert not list((tmp_path / "out" / "runs").glob("*/result.json"))
+
+
+def test_a_worker_whose_grid_is_gone_takes_no_further_run() -> None:
+    # the parent-death signal can land where Lightning ignores it; the check between runs catches it
+    code = "import os; from smp_cbam.training import runner; runner._PARENT = {}; runner._orphaned_exit(); print('next run')"
+    gone = subprocess.run([sys.executable, "-c", code.format(-1)], capture_output=True, text=True, cwd=ROOT)
+    assert gone.returncode == 1 and "next run" not in gone.stdout
+    here = subprocess.run([sys.executable, "-c", code.format("os.getppid()")], capture_output=True, text=True, cwd=ROOT)
+    assert here.returncode == 0 and "next run" in here.stdout, here.stderr
 
 
 class NaNAttention(torch.nn.Module):

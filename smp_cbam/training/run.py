@@ -157,7 +157,7 @@ class RunCheckpoint(ModelCheckpoint):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stored = state_dict.get("dirpath")
-        if stored and self.dirpath and Path(stored) != Path(self.dirpath):
+        if stored and self.dirpath and stored != self.dirpath:  # Lightning's own test
             old, new = Path(stored), Path(self.dirpath)
 
             def moved(path: Any) -> Any:

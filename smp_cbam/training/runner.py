@@ -284,9 +284,13 @@ def _grid_step(
 _SHARE: tuple[int, int, Any] | None = None  # in a worker: (cores, jobs, the grid's count of unfinished runs)
 
 
+_PARENT: int | None = None  # in a worker: the grid's process id
+
+
 def _worker_init(cores: int, jobs: int, unfinished: Any, parent: int | None = None) -> None:
-    global _SHARE
+    global _SHARE, _PARENT
     if parent is not None:
+        _PARENT = parent
         _die_with_parent(parent)
     _SHARE = (cores, jobs, unfinished)
     _share_threads()
@@ -304,10 +308,24 @@ def _die_with_parent(parent: int) -> None:
     pr_set_pdeathsig = 1
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+        failed = libc.prctl(pr_set_pdeathsig, ctypes.c_ulong(signal.SIGTERM), 0, 0, 0) != 0
     except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent ended before the request was in place
+        failed = True
+    if failed:
+        print(
+            "smp-cbam: cannot ask the kernel to end this worker with the grid (prctl); a killed grid may "
+            "leave it running",
+            file=sys.stderr,
+        )
+    _orphaned_exit()
+
+
+def _orphaned_exit() -> None:
+    """Ends a worker whose grid process is gone: before a run, and after one (a SIGTERM that came
+    where Lightning does not act on it is forgotten by the next Trainer)."""
+    if _PARENT is not None and os.getppid() != _PARENT:
+        sys.stdout.flush()
+        sys.stderr.flush()
         os._exit(1)
 
 
@@ -327,6 +345,7 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    _orphaned_exit()
     _share_threads()
     try:
         _grid_step(config, run, tag, retry_failed, None, Log(), after_epoch=_share_threads)
@@ -334,6 +353,7 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
         # SIGTERM (the grid's process ended, see _die_with_parent) stops Lightning at the end of a
         # batch, never inside a checkpoint's write; the run resumes from its last epoch. The worker
         # ends here rather than wait for a task from a grid that is gone.
+        print(f"{tag} {run.name}: worker stopped (SystemExit {stop.code}); the same command resumes it", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(stop.code if isinstance(stop.code, int) else 1)
@@ -341,6 +361,7 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
         if _SHARE is not None:
             with _SHARE[2].get_lock():
                 _SHARE[2].value -= 1
+    _orphaned_exit()
 
 
 def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed: bool, log: Log) -> None:
@@ -350,6 +371,7 @@ def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed
     at a time (up to the summation order of a different thread count)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
 
     output = Path(config.output)
     cores = torch.get_num_threads()
@@ -365,7 +387,13 @@ def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed
             for i, run in enumerate(runs, 1)
         }
         for future in as_completed(futures):
-            future.result()  # a ConfigError stops the grid as in one process
+            try:
+                future.result()  # a ConfigError stops the grid as in one process
+            except BrokenProcessPool as err:
+                raise RuntimeError(
+                    f"a worker process ended during {futures[future].name} (killed, or see its message above); "
+                    "the same command resumes the unfinished runs"
+                ) from err
             collect_results(output, config)
             write_report(output, plots=False)  # this process shares the CPU with the workers
 
