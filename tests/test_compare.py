@@ -19,12 +19,20 @@ import torch
 import yaml
 from pytorch_lightning.callbacks import EarlyStopping, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.loggers import CSVLogger
 
 import smp_cbam
 from smp_cbam.cli import main
 from smp_cbam.training import run as run_module
 from smp_cbam.training.module import SegmentationModule
-from smp_cbam.training.run import PlateauStopping, RunCheckpoint, floor_miou, plateau_reached, write_per_image
+from smp_cbam.training.run import (
+    PlateauStopping,
+    RunCheckpoint,
+    RunCSVLogger,
+    floor_miou,
+    plateau_reached,
+    write_per_image,
+)
 from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
 from smp_cbam.training.synthetic import CLASS_NAMES
 
@@ -224,6 +232,9 @@ def test_resume_after_kill_gives_the_results_of_an_uninterrupted_run(finished: P
     pd.testing.assert_frame_equal(out[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
     assert list(out["stop_reason"]) == list(first["stop_reason"])
     assert list(pd.read_csv(history)["epoch"]) == list(range(int(first["epochs"].iloc[1])))
+    # and Lightning's CSV log still has the validations from before the kill
+    logged = pd.read_csv(history.parent / "logs" / "metrics.csv").dropna(subset=["val_miou"])
+    assert set(logged["epoch"].astype(int)) == set(range(int(first["epochs"].iloc[1])))
 
 
 def _children(pid: int) -> list[int]:
@@ -397,6 +408,31 @@ def test_a_moved_run_keeps_its_best_checkpoint_score(tmp_path: Path) -> None:
     assert list(moved.best_k_models) == [str(new / "best.ckpt")]
     same = RunCheckpoint(dirpath=old, **kwargs)  # not moved: Lightning's own restore, untouched
     assert keeps_best(same) and same.best_model_path == str(old / "best.ckpt")
+
+
+def test_a_resumed_run_keeps_the_metrics_it_logged_before(tmp_path: Path) -> None:
+    # Lightning's CSVLogger deletes the metrics.csv it finds: a resumed run lost its first epochs
+    def session(cls, rows: list[dict]) -> None:
+        logger = cls(tmp_path / cls.__name__, name="logs", version="")
+        for step, row in enumerate(rows, start=len(logged)):
+            logger.log_metrics(row, step=step)
+            logged.append(row)
+        logger.save()
+
+    for cls in (CSVLogger, RunCSVLogger):
+        logged: list[dict] = []
+        session(cls, [{"val_iou_car": 0.25}, {"val_iou_car": 0.5}])
+        if cls is CSVLogger:
+            with pytest.warns(UserWarning, match="will be deleted"):
+                session(cls, [{"val_iou_car": 0.75, "lr": 0.001}])
+        else:
+            session(cls, [{"val_iou_car": 0.75, "lr": 0.001}])
+        table = pd.read_csv(tmp_path / cls.__name__ / "logs" / "metrics.csv")
+        if cls is CSVLogger:  # what Lightning alone keeps
+            assert list(table["step"]) == [2]
+        else:
+            assert list(table["step"]) == [0, 1, 2] and list(table["val_iou_car"]) == [0.25, 0.5, 0.75]
+            assert table["lr"].isna().tolist() == [True, True, False]
 
 
 def test_floor_and_per_image_files(tmp_path: Path) -> None:

@@ -14,14 +14,17 @@ Files of a run (``OUT/runs/<name>/``)::
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import importlib
 import inspect
+import io
 import json
 import math
 import statistics
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text
@@ -120,6 +124,8 @@ class EpochHistory(pl.Callback):
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         if trainer.is_global_zero:
             atomic_write_csv(pd.DataFrame(self.rows), self.path)
+            for logger in trainer.loggers:  # the loggers' files up to date with the checkpoint saved next
+                logger.save()
         if self.on_epoch is not None:
             self.on_epoch(row)
 
@@ -145,6 +151,24 @@ def plateau_reached(values: Sequence[float], patience: int, min_delta: float, fl
             if wait >= patience:
                 return True
     return False
+
+
+class RunCSVLogger(CSVLogger):
+    """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv``: Lightning's
+    writer deletes the file it finds, and with it every epoch logged before the interruption
+    (per-class IoU, per-step loss and learning rate)."""
+
+    @property
+    def experiment(self) -> Any:
+        path = Path(self.log_dir) / "metrics.csv"
+        kept = path.read_text() if self._experiment is None and path.is_file() else None
+        with warnings.catch_warnings():  # "will be deleted": not here, it is put back
+            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
+            writer = super().experiment
+        if kept and self._experiment is not None:
+            path.write_text(kept)
+            writer.metrics_keys = next(csv.reader(io.StringIO(kept)), [])  # the header: new keys are added to it
+        return writer
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -212,9 +236,7 @@ def floor_miou(loader: Any, num_classes: int, ignore_index: int | None) -> float
 def make_loggers(config: Config, run_dir: Path, run: RunSpec) -> list:
     """CSV into the run's ``logs/`` always; TensorBoard there when installed (default); the
     loggers ``trainer.logger`` names otherwise."""
-    from pytorch_lightning.loggers import CSVLogger
-
-    loggers = [CSVLogger(run_dir, name="logs", version="")]
+    loggers = [RunCSVLogger(run_dir, name="logs", version="")]
     names = config.trainer["logger"]
     if names is True:
         names = (
