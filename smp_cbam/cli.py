@@ -8,7 +8,6 @@ import argparse
 import inspect
 import os
 import sys
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -127,8 +126,9 @@ def _quiet_lightning() -> None:
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    from .training.run import quiet_lightning_warnings
+
+    quiet_lightning_warnings()
 
 
 def is_main_process() -> bool:

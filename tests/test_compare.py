@@ -256,10 +256,14 @@ def test_workers_end_with_a_killed_grid(tmp_path: Path) -> None:
     config = tmp_path / "tiny.yaml"
     grid = {**TINY["grid"], "jobs": 2}
     train = {**TINY["train"], "max_epochs": 50, "patience": 50}
-    config.write_text(yaml.safe_dump({**TINY, "grid": grid, "train": train, "costs": {"enabled": False}}))
+    trainer = {"precision": "32-true"}  # the runner's own log interval: 2 batches an epoch, no warning
+    config.write_text(
+        yaml.safe_dump({**TINY, "grid": grid, "train": train, "trainer": trainer, "costs": {"enabled": False}})
+    )
     command = [sys.executable, "-m", "smp_cbam", "compare", "--config", str(config), "--output", str(tmp_path / "out")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
+    stderr = (tmp_path / "stderr.txt").open("w")
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT, env=env)
     histories = [tmp_path / "out" / "runs" / f"unet-{a}-s0" / "history.csv" for a in ("none", "cbam")]
     deadline = time.monotonic() + 240
     while not all(h.exists() for h in histories):  # both workers are training
@@ -278,6 +282,10 @@ def test_workers_end_with_a_killed_grid(tmp_path: Path) -> None:
     assert not left
     # an interrupted run is not a failed run: the same command resumes it
     assert not list((tmp_path / "out" / "runs").glob("*/result.json"))
+    # the workers print no warning their user cannot act on
+    stderr.close()
+    printed = (tmp_path / "stderr.txt").read_text()
+    assert "LeafSpec" not in printed and "log_every_n_steps" not in printed, printed
 
 
 def test_a_worker_whose_grid_is_gone_takes_no_further_run() -> None:

@@ -153,6 +153,14 @@ def plateau_reached(values: Sequence[float], patience: int, min_delta: float, fl
     return False
 
 
+def quiet_lightning_warnings() -> None:
+    """Warnings the runner's user cannot act on: a deprecation that Lightning itself triggers
+    with this torch, and the note on the checkpoint folder that a resumed run expects. Called in
+    the grid's process and in each worker (spawned workers start with the default filters)."""
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+
+
 class RunCSVLogger(CSVLogger):
     """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv``: Lightning's
     writer deletes the file it finds, and with it every epoch logged before the interruption
@@ -392,8 +400,15 @@ def run_one(
             "val_miou", floor=stuck, patience=config.train.patience, min_delta=config.train.min_delta
         )
         callbacks.append(early)
+    if "log_every_n_steps" not in config.trainer:
+        # an epoch shorter than Lightning's default interval (50 steps) logs no step and warns
+        steps = len(datamodule.datasets["train"]) // datamodule.batch_size
+        interval = {"log_every_n_steps": max(1, min(50, steps))}
+    else:
+        interval = {}
     trainer = _trainer(
         config,
+        **interval,
         max_epochs=budget,
         max_steps=config.train.max_steps or -1,
         callbacks=callbacks,

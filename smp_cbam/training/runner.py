@@ -46,7 +46,7 @@ from .config import (
     from_dict,
     load_config,
 )
-from .run import Log, RunSpec, is_writer, make_datamodule, run_one
+from .run import Log, RunSpec, is_writer, make_datamodule, quiet_lightning_warnings, run_one
 
 __all__ = [
     "RESULT_COLUMNS", "Config", "ConfigError", "RunSpec", "collect_results", "compare", "default_precision",
@@ -345,6 +345,7 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
+    quiet_lightning_warnings()
     _orphaned_exit()
     _share_threads()
     try:
