@@ -554,7 +554,7 @@ def test_placement_is_a_grid_dimension(tmp_path: Path) -> None:
 
 
 def test_loggers_follow_trainer_logger(tmp_path: Path) -> None:
-    from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+    from pytorch_lightning.loggers import TensorBoardLogger
 
     from smp_cbam.training.run import RunSpec, make_loggers
 
@@ -564,10 +564,11 @@ def test_loggers_follow_trainer_logger(tmp_path: Path) -> None:
         config = load_config(overrides={"trainer": {"logger": value}})
         return [type(logger) for logger in make_loggers(config, tmp_path, run)]
 
-    assert kinds(None) == [CSVLogger, TensorBoardLogger]  # tensorboard is installed here
-    assert kinds(False) == [CSVLogger]
-    assert kinds(["csv", "tensorboard"]) == [CSVLogger, TensorBoardLogger]
-    assert kinds("pytorch_lightning.loggers.TensorBoardLogger") == [CSVLogger, TensorBoardLogger]
+    # the CSV logger is always there: Lightning's, appending on resume (RunCSVLogger)
+    assert kinds(None) == [RunCSVLogger, TensorBoardLogger]  # tensorboard is installed here
+    assert kinds(False) == [RunCSVLogger]
+    assert kinds(["csv", "tensorboard"]) == [RunCSVLogger, TensorBoardLogger]
+    assert kinds("pytorch_lightning.loggers.TensorBoardLogger") == [RunCSVLogger, TensorBoardLogger]
     loggers = make_loggers(load_config(), tmp_path, run)
     assert Path(loggers[0].log_dir) == tmp_path / "logs" and Path(loggers[1].log_dir) == tmp_path / "logs"
 
