@@ -418,6 +418,14 @@ def test_a_moved_run_keeps_its_best_checkpoint_score(tmp_path: Path) -> None:
     assert keeps_best(same) and same.best_model_path == str(old / "best.ckpt")
 
 
+def test_the_run_checkpoint_files_its_state_where_model_checkpoint_does() -> None:
+    # a run resumed from a checkpoint written with Lightning's ModelCheckpoint (earlier versions of
+    # the runner) found no state under a new key: it lost its best score and replaced best.ckpt
+    kwargs = {"filename": "best", "monitor": "val_miou", "mode": "max", "save_last": True}
+    assert RunCheckpoint(**kwargs).state_key == ModelCheckpoint(**kwargs).state_key
+    assert RunCheckpoint(**kwargs).state_key.startswith("ModelCheckpoint{")
+
+
 def test_a_resumed_run_keeps_the_metrics_it_logged_before(tmp_path: Path) -> None:
     # Lightning's CSVLogger deletes the metrics.csv it finds: a resumed run lost its first epochs
     def session(cls, rows: list[dict]) -> None:

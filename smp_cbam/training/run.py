@@ -187,6 +187,13 @@ class RunCheckpoint(ModelCheckpoint):
     score, and the run could be tested on a worse epoch than its history's best. A run's
     checkpoints move with its folder, so the stored paths are re-rooted in the current folder."""
 
+    @property
+    def state_key(self) -> str:
+        # Lightning files a callback's state under its class name: keep ModelCheckpoint's, so that
+        # checkpoints written before this class existed (or by a plain ModelCheckpoint with the same
+        # settings) restore their best score instead of silently starting without one.
+        return super().state_key.replace(type(self).__qualname__, ModelCheckpoint.__qualname__, 1)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         stored = state_dict.get("dirpath")
         if stored and self.dirpath and stored != self.dirpath:  # Lightning's own test
