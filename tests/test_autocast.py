@@ -224,7 +224,7 @@ def test_kernels_training_under_bf16_autocast_match_the_float64_formula(
     x, grad = _bf16_data(shape)
     x.requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert module._choose(x) == "kernels"
+        assert module._choose(x, training=True) == "kernels"
         out = module(x)
     assert type(out.grad_fn).__name__ == "KernelCBAMBackward" and out.dtype == torch.bfloat16
     out.backward(grad)
@@ -295,14 +295,18 @@ def test_bf16_takes_the_kernels_only_under_autocast_with_float32_parameters() ->
     bf16 input to a float32 model outside autocast is the formula's error, not the kernels' input."""
     module, _ = _bf16_pair(16)
     x = torch.randn(2, 16, 5, 4).bfloat16()
+    cl = x.contiguous(memory_format=torch.channels_last)
+    for training in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert module._choose(x, training) == "kernels"
+            # channels_last: the inference kernel takes it, the training kernels do not
+            assert module._choose(cl, training) == ("fused" if training else "kernels")
+            assert module._choose(x.half(), training) == "fused"
+        cast = copy.deepcopy(module).bfloat16()
+        assert cast._choose(x, training) == "fused"
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert cast._choose(x, training) == "fused"
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert module._choose(x) == "kernels"
-        assert module._choose(x.contiguous(memory_format=torch.channels_last)) == "fused"
-        assert module._choose(x.half()) == "fused"
-    cast = copy.deepcopy(module).bfloat16()
-    assert cast._choose(x) == "fused"
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert cast._choose(x) == "fused"
         cast.impl = "kernels"
         with pytest.raises(ValueError, match="does not take torch.bfloat16 input with torch.bfloat16 parameters"):
             cast(x)

@@ -193,7 +193,7 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
         assert infer(y, inplace=True) is y and y._version == version + 1
         _close(y, expected)
         refused = {
-            "channels_last": (x.contiguous(memory_format=torch.channels_last), {}),
+            "neither layout": (x.transpose(2, 3), {}),
             "float16": (x.half(), {}),
             "empty": (x[:0], {}),
             "3-d": (x[0], {}),
@@ -206,6 +206,41 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
             with pytest.raises(RuntimeError, match="cbam_infer: "):
                 infer(bad, swap=swap)
             assert bad._version == x._version or name == "other channels", name
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cbam_infer_takes_channels_last(shape: tuple[int, ...], dtype: torch.dtype, residual: bool) -> None:
+    # channels: below one vector, not a multiple of it, above it; pixels above a chunk (1024)
+    c = shape[1]
+    module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    params = [p.detach().to(_acc(dtype)) for p in (first.weight, first.bias, second.weight, second.bias)]
+    params += [conv.weight.detach().to(_acc(dtype)), conv.bias.detach().to(_acc(dtype))]
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 0, 0, 1] = 40.0  # one channel's max far above the rest
+    nchw = kernels.cbam_infer(x, *params, 0.75, -0.25, residual, False)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    out = kernels.cbam_infer(cl, *params, 0.75, -0.25, residual, False)
+    assert out.is_contiguous(memory_format=torch.channels_last) and out.dtype == dtype
+    with torch.no_grad():  # the formula, with the spatial gate sigmoid(a (conv(P) + bias) + b)
+        x64 = x.double()
+        y = x64 * module.channel.gate(x64)
+        pooled = torch.cat([y.mean(1, keepdim=True), y.amax(1, keepdim=True)], 1)
+        s = torch.sigmoid(0.75 * conv(pooled) - 0.25)
+        expected = y * s + x64 if residual else y * s
+    if dtype == torch.bfloat16:  # one rounding of the output, as the NCHW kernel
+        torch.testing.assert_close(out.double(), expected, rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(out, nchw, rtol=1e-2, atol=1e-2)
+    else:
+        _close(out, expected.to(dtype))
+        _close(out, nchw)
+    y = cl.clone(memory_format=torch.channels_last)
+    version = y._version
+    assert kernels.cbam_infer(y, *params, 0.75, -0.25, residual, True) is y and y._version == version + 1
+    assert torch.equal(y, out)
 
 
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from smp_cbam import CBAM
-from smp_cbam.attention import kernels, ops
+from smp_cbam.attention import cbam_fused, kernels, ops
 
 needs_kernels = pytest.mark.skipif(
     os.environ.get("SMP_CBAM_KERNELS") == "0", reason="kernels disabled by SMP_CBAM_KERNELS=0"
@@ -63,6 +63,24 @@ def test_impl_routes_input_by_the_table(impl: str, x: torch.Tensor, backward: st
     reference.impl = "reference"
     tol = {"rtol": 2e-2, "atol": 2e-2} if x.dtype == torch.bfloat16 else {}
     torch.testing.assert_close(out, reference(x), **tol)
+
+
+@needs_kernels
+@pytest.mark.parametrize("autocast", [False, True])
+def test_channels_last_inference_takes_the_kernels(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the no-grad kernel reads channels_last as it is; training with it runs the fused path
+    module = _module(residual=True).eval()
+    calls = []
+    infer = cbam_fused.kernel_infer
+    monkeypatch.setattr(cbam_fused, "kernel_infer", lambda *args: calls.append(args[3].stride()) or infer(*args))
+    x = torch.randn(2, 16, 5, 4).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = module(x.bfloat16() if autocast else x)
+    assert calls == [x.stride()] and out.is_contiguous(memory_format=torch.channels_last)
+    tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
+    torch.testing.assert_close(out.float(), module.forward_reference(x).detach(), **tol)
+    assert type(module(x.requires_grad_()).grad_fn).__name__ == "FusedCBAMBackward"
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize(
@@ -145,7 +163,12 @@ def test_opcheck(bias: bool) -> None:
     args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, True)
     torch.library.opcheck(ops.cbam_train, args)
     with torch.no_grad():
-        torch.library.opcheck(ops.cbam_infer, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+        infer_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
+        torch.library.opcheck(ops.cbam_infer, infer_args)
+        # channels_last in, channels_last out: the fake implementation says the kernel's strides
+        cl = infer_args[0].contiguous(memory_format=torch.channels_last)
+        torch.library.opcheck(ops.cbam_infer, (cl, *infer_args[1:]))
+        assert ops.cbam_infer(cl, *infer_args[1:]).is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_kernels
@@ -177,6 +200,30 @@ def test_compile_fullgraph_keeps_the_inference_operator() -> None:
         out = compiled(x)
         torch.testing.assert_close(out, module.forward_reference(x), rtol=1e-5, atol=1e-6)
     assert recorder.targets == [torch.ops.smp_cbam.cbam_infer.default]
+
+
+@needs_kernels
+def test_inductor_hands_the_inference_operator_its_channels_last_activations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # inductor lays convolution activations out channels_last on CPU; an operator that took only
+    # NCHW cost a copy into NCHW before every CBAM and one back after it
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), CBAM(32, reduction=4, residual=True), nn.Conv2d(32, 8, 3, padding=1)
+    ).eval()
+    layouts = []
+    infer = kernels.cbam_infer
+    monkeypatch.setattr(kernels, "cbam_infer", lambda x, *a: layouts.append(x.stride()) or infer(x, *a))
+    x = torch.randn(2, 3, 16, 12)
+    # no cache: a graph compiled before an edit of the operator's layout tag would be reused
+    with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
+        expected = model(x)
+        layouts.clear()
+        torch._dynamo.reset()
+        out = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    assert layouts == [torch.empty(2, 32, 16, 12).contiguous(memory_format=torch.channels_last).stride()]
 
 
 @needs_kernels

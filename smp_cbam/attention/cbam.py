@@ -206,7 +206,8 @@ class CBAM(nn.Module):
     ``impl``         input it runs on (other input: ``"auto"`` takes the next row down, an explicit
                      choice raises ``ValueError``)
     ===============  ============================================================================
-    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous,
+    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous
+                     (in inference also channels_last-contiguous),
                      non-empty float32/float64 CPU tensors, and bfloat16 ones under CPU autocast with
                      float32 parameters (autocast's numerics, as below: ``x``, the output and
                      ``x``'s gradient in bfloat16, all else in float32), once the kernels are built
@@ -304,12 +305,13 @@ class CBAM(nn.Module):
             or spatial._forward_pre_hooks
         ):
             return self.forward_reference(x)
-        impl = self._choose(x)
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        impl = self._choose(x, training)
         if impl == "reference":
             return self.forward_reference(x)
         check_channels(x, channel.in_channels)
         use_kernels = impl == "kernels"
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if training:
             return cbam_fused.training_function(self, use_kernels).apply(x, self, *self.parameters())
         if use_kernels:
             affine = spatial._affine()
@@ -327,6 +329,7 @@ class CBAM(nn.Module):
         ``x``, else the reference. A spatial BatchNorm's statistics and the fused autograd
         functions do not go into a captured graph, so those run the reference."""
         channel, spatial = self.channel, self.spatial
+        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         if (
             self.impl not in ("auto", "kernels")
             or torch.onnx.is_in_onnx_export()  # ONNX has no such operator: the formula's ops
@@ -338,7 +341,8 @@ class CBAM(nn.Module):
             or x.dim() != 4
             or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)
-            or not x.is_contiguous()
+            # channels_last in inference: inductor lays convolution activations out that way
+            or not (x.is_contiguous() or (not training and x.is_contiguous(memory_format=torch.channels_last)))
             or x.numel() == 0
             or torch.is_autocast_enabled("cpu")
             or not _kernels_ready()
@@ -348,13 +352,14 @@ class CBAM(nn.Module):
         first, _, second = channel.mlp
         conv = spatial.conv
         args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, self.residual)
-        if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if training:
             return ops.cbam_train(*args)[0]
         return ops.cbam_infer(*args)
 
     @torch.jit.unused
-    def _choose(self, x: torch.Tensor) -> str:
-        """The implementation for ``x`` by the class docstring's table, the one place that decides.
+    def _choose(self, x: torch.Tensor, training: bool) -> str:
+        """The implementation for ``x`` (``training``: with a gradient to record) by the class
+        docstring's table, the one place that decides.
         Each property of ``x`` is read once: in a network, with cold caches, every call into torch
         costs microseconds."""
         wanted = self.impl
@@ -366,7 +371,7 @@ class CBAM(nn.Module):
             if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
                 refusal = "input that is neither NCHW- nor channels_last-contiguous"
             elif wanted in ("auto", "kernels"):
-                refusal = _kernel_refusal(self, x, nchw)
+                refusal = _kernel_refusal(self, x, nchw, training)
                 if refusal is None:
                     return "kernels"
                 if wanted == "auto":
@@ -389,7 +394,7 @@ def _kernels_ready() -> bool:
     return kernels.available()
 
 
-def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool) -> str | None:
+def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> str | None:
     """Why the kernels do not take ``x`` (4-D, NCHW or channels_last), or None where they do.
     The build is asked for last: never for input the kernels would not take.
 
@@ -407,8 +412,9 @@ def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool) -> str | None:
             return f"torch.bfloat16 input with {weight.dtype} parameters"
     elif dtype is not torch.float32 and dtype is not torch.float64:
         return f"{dtype} input"
-    if not nchw:
-        return "channels_last input"
+    if not nchw and (training or _fetch(cbam, "spatial")._affine() is None):
+        # the training kernels and the no-grad forward with a BatchNorm on batch statistics read NCHW
+        return "channels_last input in training"
     if x.numel() == 0:
         return "empty input"
     if not kernels.available():

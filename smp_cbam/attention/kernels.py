@@ -4,8 +4,8 @@ PyTorch's ``cpp_extension`` compiles them once per machine (cached under ``TORCH
 or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam_cpu``. Without a working C++
 compiler a warning is given and CBAM's ``impl="auto"`` runs its eager fused path instead;
 ``SMP_CBAM_KERNELS=0`` skips the build. CBAM asks for the build only for input the kernels take
-(contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast), never for CUDA, meta
-or other dtypes.
+(NCHW-contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast; in inference
+channels_last-contiguous ones too), never for CUDA, meta or other dtypes.
 
 The functions below are the kernels' interface: each returns a tensor or a NamedTuple of them.
 The full-size tensors (``x``, the output, ``grad`` = dL/dout and dL/dx, shaped like ``x``) have
@@ -185,7 +185,8 @@ def cbam_infer(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     weight: torch.Tensor, bias: torch.Tensor | None, a: float, b: float, residual: bool, inplace: bool,
 ) -> torch.Tensor:  # fmt: skip
-    """The no-grad forward with ``s = sigmoid(a (conv(P) + bias) + b)``; into ``x`` with inplace."""
+    """The no-grad forward with ``s = sigmoid(a (conv(P) + bias) + b)``; into ``x`` with inplace.
+    ``x`` NCHW- or channels_last-contiguous; the output has its layout."""
     return _ops().cbam_infer(x, w1, b1, w2, b2, weight, bias, a, b, residual, inplace)
 
 

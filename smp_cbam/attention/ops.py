@@ -5,7 +5,8 @@ Each has a schema, a fake implementation (output shapes only: used by ``torch.co
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
 implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
 registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
-gradient instead of falling back to the formula.
+gradient instead of falling back to the formula. ``cbam_infer`` takes channels_last input as it is
+(inductor's layout for convolution activations on CPU).
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
 the kernels directly, since a custom operator's Python dispatch costs more than the kernels' own
@@ -96,16 +97,29 @@ def _train_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202 - register_auto
 cbam_train.register_autograd(_train_backward, setup_context=_setup_train)
 
 
-@torch.library.custom_op("smp_cbam::cbam_infer", mutates_args=(), device_types="cpu")
+# flexible_layout: inductor may hand over channels_last input (its layout for convolution
+# activations on CPU), which the kernel takes as it is, returning the same layout; with the default
+# constraint inductor would copy into NCHW before every CBAM and back after it.
+@torch.library.custom_op(
+    "smp_cbam::cbam_infer", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
 def cbam_infer(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
 ) -> Tensor:  # fmt: skip
-    """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor."""
+    """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor of ``x``'s layout (NCHW or
+    channels_last; any other strides are made NCHW)."""
     _cpu(x)
-    return kernels.cbam_infer(x.contiguous(), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
+    x = x if _channels_last(x) else x.contiguous()
+    return kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
 
 
 @cbam_infer.register_fake
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    return torch.empty_like(x, memory_format=layout)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Channels_last- and not NCHW-contiguous (a tensor that is both, e.g. C = 1, counts as NCHW)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)

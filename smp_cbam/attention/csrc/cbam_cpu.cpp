@@ -1,5 +1,5 @@
-// Fused CPU passes of CBAM over NCHW-contiguous float32/float64/bfloat16 tensors (see
-// smp_cbam/attention/kernels.py).
+// Fused CPU passes of CBAM over NCHW-contiguous float32/float64/bfloat16 tensors, and the no-grad
+// forward over channels_last ones too (see smp_cbam/attention/kernels.py).
 //
 // x is (N, C, HW); g the channel gate (N, C); s the spatial gate (N, HW). Each pass reads its
 // full-size operands once; every max returns the first maximal element, NaN counting as maximal,
@@ -934,10 +934,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> gate_pass(const at::T
   return {d_g.view({n, segs, c}).sum(1).to(d_u.scalar_type()), d_u, d_pooled, idx};
 }
 
+// The channel gate's MLP on the descriptors d = [mean_hw; max_hw] (2N, C): hidden layer
+// H = relu(d w1^T + b1) (2N, C/r) into hp, g = sigmoid((H_avg + H_max) w2^T + 2 b2) (N, C) into gp.
+// Plain loops: for these few rows ATen's linear layers cost more in dispatch than in arithmetic.
+template <typename A>
+void mlp_gate(const A* d, int64_t n, int64_t c, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+              const at::Tensor& w2, const std::optional<at::Tensor>& b2, A* hp, A* gp) {
+  const int64_t hid = w1.size(0);
+  const A* w1p = w1.data_ptr<A>();
+  const A* w2p = w2.data_ptr<A>();
+  const A* b1p = b1 ? b1->data_ptr<A>() : nullptr;
+  const A* b2p = b2 ? b2->data_ptr<A>() : nullptr;
+  for (int64_t i = 0; i < 2 * n; ++i) {
+    for (int64_t j = 0; j < hid; ++j) {
+      const A v = dot_short(d + i * c, w1p + j * c, c) + (b1p ? b1p[j] : A(0));
+      hp[i * hid + j] = std::max(v, A(0));
+    }
+  }
+  std::vector<A> sum(hid);
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < hid; ++j) sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
+    for (int64_t ch = 0; ch < c; ++ch) {
+      const A z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : A(0));
+      gp[i * c + ch] = A(1) / (A(1) + std::exp(-z));
+    }
+  }
+}
+
 // The channel gate: pooled descriptors D = [mean_hw; max_hw](x) (2N, C), the MLP's hidden layer
 // H = relu(D w1^T + b1) (2N, C/r) and g = sigmoid(Z_avg + Z_max) with Z = H w2^T + b2, computed as
-// sigmoid((H_avg + H_max) w2^T + 2 b2); with with_index, each channel's max pixel (N, C). Plain loops:
-// for these few rows ATen's linear layers cost more in dispatch than in arithmetic.
+// sigmoid((H_avg + H_max) w2^T + 2 b2) (mlp_gate); with with_index, each channel's max pixel (N, C).
 struct ChannelGate {
   at::Tensor descriptors, hidden, g, idx;
 };
@@ -957,40 +983,24 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
     A* d = descriptors.data_ptr<A>();
     row_mean_max<scalar_t>(x.data_ptr<scalar_t>(), n * c, hw, d, d + n * c,
                            with_index ? idx.data_ptr<int64_t>() : nullptr);
-    const A* w1p = w1c.data_ptr<A>();
-    const A* w2p = w2c.data_ptr<A>();
-    const A* b1p = b1 ? b1->data_ptr<A>() : nullptr;
-    const A* b2p = b2 ? b2->data_ptr<A>() : nullptr;
-    A* hp = hidden.data_ptr<A>();
-    for (int64_t i = 0; i < 2 * n; ++i) {
-      for (int64_t j = 0; j < hid; ++j) {
-        const A v = dot_short(d + i * c, w1p + j * c, c) + (b1p ? b1p[j] : A(0));
-        hp[i * hid + j] = std::max(v, A(0));
-      }
-    }
-    std::vector<A> sum(hid);
-    A* gp = g.data_ptr<A>();
-    for (int64_t i = 0; i < n; ++i) {
-      for (int64_t j = 0; j < hid; ++j) sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
-      for (int64_t ch = 0; ch < c; ++ch) {
-        const A z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : A(0));
-        gp[i * c + ch] = A(1) / (A(1) + std::exp(-z));
-      }
-    }
+    mlp_gate<A>(d, n, c, w1c, b1, w2c, b2, hidden.data_ptr<A>(), g.data_ptr<A>());
   });
   return {descriptors, hidden, g, idx};
 }
 
 // What cbam_infer and cbam_train take, else an error naming the function: x a non-empty
-// contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W) with C = w2's rows, the parameters
+// contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W) (or channels_last-contiguous, where
+// channels_last is set) with C = w2's rows, the parameters
 // contiguous CPU tensors of x's compute type (float32 for bfloat16 x, as under autocast).
 void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                 const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
-                const std::optional<at::Tensor>& bias) {
+                const std::optional<at::Tensor>& bias, bool channels_last = false) {
   const auto type = x.scalar_type();
+  const bool layout = x.is_contiguous() || (channels_last && x.is_contiguous(at::MemoryFormat::ChannelsLast));
   TORCH_CHECK((type == at::kFloat || type == at::kDouble || type == at::kBFloat16) && x.dim() == 4 &&
-                  x.numel() > 0 && x.device().is_cpu() && x.is_contiguous(),
-              name, ": x must be a non-empty contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W)");
+                  x.numel() > 0 && x.device().is_cpu() && layout,
+              name, ": x must be a non-empty ", channels_last ? "NCHW- or channels_last-" : "",
+              "contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W)");
   const auto fits = [&](const at::Tensor& t) {
     return t.device().is_cpu() && t.scalar_type() == at::toOpMathType(type) && t.is_contiguous();
   };
@@ -1000,6 +1010,122 @@ void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, con
   TORCH_CHECK(w2.size(0) == x.size(1), name, ": x has ", x.size(1), " channels, the MLP ", w2.size(0));
 }
 
+// cbam_infer for channels_last x (memory N, H, W, C): the same formula and numerics in three
+// passes over x, each reading a pixel's channels as one contiguous row: the channel descriptors,
+// the pooled map P, then s and the output. Inductor lays convolution activations out channels_last
+// on CPU; a kernel that took NCHW only would cost a copy into and out of that layout around every
+// CBAM of a compiled model.
+at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
+                                    const at::Tensor& w2, const std::optional<at::Tensor>& b2,
+                                    const at::Tensor& weight, double a, double shift, bool residual,
+                                    bool inplace) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd, hid = w1.size(0);
+  TORCH_CHECK(w1.numel() == hid * c && w2.numel() == c * hid, "expected MLP weights (C/r, C) and (C, C/r)");
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
+  auto descriptors = at::empty({2 * n, c}, acc_options(x));
+  auto hidden = at::empty({2 * n, hid}, acc_options(x));
+  auto g = at::empty({n, c}, acc_options(x));
+  auto pooled = at::empty({n, 2, h, wd}, acc_options(x));
+  const at::Tensor out = inplace ? x : at::empty_like(x);  // channels_last, like x
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cbam_infer_channels_last", [&] {
+    using T = scalar_t;
+    using A = Acc<T>;
+    using Vec = AccVec<T>;
+    constexpr int64_t kLanes = Vec::size();
+    const T* xp = x.data_ptr<T>();
+    T* op = out.data_ptr<T>();
+    A* d = descriptors.data_ptr<A>();
+    const A inf = std::numeric_limits<A>::infinity();
+    // 1. mean and max over the pixels of each channel: one task per (image, block of channels),
+    // each chunk of kChunk pixels summed in Acc<T>, then added to a double as row_mean_max does
+    const int64_t block = std::min<int64_t>(c, 4 * kLanes), blocks = (c + block - 1) / block;
+    at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> sum(block), max(block);
+      std::vector<double> total(block);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / blocks, c0 = (t % blocks) * block, len = std::min(block, c - c0);
+        std::fill(total.begin(), total.end(), 0.0);
+        std::fill(max.begin(), max.end(), -inf);
+        for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
+          std::fill(sum.begin(), sum.end(), A(0));
+          for (int64_t p = p0; p < std::min(hw, p0 + kChunk); ++p) {
+            const T* row = xp + (bi * hw + p) * c + c0;
+            int64_t j = 0;
+            for (; j + kLanes <= len; j += kLanes) {
+              const Vec v = load_acc(row + j);
+              (Vec::loadu(sum.data() + j) + v).store(sum.data() + j);
+              at::vec::maximum(Vec::loadu(max.data() + j), v).store(max.data() + j);  // NaN-propagating
+            }
+            for (; j < len; ++j) {
+              const A v = row[j];
+              sum[j] += v;
+              max[j] = beats(v, max[j]) ? v : max[j];
+            }
+          }
+          for (int64_t j = 0; j < len; ++j) total[j] += sum[j];
+        }
+        for (int64_t j = 0; j < len; ++j) {
+          d[bi * c + c0 + j] = static_cast<A>(total[j] / hw);
+          d[(n + bi) * c + c0 + j] = max[j];
+        }
+      }
+    });
+    mlp_gate<A>(d, n, c, w1, b1, w2, b2, hidden.data_ptr<A>(), g.data_ptr<A>());
+    const A* gp = g.data_ptr<A>();
+    A* pp = pooled.data_ptr<A>();
+    // 2. P = [mean_c; max_c](x g) at each pixel
+    at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
+      const auto add = [](const Vec& u, const Vec& v) { return u + v; };
+      const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t bi = q / hw, p = q % hw;
+        const T* row = xp + q * c;
+        const A* gb = gp + bi * c;
+        Vec vs(A(0)), vm(-inf);
+        int64_t j = 0;
+        for (; j + kLanes <= c; j += kLanes) {
+          const Vec y = load_acc(row + j) * Vec::loadu(gb + j);
+          vs = vs + y;
+          vm = at::vec::maximum(vm, y);
+        }
+        A sum = j > 0 ? at::vec::vec_reduce_all<A>(add, vs) : A(0);
+        A max = j > 0 ? at::vec::vec_reduce_all<A>(greater, vm) : -inf;
+        for (; j < c; ++j) {
+          const A y = static_cast<A>(row[j]) * gb[j];
+          sum += y;
+          max = beats(y, max) ? y : max;
+        }
+        pp[bi * 2 * hw + p] = sum / static_cast<A>(c);
+        pp[(bi * 2 + 1) * hw + p] = max;
+      }
+    });
+    // 3. s = sigmoid(a conv(P) + shift), then out = (x g) s (+ x)
+    at::Tensor s_map = spatial_conv(pooled, weight);
+    A* sp = s_map.data_ptr<A>();
+    sigmoid_affine(sp, n * hw, static_cast<A>(a), static_cast<A>(shift));
+    at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t bi = q / hw;
+        const T* row = xp + q * c;
+        T* dst = op + q * c;
+        const A* gb = gp + bi * c;
+        const A sq = sp[q];
+        int64_t j = 0;
+        for (; j + kLanes <= c; j += kLanes) {
+          const Vec v = load_acc(row + j), y = v * Vec::loadu(gb + j) * Vec(sq);
+          store_acc(residual ? y + v : y, dst + j);
+        }
+        for (; j < c; ++j) {
+          const A v = row[j];
+          dst[j] = static_cast<T>(residual ? v * gb[j] * sq + v : v * gb[j] * sq);
+        }
+      }
+    });
+  });
+  if (inplace) x.unsafeGetTensorImpl()->bump_version();
+  return out;
+}
+
 // The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
 // into x itself with inplace (its version bumped, as by any in-place op). The caller
 // (CBAM's implementation selector) sends only what this takes (check_call); anything else is an
@@ -1007,8 +1133,9 @@ void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, con
 at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                       const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
                       const std::optional<at::Tensor>& bias, double a, double b, bool residual, bool inplace) {
-  check_call("cbam_infer", x, w1, b1, w2, b2, weight, bias);
+  check_call("cbam_infer", x, w1, b1, w2, b2, weight, bias, true);
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
+  if (!x.is_contiguous()) return cbam_infer_channels_last(x, w1, b1, w2, b2, weight, a, shift, residual, inplace);
   const at::Tensor out = inplace ? x : at::empty_like(x);
   attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
   if (inplace) x.unsafeGetTensorImpl()->bump_version();
