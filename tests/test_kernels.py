@@ -3,8 +3,6 @@
 import os
 import subprocess
 import sys
-import time
-import warnings
 from pathlib import Path
 
 import pytest
@@ -243,57 +241,6 @@ def test_cbam_infer_takes_channels_last(shape: tuple[int, ...], dtype: torch.dty
     version = y._version
     assert kernels.cbam_infer(y, *params, 0.75, -0.25, residual, True) is y and y._version == version + 1
     assert torch.equal(y, out)
-
-
-def test_a_lock_left_by_a_killed_build_does_not_hang_the_next(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # torch's load waits forever for the lock file of a build that was killed: every later import
-    # of the kernels hung until someone found and deleted the file
-    import torch.utils.cpp_extension as cpp_extension
-
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    directory = tmp_path / f"smp_cbam_cpu_{torch.backends.cpu.get_cpu_capability().lower()}"
-    directory.mkdir()
-    (directory / "lock").touch()
-    loads = []
-
-    def load(name: str, **kwargs: object) -> None:
-        if (directory / "lock").exists():
-            pytest.fail("torch's load would wait for the stale lock forever")
-        loads.append(name)
-
-    monkeypatch.setattr(cpp_extension, "load", load)
-    with pytest.warns(RuntimeWarning, match="removing .*lock, left by an interrupted build"):
-        kernels._build()
-    assert loads == [directory.name]
-
-
-def test_the_build_lock_waits_for_a_live_build(tmp_path: Path) -> None:
-    # another process building right now: wait for it, and leave its lock file alone
-    started = tmp_path / "started"
-    child = subprocess.Popen([sys.executable, "-c", (
-        "import pathlib, time\n"
-        "from smp_cbam.attention.kernels import _build_lock\n"
-        f"d = pathlib.Path({str(tmp_path)!r})\n"
-        "with _build_lock(d):\n"
-        "    (d / 'lock').touch(); (d / 'started').touch(); time.sleep(2); (d / 'lock').unlink()\n"
-    )])  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while not started.exists():
-            assert time.monotonic() < deadline and child.poll() is None, "the child did not start"
-            time.sleep(0.05)
-        begin = time.monotonic()
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no stale lock to remove: the holder removed its own
-            with kernels._build_lock(tmp_path):
-                waited = time.monotonic() - begin
-                assert not (tmp_path / "lock").exists()
-        assert waited > 1.0
-    finally:
-        child.wait(timeout=60)
-    assert child.returncode == 0
 
 
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:

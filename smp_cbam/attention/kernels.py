@@ -14,13 +14,11 @@ The full-size tensors (``x``, the output, ``grad`` = dL/dout and dL/dx, shaped l
 Indices are int64, or channel numbers in the compute type where noted.
 """
 
-import contextlib
 import logging
 import os
 import shutil
 import threading
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -47,41 +45,14 @@ def _build() -> None:
 
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     logger.info("building smp_cbam's CPU kernels (once per machine)")
-    from torch.utils.cpp_extension import _get_build_directory, load
+    from torch.utils.cpp_extension import load
 
-    name = f"smp_cbam_cpu_{capability.lower()}"
-    with _build_lock(Path(_get_build_directory(name, verbose=False))):
-        load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-ffp-contract=off", *_capability_flags(capability)],
-            is_python_module=False,
-        )
-
-
-@contextlib.contextmanager
-def _build_lock(directory: Path) -> Iterator[None]:
-    """This package's builds (and loads) in ``directory``, one process at a time.
-
-    torch's ``load`` guards a build with a lock file that a killed process leaves behind (an
-    interrupted first import, a stopped job); every later load of the kernels, even of a finished
-    build, then waits for it forever. This lock is the operating system's and dies with its holder;
-    whoever holds it knows no other build of these kernels runs, so torch's file is stale."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: torch's lock alone
-        yield
-        return
-    with open(directory / "smp_cbam_build.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # waits while another process builds
-        try:
-            stale = directory / "lock"
-            if stale.exists():
-                warnings.warn(f"smp_cbam: removing {stale}, left by an interrupted build", RuntimeWarning, stacklevel=4)
-                stale.unlink(missing_ok=True)
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    load(
+        name=f"smp_cbam_cpu_{capability.lower()}",
+        sources=[str(SOURCE)],
+        extra_cflags=["-O3", "-ffp-contract=off", *_capability_flags(capability)],
+        is_python_module=False,
+    )
 
 
 def _capability_flags(capability: str) -> list[str]:
