@@ -63,6 +63,23 @@ def test_multiclass_loss_is_dice_plus_cross_entropy_ignoring_void() -> None:
     assert torch.allclose(module.compute_loss(changed, mask), expected)
 
 
+@pytest.mark.parametrize("num_classes", [2, 11])
+def test_the_loss_is_float32_under_bf16_autocast(num_classes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU autocast leaves softmax in bf16: the Dice loss of a bf16 softmax was rounded to three
+    # digits, where CUDA's autocast (softmax in float32) and fp32 training compute it in full
+    module = SegmentationModule(arch="unet", attention="cbam", num_classes=num_classes, ignore_index=255, **SMALL)
+    image, mask = _batch(num_classes, 255)
+    with torch.no_grad():
+        logits = module(image).bfloat16()  # what a model's last layer gives under autocast
+    monkeypatch.setattr(module, "_model", lambda: (lambda x: logits))
+    monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # no Trainer here
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module._step((image, mask), "train")
+    expected = module.compute_loss(logits.float(), mask)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_binary_uses_one_logit_and_dice_plus_bce() -> None:
     module = SegmentationModule(arch="unet", attention="cbam", num_classes=2, **SMALL)
     image, mask = _batch(2, None)

@@ -352,10 +352,15 @@ class SegmentationModule(pl.LightningModule):
     def _step(self, batch: Sequence[torch.Tensor], stage: str) -> torch.Tensor:
         image, mask = batch[0], batch[1]
         logits, aux = self._split(self._model()(image))
-        loss = self.compute_loss(logits, mask)
-        if aux is not None and self.hparams.aux_weight > 0:
-            target = self.presence(mask, aux.shape[1])
-            loss = loss + self.hparams.aux_weight * nn.functional.binary_cross_entropy_with_logits(aux, target)
+        # The loss in float32, outside autocast: CPU autocast leaves softmax in the low precision
+        # (CUDA's autocast runs it in float32), and the Dice loss's sums over every pixel of a bf16
+        # softmax round to three significant digits.
+        logits, aux = logits.float(), aux.float() if aux is not None else None
+        with torch.autocast(logits.device.type, enabled=False):
+            loss = self.compute_loss(logits, mask)
+            if aux is not None and self.hparams.aux_weight > 0:
+                target = self.presence(mask, aux.shape[1])
+                loss = loss + self.hparams.aux_weight * nn.functional.binary_cross_entropy_with_logits(aux, target)
         size = image.shape[0]
         if stage == "train":
             if not torch.isfinite(loss):
