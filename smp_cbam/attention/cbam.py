@@ -414,7 +414,7 @@ def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> 
         return f"{dtype} input"
     if not nchw and (training or _fetch(cbam, "spatial")._affine() is None):
         # the training kernels and the no-grad forward with a BatchNorm on batch statistics read NCHW
-        return "channels_last input in training"
+        return "channels_last input in training (or with a spatial BatchNorm on batch statistics)"
     if x.numel() == 0:
         return "empty input"
     if not kernels.available():
