@@ -1,3 +1,4 @@
+import csv
 import inspect
 import json
 import math
@@ -9,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from unittest.mock import Mock
 
 import cv2
 import numpy as np
@@ -449,6 +451,25 @@ def test_a_resumed_run_keeps_the_metrics_it_logged_before(tmp_path: Path) -> Non
         else:
             assert list(table["step"]) == [0, 1, 2] and list(table["val_iou_car"]) == [0.25, 0.5, 0.75]
             assert table["lr"].isna().tolist() == [True, True, False]
+
+
+def test_a_run_interrupted_while_its_log_is_written_keeps_the_earlier_rows(tmp_path: Path, monkeypatch) -> None:
+    # a new column makes Lightning's writer truncate metrics.csv and write it again: a kill (here
+    # an error) in between lost every earlier epoch; the run's writer replaces the file whole
+    def interrupted(cls) -> pd.DataFrame:
+        logger = cls(tmp_path / cls.__name__, name="logs", version="")
+        logger.log_metrics({"val_miou": 0.25}, step=0)
+        logger.save()
+        logger.log_metrics({"val_miou": 0.5, "train_loss": 1.0}, step=1)
+        with monkeypatch.context() as patch:
+            patch.setattr(csv.DictWriter, "writerows", Mock(side_effect=KeyboardInterrupt))
+            with pytest.raises(KeyboardInterrupt):
+                logger.save()
+        return pd.read_csv(tmp_path / cls.__name__ / "logs" / "metrics.csv")
+
+    assert interrupted(CSVLogger).empty  # Lightning's: the header only
+    kept = interrupted(RunCSVLogger)
+    assert list(kept["step"]) == [0] and list(kept["val_miou"]) == [0.25]
 
 
 def test_floor_and_per_image_files(tmp_path: Path) -> None:

@@ -37,6 +37,8 @@ import torch
 from pytorch_lightning.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from pytorch_lightning.callbacks.early_stopping import EarlyStoppingReason
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text
@@ -161,22 +163,44 @@ def quiet_lightning_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
 
+class _RunCSVWriter(ExperimentWriter):
+    """Lightning's CSV writer, except that it keeps the ``metrics.csv`` it finds and replaces the
+    file atomically on every save. Lightning deletes the file when the writer starts and, whenever
+    a new column appears, truncates and rewrites it in place, so an interruption at either moment
+    lost the run's log."""
+
+    def _check_log_dir_exists(self) -> None:
+        path = Path(self.metrics_file_path)
+        if path.is_file():  # the header, so that the columns of the rows already there are known
+            self.metrics_keys = next(csv.reader(io.StringIO(path.read_text())), [])
+
+    def save(self) -> None:
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        path = Path(self.metrics_file_path)
+        rows = list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.metrics_keys, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows + self.metrics)
+        atomic_write_text(path, text.getvalue())
+        self.metrics = []
+
+
 class RunCSVLogger(CSVLogger):
-    """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv``: Lightning's
-    writer deletes the file it finds, and with it every epoch logged before the interruption
-    (per-class IoU, per-step loss and learning rate)."""
+    """Lightning's CSVLogger, except that a resumed run appends to its ``metrics.csv`` (Lightning's
+    writer deletes the file it finds, and with it every epoch logged before the interruption:
+    per-class IoU, per-step loss and learning rate) and that the file is replaced atomically, so a
+    run killed while its log is written keeps the log of its earlier epochs."""
 
     @property
-    def experiment(self) -> Any:
-        path = Path(self.log_dir) / "metrics.csv"
-        kept = path.read_text() if self._experiment is None and path.is_file() else None
-        with warnings.catch_warnings():  # "will be deleted": not here, it is put back
-            warnings.filterwarnings("ignore", message=".*Previous log files in this directory will be deleted")
-            writer = super().experiment
-        if kept and self._experiment is not None:
-            path.write_text(kept)
-            writer.metrics_keys = next(csv.reader(io.StringIO(kept)), [])  # the header: new keys are added to it
-        return writer
+    @rank_zero_experiment
+    def experiment(self) -> _RunCSVWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _RunCSVWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 class RunCheckpoint(ModelCheckpoint):
