@@ -555,6 +555,13 @@ def test_a_configuration_that_ran_nothing_may_be_replaced(tmp_path: Path) -> Non
     with pytest.raises(ConfigError, match=r"train.patience: 2 -> 4"):  # now it holds a run
         compare(config.replace(train={"patience": 4}))
     compare(config.replace(grid={"seeds": [0]}, data={"num_workers": 0}))  # grid and workers may change
+    # config.yaml then names the runs of every invocation, in the order they were asked for
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    saved["grid"].update(seeds=[7, 0], attentions=["cbam"], jobs=3)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(saved))
+    compare(config)
+    grid = yaml.safe_load((tmp_path / "config.yaml").read_text())["grid"]
+    assert grid["seeds"] == [7, 0] and grid["attentions"] == ["cbam", "none"] and grid["jobs"] == 1
 
 
 @pytest.mark.parametrize("flag", [[], ["--malloc-default"]], ids=["keep-heap", "malloc-default"])

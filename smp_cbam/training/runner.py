@@ -8,8 +8,9 @@ validation split and evaluates that checkpoint on the test split, when there is 
 
 Layout of the output directory::
 
-    config.yaml            the checked configuration (a resumed grid must match it); written when
-                           the first run starts, so a configuration that ran nothing can be corrected
+    config.yaml            the checked configuration (a resumed grid must match it, except in the
+                           grid and other keys that do not change a run, and then lists the runs
+                           of every invocation); a configuration that ran nothing can be corrected
     results.csv            one row per run, rewritten atomically after every run
     costs.csv              parameters and latency per arm, measured after the grid (costs.py)
     summary.md, plots/     written by :mod:`smp_cbam.report` after every run
@@ -132,6 +133,18 @@ def check_resumable(config: Config, output: Path) -> bool:
     )
 
 
+def _with_grid_of(saved: dict, record: dict) -> dict:
+    """``record`` (a resumed grid's configuration, the same runs' settings as ``saved``) with the grid
+    lists of both: a grid resumed with fewer or other seeds or arms keeps naming the runs that the
+    output already holds, and the record stays a command that reproduces the whole output."""
+    grid = dict(record["grid"])
+    for key, values in grid.items():
+        old = (saved.get("grid") or {}).get(key)
+        if isinstance(values, list) and isinstance(old, list):
+            grid[key] = old + [v for v in values if v not in old]
+    return {**record, "grid": grid}
+
+
 class Eta:
     """Time left in the grid, from the epoch times seen so far (per arch): runs not yet finished
     are assumed to train the median number of epochs of finished runs (or the budget)."""
@@ -180,8 +193,11 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     datamodule = make_datamodule(config, seed=0)
     datamodule.setup("fit")  # reads and checks the data once, before anything is written
     output.mkdir(parents=True, exist_ok=True)
-    if write_config and is_writer():
-        atomic_write_text(output / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if is_writer():
+        record = config.to_dict()
+        if not write_config:  # resumed: the record names every run the output holds or will hold
+            record = _with_grid_of(yaml.safe_load((output / "config.yaml").read_text()), record)
+        atomic_write_text(output / "config.yaml", yaml.safe_dump(record, sort_keys=False))
 
     runs = grid_runs(config)
     eta = Eta(runs, config.train.max_epochs)
