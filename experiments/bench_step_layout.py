@@ -6,8 +6,12 @@ four combinations of precision and memory format, interleaved in shuffled order 
 round, and prints medians and the medians of the per-round ratios, so that a busy machine slows
 both sides of a ratio alike.
 
+Each arm's overhead over ``none`` is the median of its per-round ratios to ``none`` in the same
+setting. ``--precisions fp32`` leaves bf16 out (on a CPU without native bf16 it is emulated).
+
     OMP_NUM_THREADS=1 python experiments/bench_step_layout.py --rounds 15
     OMP_NUM_THREADS=1 python experiments/bench_step_layout.py --config experiments/configs/camvid.yaml
+    OMP_NUM_THREADS=1 python experiments/bench_step_layout.py --precisions fp32
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from smp_cbam.training.config import load_config
 from smp_cbam.training.module import SegmentationModule
 from smp_cbam.training.run import RunSpec, align_hparams, make_datamodule, module_kwargs
 
-SETTINGS = (("fp32", "nchw"), ("bf16", "nchw"), ("fp32", "channels_last"), ("bf16", "channels_last"))
+PRECISIONS = ("fp32", "bf16")
+LAYOUTS = ("nchw", "channels_last")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -33,7 +38,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=15, help="timed rounds (default 15), after two untimed")
     parser.add_argument("--steps", type=int, default=3, help="steps per timing (default 3)")
     parser.add_argument("--attentions", nargs="+", default=None, help="arms (default: the configuration's)")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS),
+                        help="fp32 and/or bf16 (autocast); default both")  # fmt: skip
     args = parser.parse_args(argv)
+    settings = [(precision, layout) for layout in LAYOUTS for precision in PRECISIONS if precision in args.precisions]
     for name in ("rounds", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
@@ -48,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
 
     contenders = {}
     for attention in attentions:
-        for precision, layout in SETTINGS:
+        for precision, layout in settings:
             torch.manual_seed(0)
             model = SegmentationModule(**module_kwargs(config, RunSpec(config.grid.archs[0], attention, 0), datamodule))
             model = model.model.train()
@@ -84,13 +92,26 @@ def main(argv: list[str] | None = None) -> None:
     def ratio(a: tuple[str, str, str], b: tuple[str, str, str]) -> float:
         return statistics.median(x / y for x, y in zip(times[a], times[b]))
 
-    print("| attention | fp32 NCHW ms | bf16 NCHW ms | fp32 CL ms | bf16 CL ms | bf16/fp32 NCHW | bf16/fp32 CL | bf16 CL / fp32 NCHW |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    names = {"nchw": "NCHW", "channels_last": "CL"}
+    label = [f"{p} {names[layout]}" for p, layout in settings]
+    columns = [f"{name} ms" for name in label]
+    columns += [f"{p}: CL/NCHW" for p in args.precisions]
+    if len(args.precisions) == 2:
+        columns += ["bf16/fp32 NCHW", "bf16/fp32 CL", "bf16 CL / fp32 NCHW"]
+    if "none" in attentions:
+        columns += [f"vs none, {name}" for name in label]
+    print("| attention | " + " | ".join(columns) + " |")
+    print("|---|" + "---:|" * len(columns))
     for a in attentions:
-        keys = [(a, p, layout) for p, layout in SETTINGS]
-        cells = [f"{statistics.median(times[k]):.1f}" for k in keys]
-        ratios = [ratio(keys[1], keys[0]), ratio(keys[3], keys[2]), ratio(keys[3], keys[0])]
-        print(f"| {a} | " + " | ".join(cells) + " | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+        cells = [f"{statistics.median(times[(a, *setting)]):.1f}" for setting in settings]
+        cells += [f"{ratio((a, p, 'channels_last'), (a, p, 'nchw')):.2f}" for p in args.precisions]
+        if len(args.precisions) == 2:
+            pairs = [("bf16", "nchw", "fp32", "nchw"), ("bf16", "channels_last", "fp32", "channels_last"),
+                     ("bf16", "channels_last", "fp32", "nchw")]  # fmt: skip
+            cells += [f"{ratio((a, p, lp), (a, q, lq)):.2f}" for p, lp, q, lq in pairs]
+        if "none" in attentions:
+            cells += [f"{ratio((a, *setting), ('none', *setting)) - 1:+.1%}" for setting in settings]
+        print(f"| {a} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -18,12 +18,12 @@ needs_kernels = pytest.mark.skipif(
 
 
 def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:
-    """The grad_fn of ``module(x)`` under autocast on ``path``: the kernels take NCHW input."""
-    if path != "kernels" or not x.is_contiguous():
+    """The grad_fn of ``module(x)`` under autocast on ``path``: the kernels take NCHW input, and
+    channels_last input where the spatial gate has no BatchNorm."""
+    batch_norm = isinstance(module.spatial.bn, torch.nn.BatchNorm2d)
+    if path != "kernels" or (not x.is_contiguous() and batch_norm):
         return "FusedCBAMBackward"
-    if isinstance(module.spatial.bn, torch.nn.BatchNorm2d):
-        return "KernelBatchNormCBAMBackward"
-    return "KernelCBAMBackward"
+    return "KernelBatchNormCBAMBackward" if batch_norm else "KernelCBAMBackward"
 
 
 def _close_bf16(actual: torch.Tensor, expected: torch.Tensor, rel: float = 2e-2) -> None:
@@ -299,8 +299,7 @@ def test_bf16_takes_the_kernels_only_under_autocast_with_float32_parameters() ->
     for training in (True, False):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert module._choose(x, training) == "kernels"
-            # channels_last: the inference kernel takes it, the training kernels do not
-            assert module._choose(cl, training) == ("fused" if training else "kernels")
+            assert module._choose(cl, training) == "kernels"
             assert module._choose(x.half(), training) == "fused"
         cast = copy.deepcopy(module).bfloat16()
         assert cast._choose(x, training) == "fused"

@@ -29,12 +29,12 @@ VARIANTS = [
 
 
 def _backward_name(path: str, module: CBAM, x: torch.Tensor) -> str:
-    """The grad_fn a fast CBAM's output should have on ``path`` for input ``x``."""
-    if path != "kernels" or not x.is_contiguous() or x.dtype == torch.bfloat16:
+    """The grad_fn a fast CBAM's output should have on ``path`` for input ``x``: the kernels take
+    NCHW input, and channels_last input where the spatial gate has no BatchNorm."""
+    batch_norm = isinstance(module.spatial.bn, torch.nn.BatchNorm2d)
+    if path != "kernels" or (not x.is_contiguous() and batch_norm) or x.dtype == torch.bfloat16:
         return "FusedCBAMBackward"
-    if isinstance(module.spatial.bn, torch.nn.BatchNorm2d):
-        return "KernelBatchNormCBAMBackward"
-    return "KernelCBAMBackward"
+    return "KernelBatchNormCBAMBackward" if batch_norm else "KernelCBAMBackward"
 
 
 def _pair(channels: int, dtype: torch.dtype = torch.float32, **kwargs: object) -> tuple[CBAM, CBAM]:
@@ -79,6 +79,26 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"mlp_bias": True, "residual": True}, {"spatial_bn": True}],
+                         ids=lambda k: "-".join(k) or "default")  # fmt: skip
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_a_model_moved_to_channels_last(kwargs: dict, train: bool, path: str) -> None:
+    # model.to(memory_format=torch.channels_last), PyTorch's recipe for the layout, makes the
+    # spatial convolution's weight channels_last too; with NCHW input as well as channels_last
+    torch.manual_seed(0)
+    fast = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 3, padding=1), CBAM(24, reduction=4, **kwargs))
+    plain = copy.deepcopy(fast)
+    plain[1].impl = "reference"
+    for model in (fast, plain):
+        model.train(train).to(memory_format=torch.channels_last)
+    assert not fast[1].spatial.conv.weight.is_contiguous()
+    for x in (torch.randn(2, 3, 9, 11), torch.randn(2, 3, 9, 11).contiguous(memory_format=torch.channels_last)):
+        grad = torch.randn(2, 24, 9, 11)
+        _assert_close(_run(fast, x, grad), _run(plain, x, grad))
+        with torch.no_grad():
+            _assert_close([fast(x)], [plain(x)])
+
+
 @pytest.mark.parametrize(
     ("kwargs", "fast_mode"),
     [
@@ -90,14 +110,20 @@ def test_fast_matches_plain_float32(kwargs: dict, channels_last: bool, train: bo
     ],
 )
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernels", "eager"])
-def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool) -> None:
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
+def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool, channels_last: bool) -> None:
     channels = 8 if fast_mode else 4  # the full check perturbs every element one by one
     module, _ = _pair(channels, torch.float64, **kwargs)
     function = FusedCBAM
     if kernel:
         assert kernels.available()
+        if kwargs.get("spatial_bn") and channels_last:
+            pytest.skip("with a spatial BatchNorm in training the kernels read NCHW")
         function = KernelBatchNormCBAM if kwargs.get("spatial_bn") else KernelCBAM
-    x = torch.randn(2, channels, 4, 3, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, channels, 4, 3, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
     params = tuple(module.parameters())
     assert torch.autograd.gradcheck(
         lambda x, *p: function.apply(x, module, *p), (x, *params), fast_mode=fast_mode

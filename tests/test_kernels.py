@@ -200,8 +200,9 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
             "other channels": (torch.randn(2, 4, 6, 6), {}),
             "double weight": (x, {0: first.weight.double()}),
             "double bias": (x, {5: conv.bias.double()}),
-            "strided weight": (x, {4: conv.weight.transpose(2, 3)}),
         }
+        # a channels_last weight (a model moved to that layout) is made contiguous, not refused
+        _close(infer(x, swap={4: conv.weight.contiguous(memory_format=torch.channels_last)}), expected)
         for name, (bad, swap) in refused.items():
             with pytest.raises(RuntimeError, match="cbam_infer: "):
                 infer(bad, swap=swap)
@@ -211,7 +212,9 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
-def test_cbam_infer_takes_channels_last(shape: tuple[int, ...], dtype: torch.dtype, residual: bool) -> None:
+def test_cbam_infer_takes_channels_last(
+    shape: tuple[int, ...], dtype: torch.dtype, residual: bool, ops: object
+) -> None:
     # channels: below one vector, not a multiple of it, above it; pixels above a chunk (1024)
     c = shape[1]
     module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
@@ -241,6 +244,47 @@ def test_cbam_infer_takes_channels_last(shape: tuple[int, ...], dtype: torch.dty
     version = y._version
     assert kernels.cbam_infer(y, *params, 0.75, -0.25, residual, True) is y and y._version == version + 1
     assert torch.equal(y, out)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cbam_train_and_backward_take_channels_last(
+    shape: tuple[int, ...], dtype: torch.dtype, residual: bool, ops: object
+) -> None:
+    # the channels_last passes against the NCHW ones: every saved tensor and gradient, the max
+    # pixels and channels (first maximal; bf16's coarse values tie often) exactly
+    c = shape[1]
+    module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    params = [p.detach().to(_acc(dtype)) for p in (first.weight, first.bias, second.weight, second.bias)]
+    params += [conv.weight.detach().to(_acc(dtype)), conv.bias.detach().to(_acc(dtype))]
+    w1, _, w2, _, weight, _ = params
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)
+    x[0, 0, 0, 1] = 40.0  # one channel's max far above the rest
+    x[-1, :, -1, -1] = 3.0  # a pixel where every channel ties
+    grad = torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    nchw = kernels.cbam_train(x, *params, residual)
+    saved = kernels.cbam_train(cl, *params, residual)
+    assert saved.out.is_contiguous(memory_format=torch.channels_last) and saved.out.dtype == dtype
+    assert torch.equal(saved.channel_index, nchw.channel_index)
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {}
+    for name in kernels.TrainForward._fields:
+        if name != "channel_index":
+            torch.testing.assert_close(getattr(saved, name), getattr(nchw, name), **tol, msg=name)
+    # G arrives in either layout
+    for g in (grad, grad.contiguous(memory_format=torch.channels_last)):
+        got = kernels.cbam_backward(g, cl, saved, w1, w2, weight, residual, True)
+        expected = kernels.cbam_backward(grad, x, nchw, w1, w2, weight, residual, True)
+        assert got.x.is_contiguous(memory_format=torch.channels_last) and got.x.dtype == dtype
+        for name in kernels.TrainGrads._fields:
+            a, b = getattr(got, name), getattr(expected, name)
+            scale = b.abs().max().double().clamp_min(1e-12)
+            assert ((a.double() - b.double()).abs().max() / scale).item() <= (2e-2 if tol else 1e-5), name
+    assert kernels.cbam_backward(grad, cl, saved, w1, w2, weight, residual, False).x.numel() == 0
 
 
 def test_build_failure_warns_and_cbam_still_runs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,7 +47,8 @@ class _Recorder:
     [
         ("auto", torch.randn(2, 16, 5, 4), "KernelCBAMBackward"),
         ("kernels", torch.randn(2, 16, 5, 4), "KernelCBAMBackward"),
-        ("auto", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "FusedCBAMBackward"),
+        ("auto", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "KernelCBAMBackward"),
+        ("kernels", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "KernelCBAMBackward"),
         ("fused", torch.randn(2, 16, 5, 4), "FusedCBAMBackward"),
         ("auto", torch.randn(2, 16, 5, 4).bfloat16(), "FusedCBAMBackward"),
         ("reference", torch.randn(2, 16, 5, 4), "MulBackward0"),
@@ -68,7 +69,7 @@ def test_impl_routes_input_by_the_table(impl: str, x: torch.Tensor, backward: st
 @needs_kernels
 @pytest.mark.parametrize("autocast", [False, True])
 def test_channels_last_inference_takes_the_kernels(autocast: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the no-grad kernel reads channels_last as it is; training with it runs the fused path
+    # the no-grad kernel reads channels_last as it is (training: test_channels_last_training_...)
     module = _module(residual=True).eval()
     calls = []
     infer = cbam_fused.kernel_infer
@@ -79,14 +80,12 @@ def test_channels_last_inference_takes_the_kernels(autocast: bool, monkeypatch: 
     assert calls == [x.stride()] and out.is_contiguous(memory_format=torch.channels_last)
     tol = {"rtol": 2e-2, "atol": 2e-2} if autocast else {}
     torch.testing.assert_close(out.float(), module.forward_reference(x).detach(), **tol)
-    assert type(module(x.requires_grad_()).grad_fn).__name__ == "FusedCBAMBackward"
     assert len(calls) == 1
 
 
 @pytest.mark.parametrize(
     ("impl", "x", "message"),
     [
-        ("kernels", torch.randn(2, 16, 5, 4).to(memory_format=torch.channels_last), "channels_last input"),
         ("kernels", torch.randn(2, 16, 5, 4).double()[:, :, :0], "empty input"),
         ("kernels", torch.randn(2, 16, 5, 4).half(), "torch.float16 input"),
         ("kernels", torch.randn(2, 16, 5, 4).bfloat16(), "torch.bfloat16 input outside autocast"),
@@ -98,6 +97,28 @@ def test_an_explicit_impl_refuses_input_it_cannot_take(impl: str, x: torch.Tenso
     module = _module(impl=impl).to(x.dtype)
     with pytest.raises(ValueError, match=f"impl='{impl}' does not take {message}"):
         module(x)
+
+
+@needs_kernels
+def test_channels_last_training_takes_the_kernels_without_copies(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the training kernels read channels_last as it is and give the output and dL/dx in it; with a
+    # spatial BatchNorm on batch statistics (separate passes, NCHW) "kernels" refuses it
+    module = _module(mlp_bias=True, residual=True)
+    strides = []
+    train, backward = kernels.cbam_train, kernels.cbam_backward
+    monkeypatch.setattr(kernels, "cbam_train", lambda x, *a: strides.append(x.stride()) or train(x, *a))
+    monkeypatch.setattr(kernels, "cbam_backward", lambda g, x, *a: strides.append(x.stride()) or backward(g, x, *a))
+    x = torch.randn(2, 16, 5, 4).contiguous(memory_format=torch.channels_last).requires_grad_()
+    out = module(x)
+    out.backward(torch.randn_like(out))
+    assert strides == [x.stride(), x.stride()]
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    assert x.grad.is_contiguous(memory_format=torch.channels_last)
+    bn = _module(impl="kernels", spatial_bn=True)
+    with pytest.raises(ValueError, match="does not take channels_last input with a spatial BatchNorm"):
+        bn(x)
+    with torch.no_grad():  # inference on running statistics: taken
+        assert bn.eval()(x.detach()).is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bad_impl_names_the_argument() -> None:
@@ -162,6 +183,9 @@ def test_opcheck(bias: bool) -> None:
     x = torch.randn(2, 16, 5, 4, dtype=torch.float64, requires_grad=True)
     args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, True)
     torch.library.opcheck(ops.cbam_train, args)
+    cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    torch.library.opcheck(ops.cbam_train, (cl, *args[1:]))
+    assert ops.cbam_train(cl, *args[1:])[0].is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         infer_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         torch.library.opcheck(ops.cbam_infer, infer_args)
@@ -224,6 +248,31 @@ def test_inductor_hands_the_inference_operator_its_channels_last_activations(
         out = torch.compile(model, fullgraph=True)(x)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
     assert layouts == [torch.empty(2, 32, 16, 12).contiguous(memory_format=torch.channels_last).stride()]
+
+
+@needs_kernels
+def test_inductor_hands_the_training_operators_their_channels_last_activations(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # as in inference: the forward and backward kernels get inductor's layout, no copies around them
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), CBAM(32, reduction=4, residual=True), nn.Conv2d(32, 8, 3, padding=1)
+    )
+    layouts = []
+    train, backward = kernels.cbam_train, kernels.cbam_backward
+    monkeypatch.setattr(kernels, "cbam_train", lambda x, *a: layouts.append(x.stride()) or train(x, *a))
+    monkeypatch.setattr(kernels, "cbam_backward", lambda g, x, *a: layouts.append(x.stride()) or backward(g, x, *a))
+    x = torch.randn(2, 3, 16, 12)
+    expected = _grads(copy.deepcopy(model), x)
+    layouts.clear()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch._dynamo.reset()
+        got = _grads(torch.compile(model, fullgraph=True), x)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    channels_last = torch.empty(2, 32, 16, 12).contiguous(memory_format=torch.channels_last).stride()
+    assert layouts == [channels_last, channels_last]
 
 
 @needs_kernels

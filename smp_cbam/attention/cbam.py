@@ -206,9 +206,10 @@ class CBAM(nn.Module):
     ``impl``         input it runs on (other input: ``"auto"`` takes the next row down, an explicit
                      choice raises ``ValueError``)
     ===============  ============================================================================
-    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW-contiguous
-                     (in inference also channels_last-contiguous),
-                     non-empty float32/float64 CPU tensors, and bfloat16 ones under CPU autocast with
+    ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW- or
+                     channels_last-contiguous (channels_last not with a spatial BatchNorm on batch
+                     statistics), non-empty float32/float64 CPU tensors, and bfloat16 ones under
+                     CPU autocast with
                      float32 parameters (autocast's numerics, as below: ``x``, the output and
                      ``x``'s gradient in bfloat16, all else in float32), once the kernels are built
     ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
@@ -341,8 +342,8 @@ class CBAM(nn.Module):
             or x.dim() != 4
             or x.device.type != "cpu"
             or x.dtype not in (torch.float32, torch.float64)
-            # channels_last in inference: inductor lays convolution activations out that way
-            or not (x.is_contiguous() or (not training and x.is_contiguous(memory_format=torch.channels_last)))
+            # channels_last too: inductor lays convolution activations out that way
+            or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             or x.numel() == 0
             or torch.is_autocast_enabled("cpu")
             or not _kernels_ready()
@@ -412,9 +413,14 @@ def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> 
             return f"torch.bfloat16 input with {weight.dtype} parameters"
     elif dtype is not torch.float32 and dtype is not torch.float64:
         return f"{dtype} input"
-    if not nchw and (training or _fetch(cbam, "spatial")._affine() is None):
-        # the training kernels and the no-grad forward with a BatchNorm on batch statistics read NCHW
-        return "channels_last input in training (or with a spatial BatchNorm on batch statistics)"
+    if not nchw:
+        spatial = _fetch(cbam, "spatial")
+        # a spatial BatchNorm on batch statistics needs the whole map before its sigmoid: the
+        # kernels then run as separate passes, which read NCHW
+        if (training and not isinstance(_fetch(spatial, "bn"), nn.Identity)) or (
+            not training and spatial._affine() is None
+        ):
+            return "channels_last input with a spatial BatchNorm on batch statistics"
     if x.numel() == 0:
         return "empty input"
     if not kernels.available():

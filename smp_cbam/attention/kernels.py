@@ -4,8 +4,8 @@ PyTorch's ``cpp_extension`` compiles them once per machine (cached under ``TORCH
 or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam_cpu``. Without a working C++
 compiler a warning is given and CBAM's ``impl="auto"`` runs its eager fused path instead;
 ``SMP_CBAM_KERNELS=0`` skips the build. CBAM asks for the build only for input the kernels take
-(NCHW-contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast; in inference
-channels_last-contiguous ones too), never for CUDA, meta or other dtypes.
+(NCHW- or channels_last-contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast),
+never for CUDA, meta or other dtypes.
 
 The functions below are the kernels' interface: each returns a tensor or a NamedTuple of them.
 The full-size tensors (``x``, the output, ``grad`` = dL/dout and dL/dx, shaped like ``x``) have
@@ -152,11 +152,11 @@ def spatial_pool(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def spatial_conv(pooled: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _ops().spatial_conv(pooled, weight)
+    return _ops().spatial_conv(pooled, weight.contiguous())
 
 
 def spatial_conv_backward(d_out: torch.Tensor, pooled: torch.Tensor, weight: torch.Tensor) -> ConvGrads:
-    return ConvGrads(*_ops().spatial_conv_backward(d_out, pooled, weight))
+    return ConvGrads(*_ops().spatial_conv_backward(d_out, pooled, weight.contiguous()))
 
 
 def scale(x: torch.Tensor, g: torch.Tensor, s: torch.Tensor, residual: bool) -> torch.Tensor:
@@ -187,23 +187,31 @@ def cbam_infer(
 ) -> torch.Tensor:  # fmt: skip
     """The no-grad forward with ``s = sigmoid(a (conv(P) + bias) + b)``; into ``x`` with inplace.
     ``x`` NCHW- or channels_last-contiguous; the output has its layout."""
-    return _ops().cbam_infer(x, w1, b1, w2, b2, weight, bias, a, b, residual, inplace)
+    return _ops().cbam_infer(x, *_small(w1, b1, w2, b2, weight, bias), a, b, residual, inplace)
 
 
 def cbam_train(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
     weight: torch.Tensor, bias: torch.Tensor | None, residual: bool,
 ) -> TrainForward:  # fmt: skip
-    """The training forward of a CBAM without spatial BatchNorm."""
-    return TrainForward(*_ops().cbam_train(x, w1, b1, w2, b2, weight, bias, residual))
+    """The training forward of a CBAM without spatial BatchNorm; ``x`` NCHW- or
+    channels_last-contiguous, the output in its layout."""
+    return TrainForward(*_ops().cbam_train(x, *_small(w1, b1, w2, b2, weight, bias), residual))
 
 
 def cbam_backward(
     grad: torch.Tensor, x: torch.Tensor, saved: TrainForward, w1: torch.Tensor, w2: torch.Tensor,
     weight: torch.Tensor, residual: bool, with_input_grad: bool,
 ) -> TrainGrads:  # fmt: skip
-    """``cbam_train``'s gradients for ``grad`` = dL/dout."""
+    """``cbam_train``'s gradients for ``grad`` = dL/dout (any layout); dL/dx in ``x``'s layout."""
     return TrainGrads(*_ops().cbam_backward(
-        grad, x, saved.descriptors, saved.hidden, saved.channel_gate, saved.channel_index,
-        saved.spatial_gate, saved.pooled, w1, w2, weight, residual, with_input_grad,
+        grad, x, *_small(saved.descriptors, saved.hidden, saved.channel_gate, saved.channel_index,
+                         saved.spatial_gate, saved.pooled, w1, w2, weight), residual, with_input_grad,
     ))  # fmt: skip
+
+
+def _small(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The parameters and gates, contiguous as the kernels read them: a model moved to channels_last
+    (``model.to(memory_format=...)``) has a channels_last spatial weight, and under ``torch.compile``
+    inductor may choose any input's strides (the operators are ``flexible_layout``)."""
+    return [t if t is None else t.contiguous() for t in tensors]

@@ -5,8 +5,8 @@ Each has a schema, a fake implementation (output shapes only: used by ``torch.co
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
 implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
 registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
-gradient instead of falling back to the formula. ``cbam_infer`` takes channels_last input as it is
-(inductor's layout for convolution activations on CPU).
+gradient instead of falling back to the formula. All three take channels_last input as it is
+(inductor's layout for convolution activations on CPU) and give their full-size outputs in it.
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
 the kernels directly, since a custom operator's Python dispatch costs more than the kernels' own
@@ -26,14 +26,19 @@ def _cpu(x: Tensor) -> None:
         raise RuntimeError("smp_cbam's CPU kernels are not built; CBAM only calls this operator where they are")
 
 
-@torch.library.custom_op("smp_cbam::cbam_train", mutates_args=(), device_types="cpu")
+# flexible_layout: inductor may hand over channels_last input (its layout for convolution
+# activations on CPU), which the kernels take as it is, returning the same layout; with the default
+# constraint inductor would copy into NCHW before every CBAM and back after it.
+@torch.library.custom_op(
+    "smp_cbam::cbam_train", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
 def cbam_train(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
     """``kernels.cbam_train``: the output and what the backward needs (``kernels.TrainForward``)."""
     _cpu(x)
-    return tuple(kernels.cbam_train(x.contiguous(), w1, b1, w2, b2, weight, bias, residual))
+    return tuple(kernels.cbam_train(_layout(x), w1, b1, w2, b2, weight, bias, residual))
 
 
 @cbam_train.register_fake
@@ -41,7 +46,7 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the 
     n, c, h, w = x.shape
     hidden = w1.shape[0]
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=_memory_format(x)),
         x.new_empty(2 * n, c),
         x.new_empty(2 * n, hidden),
         x.new_empty(n, c),
@@ -51,22 +56,25 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the 
     )
 
 
-@torch.library.custom_op("smp_cbam::cbam_backward", mutates_args=(), device_types="cpu")
+@torch.library.custom_op(
+    "smp_cbam::cbam_backward", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
 def cbam_backward(
     grad: Tensor, x: Tensor, descriptors: Tensor, hidden: Tensor, channel_gate: Tensor, channel_index: Tensor,
     spatial_gate: Tensor, pooled: Tensor, w1: Tensor, w2: Tensor, weight: Tensor, residual: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """``kernels.cbam_backward``: ``kernels.TrainGrads`` (dx always computed here)."""
+    """``kernels.cbam_backward``: ``kernels.TrainGrads`` (dx always computed here, in ``x``'s layout;
+    ``grad`` in any)."""
     _cpu(x)
     saved = kernels.TrainForward(None, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled)
-    return tuple(kernels.cbam_backward(grad.contiguous(), x.contiguous(), saved, w1, w2, weight, residual, True))
+    return tuple(kernels.cbam_backward(grad, _layout(x), saved, w1, w2, weight, residual, True))
 
 
 @cbam_backward.register_fake
 def _(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
     c, n_hidden = x.shape[1], hidden.shape[1]
     return (
-        torch.empty_like(x, memory_format=torch.contiguous_format),
+        torch.empty_like(x, memory_format=_memory_format(x)),
         w1.new_empty(w1.shape),
         w1.new_empty(n_hidden),
         w2.new_empty(w2.shape),
@@ -97,9 +105,6 @@ def _train_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202 - register_auto
 cbam_train.register_autograd(_train_backward, setup_context=_setup_train)
 
 
-# flexible_layout: inductor may hand over channels_last input (its layout for convolution
-# activations on CPU), which the kernel takes as it is, returning the same layout; with the default
-# constraint inductor would copy into NCHW before every CBAM and back after it.
 @torch.library.custom_op(
     "smp_cbam::cbam_infer", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
 )
@@ -110,16 +115,24 @@ def cbam_infer(
     """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor of ``x``'s layout (NCHW or
     channels_last; any other strides are made NCHW)."""
     _cpu(x)
-    x = x if _channels_last(x) else x.contiguous()
-    return kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
+    return kernels.cbam_infer(_layout(x), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
 
 
 @cbam_infer.register_fake
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
-    layout = torch.channels_last if _channels_last(x) else torch.contiguous_format
-    return torch.empty_like(x, memory_format=layout)
+    return torch.empty_like(x, memory_format=_memory_format(x))
 
 
 def _channels_last(x: Tensor) -> bool:
     """Channels_last- and not NCHW-contiguous (a tensor that is both, e.g. C = 1, counts as NCHW)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """The layout the kernels give their full-size outputs for input ``x``."""
+    return torch.channels_last if _channels_last(x) else torch.contiguous_format
+
+
+def _layout(x: Tensor) -> Tensor:
+    """``x`` as the kernels take it: channels_last as it is, any other strides made NCHW."""
+    return x if _channels_last(x) else x.contiguous()

@@ -1,5 +1,5 @@
-// Fused CPU passes of CBAM over NCHW-contiguous float32/float64/bfloat16 tensors, and the no-grad
-// forward over channels_last ones too (see smp_cbam/attention/kernels.py).
+// Fused CPU passes of CBAM over NCHW-contiguous float32/float64/bfloat16 tensors, and its forward
+// and backward over channels_last ones too (see smp_cbam/attention/kernels.py).
 //
 // x is (N, C, HW); g the channel gate (N, C); s the spatial gate (N, HW). Each pass reads its
 // full-size operands once; every max returns the first maximal element, NaN counting as maximal,
@@ -1010,24 +1010,30 @@ void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, con
   TORCH_CHECK(w2.size(0) == x.size(1), name, ": x has ", x.size(1), " channels, the MLP ", w2.size(0));
 }
 
-// cbam_infer for channels_last x (memory N, H, W, C): the same formula and numerics in three
-// passes over x, each reading a pixel's channels as one contiguous row: the channel descriptors,
-// the pooled map P, then s and the output. Inductor lays convolution activations out channels_last
-// on CPU; a kernel that took NCHW only would cost a copy into and out of that layout around every
-// CBAM of a compiled model.
-at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                                    const at::Tensor& w2, const std::optional<at::Tensor>& b2,
-                                    const at::Tensor& weight, double a, double shift, bool residual,
-                                    bool inplace) {
+// The no-grad and the training forward for channels_last x (memory N, H, W, C): the same formula
+// and numerics as for NCHW in three passes over x, each reading a pixel's channels as one
+// contiguous row: the channel descriptors (with idx, each channel's first max pixel), the pooled
+// map P, then s = sigmoid(a conv(P) + shift) and out = (x g) s (+ x). Inductor lays convolution
+// activations out channels_last on CPU, and so do users who train that way: a kernel that took
+// NCHW only would cost a copy into and out of that layout around every CBAM.
+struct ForwardChannelsLast {
+  at::Tensor descriptors, hidden, g, idx, s, pooled;
+};
+
+ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor& w1,
+                                          const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                          const std::optional<at::Tensor>& b2, const at::Tensor& weight, double a,
+                                          double shift, bool residual, const at::Tensor& out, bool with_index) {
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd, hid = w1.size(0);
   TORCH_CHECK(w1.numel() == hid * c && w2.numel() == c * hid, "expected MLP weights (C/r, C) and (C, C/r)");
   TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
   auto descriptors = at::empty({2 * n, c}, acc_options(x));
   auto hidden = at::empty({2 * n, hid}, acc_options(x));
   auto g = at::empty({n, c}, acc_options(x));
+  auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
   auto pooled = at::empty({n, 2, h, wd}, acc_options(x));
-  const at::Tensor out = inplace ? x : at::empty_like(x);  // channels_last, like x
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "cbam_infer_channels_last", [&] {
+  at::Tensor s_map;
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "forward_channels_last", [&] {
     using T = scalar_t;
     using A = Acc<T>;
     using Vec = AccVec<T>;
@@ -1035,31 +1041,53 @@ at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, c
     const T* xp = x.data_ptr<T>();
     T* op = out.data_ptr<T>();
     A* d = descriptors.data_ptr<A>();
+    int64_t* ip = with_index ? idx.data_ptr<int64_t>() : nullptr;
     const A inf = std::numeric_limits<A>::infinity();
     // 1. mean and max over the pixels of each channel: one task per (image, block of channels),
-    // each chunk of kChunk pixels summed in Acc<T>, then added to a double as row_mean_max does
+    // each chunk of kChunk pixels summed in Acc<T>, then added to a double as row_mean_max does.
+    // With idx, a lane that beats its channel's max (first maximal pixel, NaN counting as maximal,
+    // as torch.max) records the pixel.
     const int64_t block = std::min<int64_t>(c, 4 * kLanes), blocks = (c + block - 1) / block;
     at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> sum(block), max(block);
       std::vector<double> total(block);
+      std::vector<int64_t> arg(block);
+      A lanes[kLanes];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / blocks, c0 = (t % blocks) * block, len = std::min(block, c - c0);
         std::fill(total.begin(), total.end(), 0.0);
         std::fill(max.begin(), max.end(), -inf);
+        std::fill(arg.begin(), arg.end(), int64_t(0));
         for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
           std::fill(sum.begin(), sum.end(), A(0));
           for (int64_t p = p0; p < std::min(hw, p0 + kChunk); ++p) {
             const T* row = xp + (bi * hw + p) * c + c0;
             int64_t j = 0;
             for (; j + kLanes <= len; j += kLanes) {
-              const Vec v = load_acc(row + j);
+              const Vec v = load_acc(row + j), m = Vec::loadu(max.data() + j);
               (Vec::loadu(sum.data() + j) + v).store(sum.data() + j);
-              at::vec::maximum(Vec::loadu(max.data() + j), v).store(max.data() + j);  // NaN-propagating
+              if (!ip) {
+                at::vec::maximum(m, v).store(max.data() + j);  // NaN-propagating
+                continue;
+              }
+              // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
+              const auto up = ~static_cast<uint64_t>(beats(v, m).zero_mask()) & ((uint64_t(1) << kLanes) - 1);
+              if (!up) continue;
+              v.store(lanes);
+              for (int64_t l = 0; l < kLanes; ++l) {
+                if ((up >> l) & 1) {
+                  max[j + l] = lanes[l];
+                  arg[j + l] = p;
+                }
+              }
             }
             for (; j < len; ++j) {
               const A v = row[j];
               sum[j] += v;
-              max[j] = beats(v, max[j]) ? v : max[j];
+              if (beats(v, max[j])) {
+                max[j] = v;
+                arg[j] = p;
+              }
             }
           }
           for (int64_t j = 0; j < len; ++j) total[j] += sum[j];
@@ -1067,6 +1095,7 @@ at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, c
         for (int64_t j = 0; j < len; ++j) {
           d[bi * c + c0 + j] = static_cast<A>(total[j] / hw);
           d[(n + bi) * c + c0 + j] = max[j];
+          if (ip) ip[bi * c + c0 + j] = arg[j];
         }
       }
     });
@@ -1100,7 +1129,7 @@ at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, c
       }
     });
     // 3. s = sigmoid(a conv(P) + shift), then out = (x g) s (+ x)
-    at::Tensor s_map = spatial_conv(pooled, weight);
+    s_map = spatial_conv(pooled, weight);
     A* sp = s_map.data_ptr<A>();
     sigmoid_affine(sp, n * hw, static_cast<A>(a), static_cast<A>(shift));
     at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
@@ -1122,8 +1151,7 @@ at::Tensor cbam_infer_channels_last(const at::Tensor& x, const at::Tensor& w1, c
       }
     });
   });
-  if (inplace) x.unsafeGetTensorImpl()->bump_version();
-  return out;
+  return {descriptors, hidden, g, idx, s_map.view({n, hw}), pooled};
 }
 
 // The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
@@ -1135,9 +1163,12 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::opti
                       const std::optional<at::Tensor>& bias, double a, double b, bool residual, bool inplace) {
   check_call("cbam_infer", x, w1, b1, w2, b2, weight, bias, true);
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
-  if (!x.is_contiguous()) return cbam_infer_channels_last(x, w1, b1, w2, b2, weight, a, shift, residual, inplace);
-  const at::Tensor out = inplace ? x : at::empty_like(x);
-  attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
+  const at::Tensor out = inplace ? x : at::empty_like(x);  // of x's layout
+  if (x.is_contiguous()) {
+    attend(x, channel_gate(x, w1, b1, w2, b2, false).g, weight, a, shift, residual, out, false);
+  } else {
+    forward_channels_last(x, w1, b1, w2, b2, weight, a, shift, residual, out, false);
+  }
   if (inplace) x.unsafeGetTensorImpl()->bump_version();
   return out;
 }
@@ -1148,10 +1179,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
     const std::optional<at::Tensor>& b2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     bool residual) {
-  check_call("cbam_train", x, w1, b1, w2, b2, weight, bias);
+  check_call("cbam_train", x, w1, b1, w2, b2, weight, bias, true);
+  const double shift = bias ? bias->item<double>() : 0.0;
+  auto out = at::empty_like(x);  // of x's layout
+  if (!x.is_contiguous()) {
+    auto f = forward_channels_last(x, w1, b1, w2, b2, weight, 1.0, shift, residual, out, true);
+    return {out, f.descriptors, f.hidden, f.g, f.idx, f.s, f.pooled};
+  }
   auto gate = channel_gate(x, w1, b1, w2, b2, true);
-  auto out = at::empty_like(x);
-  auto [s, pooled] = attend(x, gate.g, weight, 1.0, bias ? bias->item<double>() : 0.0, residual, out, true);
+  auto [s, pooled] = attend(x, gate.g, weight, 1.0, shift, residual, out, true);
   return {out, gate.descriptors, gate.hidden, gate.g, gate.idx, s, pooled};
 }
 
@@ -1220,6 +1256,195 @@ MlpGrads mlp_backward(const at::Tensor& d_g, const at::Tensor& g, const at::Tens
   return out;
 }
 
+// cbam_backward for channels_last x (memory N, H, W, C), the NCHW passes' arithmetic over pixel
+// rows: (1) per pixel d_s = sum_c G x g, hence d_u = d_s s (1 - s), the channel of max_c x g with x
+// there, and per channel sum G x s; (2) the convolution's gradients from the whole d_u map; (3) P's
+// share of dL/dg, sum x d_avg / C and x_at d_max at each pixel's max channel; (4) the MLP backwards;
+// (5) dL/dx as input_grad gives it, in x's layout. Per-channel sums run in Acc<T> over a tile of
+// kTile pixels, then in double over the tiles in order, so they do not depend on the thread count.
+std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
+                                               const at::Tensor& hidden, const at::Tensor& g, const at::Tensor& idx_c,
+                                               const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
+                                               const at::Tensor& w2, const at::Tensor& weight, bool residual,
+                                               bool with_input_grad) {
+  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd;
+  TORCH_CHECK(c <= (int64_t(1) << 24), "cbam_backward supports at most 2^24 channels, got ", c);
+  const auto gr = grad.contiguous(at::MemoryFormat::ChannelsLast);
+  const auto sc = s.contiguous(), pc = pooled.contiguous();
+  const int64_t tiles = (hw + kTile - 1) / kTile;
+  auto d_u = at::empty({n, hw}, acc_options(x));
+  auto arg = at::empty({n, hw}, x.options().dtype(at::kLong));
+  auto x_at = at::empty({n, hw}, acc_options(x));
+  auto d_g_tiles = at::zeros({n, tiles, c}, x.options().dtype(at::kDouble));
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
+    using T = scalar_t;
+    using A = Acc<T>;
+    using Vec = AccVec<T>;
+    constexpr int64_t kLanes = Vec::size();
+    const T* gp = gr.data_ptr<T>();
+    const T* xp = x.data_ptr<T>();
+    const A* gate = g.data_ptr<A>();
+    const A* sp = sc.data_ptr<A>();
+    A* dup = d_u.data_ptr<A>();
+    int64_t* ap = arg.data_ptr<int64_t>();
+    A* xap = x_at.data_ptr<A>();
+    double* dgt = d_g_tiles.data_ptr<double>();
+    const A inf = std::numeric_limits<A>::infinity();
+    // 1. lanes hold the running max of x g over their channels (the first, NaN counting as
+    // maximal) and the block's first channel there; across lanes a tie goes to the lower channel
+    at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(c);
+      A maxes[kLanes], bases[kLanes];
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
+        const A* gb = gate + bi * c;
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t q = bi * hw + p;
+          const T* row = xp + q * c;
+          const T* grow = gp + q * c;
+          const A sq = sp[q];
+          Vec vds(A(0)), vmax(-inf), vbase(A(0));
+          int64_t j = 0;
+          for (; j + kLanes <= c; j += kLanes) {
+            const Vec xv = load_acc(row + j), gx = load_acc(grow + j) * xv, w = Vec::loadu(gb + j);
+            vds = vds + gx * w;
+            (Vec::loadu(acc.data() + j) + gx * Vec(sq)).store(acc.data() + j);
+            const Vec y = xv * w, up = beats(y, vmax);
+            vmax = Vec::blendv(vmax, y, up);
+            vbase = Vec::blendv(vbase, Vec(static_cast<A>(j)), up);
+          }
+          A ds = j > 0 ? at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return a + b; }, vds) : A(0);
+          A best = -inf;
+          int64_t best_ch = 0;
+          if (j > 0) {
+            vmax.store(maxes);
+            vbase.store(bases);
+            for (int64_t l = 0; l < kLanes; ++l) {
+              const int64_t ch = static_cast<int64_t>(bases[l]) + l;
+              const bool tie = maxes[l] == best || (maxes[l] != maxes[l] && best != best);
+              if (beats(maxes[l], best) || (tie && ch < best_ch)) {
+                best = maxes[l];
+                best_ch = ch;
+              }
+            }
+          }
+          for (; j < c; ++j) {
+            const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
+            ds += gx * gb[j];
+            acc[j] += gx * sq;
+            if (beats(y, best)) {
+              best = y;
+              best_ch = j;
+            }
+          }
+          dup[q] = ds * sq * (A(1) - sq);
+          ap[q] = best_ch;
+          xap[q] = static_cast<A>(row[best_ch]);
+        }
+        for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += acc[ch];
+      }
+    });
+  });
+  // 2. the convolution's gradients
+  at::Tensor d_pooled, d_weight;
+  std::tie(d_pooled, d_weight) = spatial_conv_backward(d_u.view({n, 1, h, wd}), pc, weight);
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
+    using T = scalar_t;
+    using A = Acc<T>;
+    using Vec = AccVec<T>;
+    constexpr int64_t kLanes = Vec::size();
+    const T* xp = x.data_ptr<T>();
+    const A* dp = d_pooled.data_ptr<A>();
+    const int64_t* ap = arg.data_ptr<int64_t>();
+    const A* xap = x_at.data_ptr<A>();
+    double* dgt = d_g_tiles.data_ptr<double>();
+    // 3. P's share of dL/dg
+    at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+      std::vector<A> acc(c);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
+        const A* d_avg = dp + bi * 2 * hw;
+        const A* d_max = d_avg + hw;
+        std::fill(acc.begin(), acc.end(), A(0));
+        for (int64_t p = p0; p < p1; ++p) {
+          const T* row = xp + (bi * hw + p) * c;
+          const Vec da(d_avg[p]);
+          int64_t j = 0;
+          for (; j + kLanes <= c; j += kLanes) {
+            (Vec::loadu(acc.data() + j) + load_acc(row + j) * da).store(acc.data() + j);
+          }
+          for (; j < c; ++j) acc[j] += static_cast<A>(row[j]) * d_avg[p];
+          dgt[t * c + ap[bi * hw + p]] += xap[bi * hw + p] * d_max[p];
+        }
+        for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += static_cast<double>(acc[ch]) / c;
+      }
+    });
+  });
+  // 4. the MLP
+  const auto d_g = d_g_tiles.sum(1).to(d_u.scalar_type());
+  const auto mlp = mlp_backward(d_g, g, descriptors, hidden, w1, w2);
+  // 5. dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s at the pixel's max channel,
+  // then d_max_c added at each channel's max pixel, rounded as input_grad rounds
+  auto dx = at::empty({0}, x.options());
+  if (with_input_grad) {
+    dx = at::empty_like(x);  // channels_last, like x
+    const auto base = (mlp.d_descriptors.narrow(0, 0, n) / static_cast<double>(hw)).contiguous();
+    const auto d_max_c = mlp.d_descriptors.narrow(0, n, n).contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
+      using T = scalar_t;
+      using A = Acc<T>;
+      using Vec = AccVec<T>;
+      constexpr int64_t kLanes = Vec::size();
+      const T* gp = gr.data_ptr<T>();
+      const A* gate = g.data_ptr<A>();
+      const A* sp = sc.data_ptr<A>();
+      const A* dp = d_pooled.data_ptr<A>();
+      const int64_t* ap = arg.data_ptr<int64_t>();
+      const A* bp = base.data_ptr<A>();
+      const A* dmc = d_max_c.data_ptr<A>();
+      const int64_t* icp = idx_c.data_ptr<int64_t>();
+      T* out = dx.data_ptr<T>();
+      const A inv_c = A(1) / static_cast<A>(c);
+      at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
+        for (int64_t q = begin; q < end; ++q) {
+          const int64_t bi = q / hw, p = q % hw;
+          const T* grow = gp + q * c;
+          const A* gb = gate + bi * c;
+          const A* bb = bp + bi * c;
+          T* orow = out + q * c;
+          const A sq = sp[q], da = dp[bi * 2 * hw + p], dm = dp[(bi * 2 + 1) * hw + p];
+          const Vec sv(sq), dav(da), inv(inv_c);
+          const auto value = [&](int64_t ch) {
+            const A gi = grow[ch];
+            A v = (gi * sq + da * inv_c) * gb[ch] + bb[ch];
+            if (residual) v += gi;
+            return v;
+          };
+          int64_t j = 0;
+          for (; j + kLanes <= c; j += kLanes) {
+            const Vec gv = load_acc(grow + j);
+            Vec v = (gv * sv + dav * inv) * Vec::loadu(gb + j) + Vec::loadu(bb + j);
+            if (residual) v = v + gv;
+            store_acc(v, orow + j);
+          }
+          for (; j < c; ++j) orow[j] = static_cast<T>(value(j));
+          const int64_t a = ap[q];  // the max channel's element again, with its share, rounded once
+          orow[a] = static_cast<T>(value(a) + gb[a] * dm);
+        }
+      });
+      // a second rounding, in bfloat16, of one element per channel
+      for (int64_t b = 0; b < n; ++b) {
+        for (int64_t ch = 0; ch < c; ++ch) {
+          T& at_max = out[(b * hw + icp[b * c + ch]) * c + ch];
+          at_max = static_cast<T>(static_cast<A>(at_max) + dmc[b * c + ch]);
+        }
+      }
+    });
+  }
+  return {dx, mlp.dw1.view_as(w1), mlp.db1, mlp.dw2.view_as(w2), mlp.db2, d_weight, d_u.sum().view({1})};
+}
+
 // Gradients of cbam_train for G = dL/dout: [dx (empty unless with_input_grad), dw1, db1, dw2, db2,
 // dweight, dbias]. With the forward's names, u = conv(P) + bias and S = (Z_avg + Z_max):
 //   dL/ds, dL/dg (through y = x g)            gate_pass, streaming the next two
@@ -1232,6 +1457,10 @@ std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& 
                                       const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
                                       const at::Tensor& w2, const at::Tensor& weight, bool residual,
                                       bool with_input_grad) {
+  if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
+    return backward_channels_last(grad, x, descriptors, hidden, g, idx_c, s, pooled, w1, w2, weight, residual,
+                                  with_input_grad);
+  }
   check(x, "x", 4);
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3);
   const auto grad4 = grad.contiguous();
