@@ -102,6 +102,38 @@ def test_failed_runs_are_excluded_from_pairs() -> None:
     assert row["ci_high"] == pytest.approx(0.005 + half)
 
 
+def _holding_results(seeds: int = 5) -> pd.DataFrame:
+    """cbam 3 points above none on every seed: a difference that holds by every test."""
+    rows = []
+    for seed in range(seeds):
+        for attention, value in (("none", 0.60), ("cbam", 0.63 + 0.001 * seed)):
+            rows.append({"dataset": "toy", "arch": "unet", "encoder": "resnet18", "attention": attention,
+                         "seed": seed, "status": "ok", "converged": True, "test_miou": value,
+                         "val_miou": value})  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+def test_a_failed_run_unconverged_record_or_validation_metric_never_holds() -> None:
+    results = _holding_results()
+    assert report.comparisons(results)["holds"].all()
+    # two of five cbam runs failed: the three pairs left would hold, but the lost seeds may be its worst
+    failed = results.copy()
+    failed.loc[(failed["attention"] == "cbam") & (failed["seed"] >= 3), ["status", "test_miou"]] = ["failed", np.nan]
+    row = report.comparisons(failed).iloc[0]
+    assert row["n_pairs"] == 3 and row["p_holm"] < 0.05 and row["failed"] and not row["holds"]
+    assert "§: a run of one of the two arms failed" in report.summary_markdown(failed)
+    # a run without a record of convergence (a row of an older results.csv) is not taken as converged
+    unknown = results.astype({"converged": object})
+    unknown.loc[unknown.index[0], "converged"] = np.nan
+    row = report.comparisons(unknown).iloc[0]
+    assert row["not_converged"] and not row["holds"]
+    # no test metric: validation mIoU chose the checkpoints, so it is never marked
+    val_only = results.drop(columns="test_miou")
+    row = report.comparisons(val_only).iloc[0]
+    assert row["selection_metric"] and row["p_holm"] < 0.05 and not row["holds"]
+    assert "The metric is validation mIoU, the one that chose each run's best epoch" in report.summary_markdown(val_only)
+
+
 def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() -> None:
     results = make_results()
     drop = (results["arch"] == "unetplusplus") & (results["attention"] == "none") & (results["seed"] > 0)
@@ -110,7 +142,7 @@ def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() 
     assert one["n_pairs"] == 1
     assert one["mean_diff"] == pytest.approx(0.02)
     assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
-    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) |" in report.summary_markdown(results[~drop])
+    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) § |" in report.summary_markdown(results[~drop])
 
     no_scse = results[results["attention"] != "scse"]
     diff = report.paired_differences(no_scse, "scse")

@@ -37,7 +37,7 @@ CONFIDENCE = 0.95
 # a difference "holds" when its Holm-adjusted p-value is below this
 ALPHA = 0.05
 # the seed t-test marks differences only from this many paired seeds on: with two, the interval is
-# t(0.975, 1) = 12.7 standard errors wide and the standard error itself rests on one difference
+# the mean ± t(0.975, 1) = 12.7 standard errors and the standard error itself rests on one difference
 MIN_SEEDS_FOR_TEST = 3
 N_BOOTSTRAP = 2000
 BOOTSTRAP_SEED = 0

@@ -302,11 +302,14 @@ def _holds(row: pd.Series) -> bool:
     """Whether a comparison's difference holds: the rule of the summary's bold (see docs/statistics.md).
 
     A pair with a run that did not converge, or that stayed at the trivial floor, never holds: its
-    difference measures learning speed (or a failure to learn), whatever its p-value. Fewer than
+    difference measures learning speed (or a failure to learn), whatever its p-value. Nor does a
+    comparison with a failed run in either arm (the seeds it lost may be the arm's bad ones), or one
+    on validation mIoU, the metric that chose each run's best epoch (the maximum over epochs is
+    biased up, more for arms that run longer or swing more). Fewer than
     MIN_SEEDS_FOR_TEST seeds never hold either: the image bootstrap of one seed says the difference
     is not an accident of the test images, nothing about another training seed, which moves
     results as much as the attention types differ."""
-    if bool(row.get("not_converged", False)) or bool(row.get("at_floor", False)):
+    if any(bool(row.get(flag, False)) for flag in ("not_converged", "at_floor", "failed", "selection_metric")):
         return False
     if row["n_pairs"] < MIN_SEEDS_FOR_TEST:
         return False
@@ -329,8 +332,10 @@ def comparisons(
     ``none`` vs ``cbam`` are one), the image bootstrap from the runs' ``per_image.csv`` under
     ``output_dir`` (``boot_seeds``, ``boot_images``, ``boot_diff``, ``boot_low``, ``boot_high``,
     ``boot_p``, ``boot_p_holm``; NaN/0 without files), ``holds`` (the rule of the summary's bold),
-    ``not_converged`` (some run of the pairs did not converge) and ``at_floor`` (some run of the
-    pairs is stuck at the trivial floor).
+    ``not_converged`` (some run of the pairs did not converge, or has no record of it),
+    ``at_floor`` (some run of the pairs is stuck at the trivial floor), ``failed`` (some run of
+    either arm in the group failed: the pairs cover only the seeds where both ran) and
+    ``selection_metric`` (the metric is ``val_miou``, the one that chose each run's checkpoint).
     """
     df = _share_none(_normalize(results))
     metric = metric or primary_metric(df)
@@ -349,6 +354,7 @@ def comparisons(
     flag_cols = [c for c in ("converged", "at_floor") if c in ok]
     run_cols = [*keys, "attention", "seed", "run_dir", *flag_cols, *(["test_miou"] if metric == "test_miou" else [])]
     runs = ok.reindex(columns=run_cols)
+    failed_runs = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
     extra = []
     done: dict[tuple, dict] = {}  # b - a is the mirror of a - b: the same resamples, negated
     for _, row in out.iterrows():
@@ -371,9 +377,14 @@ def comparisons(
                 "boot_high": -mirror["boot_low"],
             }
         both = [pairs[c] for c in ("converged", "converged_base") if c in pairs]
-        info["not_converged"] = bool(any((s == False).any() for s in both))  # noqa: E712 (object column of bools/NaN)
+        # a run without a record of convergence (NaN, e.g. a row of an older results.csv) counts as not converged
+        info["not_converged"] = bool(any((s != True).any() for s in both))  # noqa: E712 (object column of bools/NaN)
         floors = [pairs[c] for c in ("at_floor", "at_floor_base") if c in pairs]
         info["at_floor"] = bool(any((s == True).any() for s in floors))  # noqa: E712
+        lost = failed_runs["attention"].isin([row["attention"], row["baseline"]]).to_numpy().copy()
+        for k in keys:
+            lost &= (failed_runs[k] == row[k]).to_numpy()
+        info["failed"] = bool(lost.any())
         extra.append(info)
     if out.empty:  # e.g. the first finished run of a grid: nothing to compare yet
         return _empty_comparisons(cols)
@@ -389,6 +400,7 @@ def comparisons(
         for source, target in (("p_value", "p_holm"), ("boot_p", "boot_p_holm")):
             adjusted = dict(zip(family["_pair"], holm(family[source].to_numpy())))
             out.loc[rows.index, target] = rows["_pair"].map(adjusted).to_numpy()
+    out["selection_metric"] = metric == "val_miou"
     out["holds"] = out.apply(_holds, axis=1).astype(bool)
     return _sort_rows(out[[*cols, *_COMPARISON_COLUMNS]], [*keys, "baseline"]).reset_index(drop=True)
 
@@ -396,7 +408,7 @@ def comparisons(
 _COMPARISON_COLUMNS = (
     "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
     "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_holm",
-    "holds", "not_converged", "at_floor",
+    "holds", "not_converged", "at_floor", "failed", "selection_metric",
 )  # fmt: skip
 
 
@@ -409,6 +421,8 @@ def _empty_comparisons(cols: list[str]) -> pd.DataFrame:
         "holds": bool,
         "not_converged": bool,
         "at_floor": bool,
+        "failed": bool,
+        "selection_metric": bool,
     }
     return out.astype({**{c: float for c in _COMPARISON_COLUMNS if c not in types and c != "baseline"}, **types})
 
@@ -426,6 +440,7 @@ _DIFF_SUFFIXES = {
     "holds": "_holds",
     "not_converged": "_not_converged",
     "at_floor": "_at_floor",
+    "failed": "_failed",
 }
 
 

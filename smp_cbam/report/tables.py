@@ -19,6 +19,7 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
 _PLAIN_NAME = re.compile(r"[\w.+-]+")
 NOT_CONVERGED_MARK = "†"
 AT_FLOOR_MARK = "‡"
+FAILED_MARK = "§"
 
 
 def escape_markdown(text: object) -> str:
@@ -96,6 +97,8 @@ def _fmt_diff(row: pd.Series, baseline: str) -> str:
         text += f" {NOT_CONVERGED_MARK}"
     if row.get(f"{prefix}_at_floor") is True:
         text += f" {AT_FLOOR_MARK}"
+    if row.get(f"{prefix}_failed") is True:
+        text += f" {FAILED_MARK}"
     if 2 <= n < row["n"]:
         text += f" ({n} pairs)"
     return text
@@ -139,8 +142,8 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
         )
     if 2 in ns:
         lines.append(
-            "Two seeds cannot separate arms reliably: the 95% t-interval of two paired differences is 12.7 "
-            "standard errors wide and the standard error rests on a single difference, so no two-seed "
+            "Two seeds cannot separate arms reliably: the 95% t-interval of two paired differences is the "
+            "mean ± 12.7 standard errors and the standard error rests on a single difference, so no two-seed "
             f"difference is marked, whatever its interval. Run {MIN_SEEDS_FOR_TEST} or more seeds to test differences."
         )
     if 1 in ns:
@@ -164,9 +167,26 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
         )
     if diffs["at_floor"].any():
         lines.append(f"{AT_FLOOR_MARK}: at least one run of the pair is stuck at the trivial floor (see below).")
+    if diffs["failed"].any():
+        lines.append(
+            f"{FAILED_MARK}: a run of one of the two arms failed (results.csv, `failure`), so the difference "
+            "covers only the seeds where both trained; the lost seeds may be an arm's worst, so it is not marked."
+        )
+    if diffs["selection_metric"].any() and ns:
+        lines.append(
+            "The metric is validation mIoU, the one that chose each run's best epoch: a maximum over "
+            "epochs, biased up, and more for arms that run longer or swing more from epoch to epoch. "
+            "No difference on it is marked; keep a test split (`data.test_fraction`) for an answer."
+        )
     if len(lines) == 2:
         return []
     return [lines[0], "", *(line for text in lines[2:] for line in (text, ""))]
+
+
+def _images(d: pd.Series) -> str:
+    """The bootstrap's test images, and its seeds where per-image results cover fewer than the t-test."""
+    images = str(d["boot_images"])
+    return images if d["boot_seeds"] >= d["n_pairs"] else f"{images} ({d['boot_seeds']} of {d['n_pairs']} seeds)"
 
 
 def _differences_table(rows: pd.DataFrame) -> list[str]:
@@ -184,7 +204,8 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
     ]
     for _, d in distinct.iterrows():
         boot = d["boot_seeds"] > 0
-        mark = (f" {NOT_CONVERGED_MARK}" if d["not_converged"] else "") + (f" {AT_FLOOR_MARK}" if d["at_floor"] else "")
+        flags = ((NOT_CONVERGED_MARK, "not_converged"), (AT_FLOOR_MARK, "at_floor"), (FAILED_MARK, "failed"))
+        mark = "".join(f" {sign}" for sign, flag in flags if d[flag])
         cells = [
             f"{_name(d['attention'])} − {_name(d['baseline'])}",
             str(d["n_pairs"]),
@@ -192,7 +213,7 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
             _interval(d["ci_low"], d["ci_high"]) if d["n_pairs"] >= 2 else MISSING,
             _p(d["p_value"]),
             _p(d["p_holm"]),
-            str(d["boot_images"]) if boot else MISSING,
+            _images(d) if boot else MISSING,
             _interval(d["boot_low"], d["boot_high"]) if boot else MISSING,
             _p(d["boot_p_holm"]) if boot else MISSING,
             "**yes**" if d["holds"] else "no",
