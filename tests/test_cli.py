@@ -166,6 +166,7 @@ def test_retry_failed_reaches_the_runner_or_says_how(tmp_path: Path, monkeypatch
         (["--model.encoder", "resnet81"], "resnet81"),
         (["--model.arch", "unetx"], "unetx"),
         (["--model.attention", "cbamx"], "cbamx"),
+        (["--lr_scheduler", "StepLR", "--lr_scheduler.step_size", "1"], "--lr_scheduler needs --optimizer"),
     ],
 )
 def test_train_configuration_errors_are_one_line(args: list[str], named: str, capsys) -> None:

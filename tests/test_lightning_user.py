@@ -137,17 +137,27 @@ def test_predict_returns_labels_or_probabilities(tmp_path) -> None:
     assert [p.shape for p in labels] == [(4, 64, 64), (2, 64, 64)] and labels[0].dtype == torch.int64
     module.eval()
     with torch.no_grad():
-        expected = module(images).argmax(1)
-    assert torch.equal(torch.cat(labels), expected)
+        logits = module(images)
+    expected = logits.argmax(1)
+    # after one epoch the classes' logits nearly tie in places, where another batch size's rounding
+    # (the loader's batches of 4 and 2 against all 6 here) may pick the other class
+    top = logits.topk(2, dim=1).values
+    clear = top[:, 0] - top[:, 1] > 1e-4
+    assert clear.float().mean() > 0.9
 
+    def same(labels: torch.Tensor, n: int = 6) -> bool:
+        return torch.equal(labels[clear[:n]], expected[:n][clear[:n]])
+
+    assert same(torch.cat(labels))
     module.predict_output = "probabilities"
     probabilities = torch.cat(trainer.predict(module, dataloaders=datamodule.test_dataloader()))
     assert probabilities.shape == (6, 4, 64, 64)
     torch.testing.assert_close(probabilities.sum(1), torch.ones(6, 64, 64))
-    assert torch.equal(probabilities.argmax(1), expected)
+    torch.testing.assert_close(probabilities, logits.softmax(1), rtol=1e-4, atol=1e-5)
+    assert same(probabilities.argmax(1))
     # plain image batches work too
     plain = torch.utils.data.DataLoader(images[:3], batch_size=3)
-    assert torch.equal(torch.cat(pl.Trainer(logger=False, **QUIET).predict(module, plain)).argmax(1), expected[:3])
+    assert same(torch.cat(pl.Trainer(logger=False, **QUIET).predict(module, plain)).argmax(1), 3)
 
 
 def test_max_steps_gets_a_schedule_of_that_many_steps() -> None:

@@ -41,6 +41,19 @@ def test_same_seed_gives_same_weights_outside_attention(arch: str) -> None:
     assert not all(torch.equal(other[k], reference[k]) for k in reference)
 
 
+def test_init_seed_leaves_the_callers_random_state() -> None:
+    # the module builds its model inside fit (configure_model), after the user's seed_everything:
+    # the weights follow init_seed, everything else that draws from torch still follows the user's seed
+    draws = []
+    for user_seed in (123, 123, 999):
+        pl.seed_everything(user_seed, verbose=False)
+        module = SegmentationModule(arch="unet", encoder="resnet18", num_classes=3, attention="cbam", init_seed=7)
+        module.configure_model()
+        draws.append((torch.rand(3), _state(module.model)))
+    assert torch.equal(draws[0][0], draws[1][0]) and not torch.equal(draws[0][0], draws[2][0])
+    assert all(torch.equal(draws[0][1][k], draws[2][1][k]) for k in draws[0][1])
+
+
 def _batch(num_classes: int, ignore: int | None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     image = torch.randn(2, 3, 32, 32, generator=g)
@@ -132,7 +145,7 @@ def test_epoch_metrics_accumulate_over_the_whole_epoch() -> None:
     trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
     metrics = trainer.validate(module, loader, verbose=False)[0]
     expected = _iou_by_hand([x.argmax(1).numpy() for x in logits], [m.numpy() for m in masks], num_classes, ignore)
-    per_class = np.array([metrics[f"val_iou_class{c}"] for c in range(num_classes)])
+    per_class = np.array([metrics[f"val_iou_class_{c}"] for c in range(num_classes)])
     np.testing.assert_allclose(per_class[:3], expected[:3], rtol=1e-6)
     # class 3 is in neither target nor prediction only if argmax never picks it; the mean skips NaN classes
     np.testing.assert_allclose(metrics["val_miou"], np.nanmean(expected), rtol=1e-6)

@@ -55,6 +55,13 @@ class TrainCLI(LightningCLI):
                 parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
+        # Lightning replaces configure_optimizers only when an optimizer is given: a scheduler alone
+        # would be dropped without a word, and the module's own schedule would run
+        if self.config.get("lr_scheduler") is not None and self.config.get("optimizer") is None:
+            raise TrainError(
+                "--lr_scheduler needs --optimizer: Lightning replaces the module's AdamW and schedule "
+                "only when an optimizer is given"
+            )
         if not self.config.malloc_default:
             malloc.keep_heap()
 

@@ -102,13 +102,15 @@ def build_model(
 
     With ``seed``, every weight outside the attention modules is initialised exactly as in the
     same model without attention, so runs that differ only in the attention type start from the
-    same encoder and decoder.
+    same encoder and decoder. The seed applies to a copy of torch's CPU generator: the caller's
+    random state (``seed_everything``'s, which drives dropout and the rest) is left as it was.
 
     Parameters that the forward pass never uses are frozen (:func:`freeze_unused_parameters`).
     """
-    model = _build(arch, encoder, attention, placement, in_channels=in_channels, classes=classes,
-                   decoder_channels=decoder_channels, encoder_weights=encoder_weights,
-                   encoder_depth=encoder_depth, seed=seed, **smp_kwargs)
+    with torch.random.fork_rng(devices=[], enabled=seed is not None):
+        model = _build(arch, encoder, attention, placement, in_channels=in_channels, classes=classes,
+                       decoder_channels=decoder_channels, encoder_weights=encoder_weights,
+                       encoder_depth=encoder_depth, seed=seed, **smp_kwargs)  # fmt: skip
     return freeze_unused_parameters(model, in_channels)
 
 

@@ -234,7 +234,8 @@ class SegmentationModule(pl.LightningModule):
             )
         if resolved["in_channels"] is None and self.model is None:
             resolved["in_channels"] = 3
-        names = resolved["class_names"] or tuple(f"class{i}" for i in range(resolved["num_classes"]))
+        # the data modules' names for unnamed classes, so a checkpoint fits the data module later
+        names = resolved["class_names"] or tuple(f"class_{i}" for i in range(resolved["num_classes"]))
         if len(names) != resolved["num_classes"]:
             raise ValueError(f"class_names has {len(names)} names for num_classes={resolved['num_classes']}")
         resolved["class_names"] = names
