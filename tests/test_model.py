@@ -41,6 +41,16 @@ def test_same_seed_gives_same_weights_outside_attention(arch: str) -> None:
     assert not all(torch.equal(other[k], reference[k]) for k in reference)
 
 
+@pytest.mark.parametrize("arch", ["unet", "unetplusplus"])
+def test_a_shallower_encoder_without_decoder_channels_is_named(arch: str) -> None:
+    # smp's own error speaks of decoder_channels the user never passed
+    with pytest.raises(ValueError, match=r"encoder_depth=3 needs decoder_channels with 3 entries"):
+        SegmentationModule(arch=arch, encoder="resnet18", num_classes=3, encoder_depth=3).configure_model()
+    module = SegmentationModule(arch=arch, encoder="resnet18", num_classes=3, encoder_depth=3, decoder_channels=[32, 16, 8])
+    module.configure_model()
+    assert module(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
+
+
 def test_init_seed_leaves_the_callers_random_state() -> None:
     # the module builds its model inside fit (configure_model), after the user's seed_everything:
     # the weights follow init_seed, everything else that draws from torch still follows the user's seed

@@ -161,6 +161,12 @@ def _build(
     )
     if decoder_channels is not None:
         kwargs["decoder_channels"] = list(decoder_channels)
+    elif encoder_depth != 5 and arch.lower().replace("_", "") in ("unet", "unetplusplus"):
+        # smp's default decoder_channels have five entries; its own error names only those
+        raise ValueError(
+            f"encoder_depth={encoder_depth} needs decoder_channels with {encoder_depth} entries (smp's default "
+            f"has 5), e.g. decoder_channels={[256, 128, 64, 32, 16][:encoder_depth]}"
+        )
     native = placement == "decoder" and has_native_decoder_attention(arch)
     if attention is None or not native:
         if seed is not None:
