@@ -287,6 +287,14 @@ def test_per_image_counts_of_trainer_test_match_the_predictions() -> None:
             ]
     trainer.test(module, datamodule=datamodule, verbose=False)  # a second test starts afresh
     np.testing.assert_array_equal(module.per_image_counts, counts)
+    # several loaders at once would pool their IoU into one number: named, and one at a time works
+    loaders = [datamodule.test_dataloader(), datamodule.val_dataloader()]
+    with pytest.raises(ValueError, match="evaluates one test dataloader at a time, got 2"):
+        trainer.test(module, dataloaders=loaders, verbose=False)
+    with pytest.raises(ValueError, match="evaluates one val dataloader at a time, got 2"):
+        trainer.validate(module, dataloaders=loaders, verbose=False)
+    trainer.test(module, dataloaders=loaders[0], verbose=False)
+    np.testing.assert_array_equal(module.per_image_counts, counts)
 
 
 @pytest.mark.slow

@@ -394,10 +394,10 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train")
 
-    def validation_step(self, batch, batch_idx):
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):
         self._step(batch, "val")
 
-    def test_step(self, batch, batch_idx):
+    def test_step(self, batch, batch_idx, dataloader_idx=0):
         self._step(batch, "test")
 
     def predict_step(self, batch, batch_idx, dataloader_idx=0):
@@ -408,9 +408,11 @@ class SegmentationModule(pl.LightningModule):
         return self.probabilities(logits)
 
     def on_validation_epoch_start(self) -> None:
+        self._one_loader("val", self.trainer.num_val_batches)
         self._context_seen["val"] = False
 
     def on_test_epoch_start(self) -> None:
+        self._one_loader("test", self.trainer.num_test_batches)
         self._context_seen["test"] = False
         self._counts = []
         self.per_image_counts = None
@@ -422,6 +424,15 @@ class SegmentationModule(pl.LightningModule):
         self._log_epoch_metrics("test")
         self.per_image_counts = self._gather_counts()
         self._counts = []
+
+    @staticmethod
+    def _one_loader(stage: str, batches: list) -> None:
+        # the epoch's IoU is one dataset's: several loaders would be pooled into one number silently
+        if len(batches) > 1:
+            raise ValueError(
+                f"SegmentationModule evaluates one {stage} dataloader at a time, got {len(batches)}: "
+                f"call trainer.{'validate' if stage == 'val' else 'test'}(module, dataloaders=loader) for each"
+            )
 
     def _log_epoch_metrics(self, stage: str) -> None:
         metric = getattr(self, f"{stage}_iou")
