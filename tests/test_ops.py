@@ -186,6 +186,21 @@ def test_opcheck(bias: bool) -> None:
     cl = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
     torch.library.opcheck(ops.cbam_train, (cl, *args[1:]))
     assert ops.cbam_train(cl, *args[1:])[0].is_contiguous(memory_format=torch.channels_last)
+    # both layouts at once (H = W = 1) with channels_last strides: the fake gives the real strides
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    one = CBAM(1, reduction=1, mlp_bias=bias).double()
+    first, _, second = one.channel.mlp
+    both = torch.randn(2, 5, 4, 1, dtype=torch.float64).permute(0, 3, 1, 2)  # C = 1, channels_last strides
+    assert both.stride() != torch.empty_like(both, memory_format=torch.contiguous_format).stride()
+    with torch.no_grad():
+        params = [first.weight, first.bias, second.weight, second.bias, one.spatial.conv.weight, one.spatial.conv.bias]
+        params = [*(p if p is None else p.detach() for p in params), True]
+        real = [ops.cbam_train(both, *params)[0].stride(), ops.cbam_infer(both, *params).stride()]
+        with FakeTensorMode() as mode:
+            fakes = [mode.from_tensor(a) if torch.is_tensor(a) else a for a in (both, *params)]
+            fake = [ops.cbam_train(*fakes)[0].stride(), ops.cbam_infer(*fakes).stride()]
+    assert fake == real
     with torch.no_grad():
         infer_args = tuple(a.detach() if torch.is_tensor(a) else a for a in args)
         torch.library.opcheck(ops.cbam_infer, infer_args)

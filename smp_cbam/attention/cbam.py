@@ -420,7 +420,7 @@ def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> 
         if (training and not isinstance(_fetch(spatial, "bn"), nn.Identity)) or (
             not training and spatial._affine() is None
         ):
-            return "channels_last input with a spatial BatchNorm on batch statistics"
+            return "channels_last input with a spatial BatchNorm in training or on batch statistics"
     if x.numel() == 0:
         return "empty input"
     if not kernels.available():

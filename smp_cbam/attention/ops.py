@@ -46,7 +46,7 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the 
     n, c, h, w = x.shape
     hidden = w1.shape[0]
     return (
-        torch.empty_like(x, memory_format=_memory_format(x)),
+        torch.empty_like(_layout(x)),  # the kernels' empty_like of what they read
         x.new_empty(2 * n, c),
         x.new_empty(2 * n, hidden),
         x.new_empty(n, c),
@@ -120,7 +120,7 @@ def cbam_infer(
 
 @cbam_infer.register_fake
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
-    return torch.empty_like(x, memory_format=_memory_format(x))
+    return torch.empty_like(_layout(x))
 
 
 def _channels_last(x: Tensor) -> bool:

@@ -1260,8 +1260,9 @@ MlpGrads mlp_backward(const at::Tensor& d_g, const at::Tensor& g, const at::Tens
 // rows: (1) per pixel d_s = sum_c G x g, hence d_u = d_s s (1 - s), the channel of max_c x g with x
 // there, and per channel sum G x s; (2) the convolution's gradients from the whole d_u map; (3) P's
 // share of dL/dg, sum x d_avg / C and x_at d_max at each pixel's max channel; (4) the MLP backwards;
-// (5) dL/dx as input_grad gives it, in x's layout. Per-channel sums run in Acc<T> over a tile of
-// kTile pixels, then in double over the tiles in order, so they do not depend on the thread count.
+// (5) dL/dx as input_grad gives it, in x's layout. The sums of dL/dg run in Acc<T> over a tile of
+// kTile pixels, then in double over the tiles in order, so they do not depend on the thread count
+// (dL/dbias, ATen's sum of d_u, may).
 std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
                                                const at::Tensor& hidden, const at::Tensor& g, const at::Tensor& idx_c,
                                                const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
