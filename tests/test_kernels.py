@@ -209,6 +209,16 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
             assert bad._version == x._version or name == "other channels", name
 
 
+def _module_and_params(c: int, dtype: torch.dtype, residual: bool) -> tuple[CBAM, list[torch.Tensor]]:
+    """A float64 CBAM with every bias, and its parameters in the kernels' compute type for ``dtype``
+    (w1, b1, w2, b2, the spatial weight and bias)."""
+    module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    layers = (first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias)
+    return module, [p.detach().to(_acc(dtype)) for p in layers]
+
+
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
@@ -216,12 +226,8 @@ def test_cbam_infer_takes_channels_last(
     shape: tuple[int, ...], dtype: torch.dtype, residual: bool, ops: object
 ) -> None:
     # channels: below one vector, not a multiple of it, above it; pixels above a chunk (1024)
-    c = shape[1]
-    module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
-    first, _, second = module.channel.mlp
+    module, params = _module_and_params(shape[1], dtype, residual)
     conv = module.spatial.conv
-    params = [p.detach().to(_acc(dtype)) for p in (first.weight, first.bias, second.weight, second.bias)]
-    params += [conv.weight.detach().to(_acc(dtype)), conv.bias.detach().to(_acc(dtype))]
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[0, 0, 0, 1] = 40.0  # one channel's max far above the rest
     nchw = kernels.cbam_infer(x, *params, 0.75, -0.25, residual, False)
@@ -254,12 +260,7 @@ def test_cbam_train_and_backward_take_channels_last(
 ) -> None:
     # the channels_last passes against the NCHW ones: every saved tensor and gradient, the max
     # pixels and channels (first maximal; bf16's coarse values tie often) exactly
-    c = shape[1]
-    module = CBAM(c, reduction=2, mlp_bias=True, residual=residual).double()
-    first, _, second = module.channel.mlp
-    conv = module.spatial.conv
-    params = [p.detach().to(_acc(dtype)) for p in (first.weight, first.bias, second.weight, second.bias)]
-    params += [conv.weight.detach().to(_acc(dtype)), conv.bias.detach().to(_acc(dtype))]
+    _, params = _module_and_params(shape[1], dtype, residual)
     w1, _, w2, _, weight, _ = params
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)

@@ -241,16 +241,21 @@ def test_compile_fullgraph_keeps_the_inference_operator() -> None:
     assert recorder.targets == [torch.ops.smp_cbam.cbam_infer.default]
 
 
+def _conv_cbam_conv() -> nn.Module:
+    """CBAM between two convolutions, whose activations inductor lays out channels_last on CPU."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), CBAM(32, reduction=4, residual=True), nn.Conv2d(32, 8, 3, padding=1)
+    )
+
+
 @needs_kernels
 def test_inductor_hands_the_inference_operator_its_channels_last_activations(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # inductor lays convolution activations out channels_last on CPU; an operator that took only
     # NCHW cost a copy into NCHW before every CBAM and one back after it
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), CBAM(32, reduction=4, residual=True), nn.Conv2d(32, 8, 3, padding=1)
-    ).eval()
+    model = _conv_cbam_conv().eval()
     layouts = []
     infer = kernels.cbam_infer
     monkeypatch.setattr(kernels, "cbam_infer", lambda x, *a: layouts.append(x.stride()) or infer(x, *a))
@@ -270,10 +275,7 @@ def test_inductor_hands_the_training_operators_their_channels_last_activations(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # as in inference: the forward and backward kernels get inductor's layout, no copies around them
-    torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), CBAM(32, reduction=4, residual=True), nn.Conv2d(32, 8, 3, padding=1)
-    )
+    model = _conv_cbam_conv()
     layouts = []
     train, backward = kernels.cbam_train, kernels.cbam_backward
     monkeypatch.setattr(kernels, "cbam_train", lambda x, *a: layouts.append(x.stride()) or train(x, *a))

@@ -1277,6 +1277,9 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
   auto arg = at::empty({n, hw}, x.options().dtype(at::kLong));
   auto x_at = at::empty({n, hw}, acc_options(x));
   auto d_g_tiles = at::zeros({n, tiles, c}, x.options().dtype(at::kDouble));
+  at::Tensor d_pooled, d_weight;
+  MlpGrads mlp;
+  auto dx = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
     using T = scalar_t;
     using A = Acc<T>;
@@ -1346,20 +1349,9 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
         for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += acc[ch];
       }
     });
-  });
-  // 2. the convolution's gradients
-  at::Tensor d_pooled, d_weight;
-  std::tie(d_pooled, d_weight) = spatial_conv_backward(d_u.view({n, 1, h, wd}), pc, weight);
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
-    using T = scalar_t;
-    using A = Acc<T>;
-    using Vec = AccVec<T>;
-    constexpr int64_t kLanes = Vec::size();
-    const T* xp = x.data_ptr<T>();
+    // 2. the convolution's gradients
+    std::tie(d_pooled, d_weight) = spatial_conv_backward(d_u.view({n, 1, h, wd}), pc, weight);
     const A* dp = d_pooled.data_ptr<A>();
-    const int64_t* ap = arg.data_ptr<int64_t>();
-    const A* xap = x_at.data_ptr<A>();
-    double* dgt = d_g_tiles.data_ptr<double>();
     // 3. P's share of dL/dg
     at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(c);
@@ -1381,68 +1373,54 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
         for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += static_cast<double>(acc[ch]) / c;
       }
     });
-  });
-  // 4. the MLP
-  const auto d_g = d_g_tiles.sum(1).to(d_u.scalar_type());
-  const auto mlp = mlp_backward(d_g, g, descriptors, hidden, w1, w2);
-  // 5. dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s at the pixel's max channel,
-  // then d_max_c added at each channel's max pixel, rounded as input_grad rounds
-  auto dx = at::empty({0}, x.options());
-  if (with_input_grad) {
+    // 4. the MLP
+    mlp = mlp_backward(d_g_tiles.sum(1).to(d_u.scalar_type()), g, descriptors, hidden, w1, w2);
+    if (!with_input_grad) return;
+    // 5. dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s at the pixel's max channel,
+    // then d_max_c added at each channel's max pixel, rounded as input_grad rounds
     dx = at::empty_like(x);  // channels_last, like x
     const auto base = (mlp.d_descriptors.narrow(0, 0, n) / static_cast<double>(hw)).contiguous();
     const auto d_max_c = mlp.d_descriptors.narrow(0, n, n).contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
-      using T = scalar_t;
-      using A = Acc<T>;
-      using Vec = AccVec<T>;
-      constexpr int64_t kLanes = Vec::size();
-      const T* gp = gr.data_ptr<T>();
-      const A* gate = g.data_ptr<A>();
-      const A* sp = sc.data_ptr<A>();
-      const A* dp = d_pooled.data_ptr<A>();
-      const int64_t* ap = arg.data_ptr<int64_t>();
-      const A* bp = base.data_ptr<A>();
-      const A* dmc = d_max_c.data_ptr<A>();
-      const int64_t* icp = idx_c.data_ptr<int64_t>();
-      T* out = dx.data_ptr<T>();
-      const A inv_c = A(1) / static_cast<A>(c);
-      at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
-        for (int64_t q = begin; q < end; ++q) {
-          const int64_t bi = q / hw, p = q % hw;
-          const T* grow = gp + q * c;
-          const A* gb = gate + bi * c;
-          const A* bb = bp + bi * c;
-          T* orow = out + q * c;
-          const A sq = sp[q], da = dp[bi * 2 * hw + p], dm = dp[(bi * 2 + 1) * hw + p];
-          const Vec sv(sq), dav(da), inv(inv_c);
-          const auto value = [&](int64_t ch) {
-            const A gi = grow[ch];
-            A v = (gi * sq + da * inv_c) * gb[ch] + bb[ch];
-            if (residual) v += gi;
-            return v;
-          };
-          int64_t j = 0;
-          for (; j + kLanes <= c; j += kLanes) {
-            const Vec gv = load_acc(grow + j);
-            Vec v = (gv * sv + dav * inv) * Vec::loadu(gb + j) + Vec::loadu(bb + j);
-            if (residual) v = v + gv;
-            store_acc(v, orow + j);
-          }
-          for (; j < c; ++j) orow[j] = static_cast<T>(value(j));
-          const int64_t a = ap[q];  // the max channel's element again, with its share, rounded once
-          orow[a] = static_cast<T>(value(a) + gb[a] * dm);
+    const A* bp = base.data_ptr<A>();
+    const A* dmc = d_max_c.data_ptr<A>();
+    const int64_t* icp = idx_c.data_ptr<int64_t>();
+    T* out = dx.data_ptr<T>();
+    const A inv_c = A(1) / static_cast<A>(c);
+    at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
+      for (int64_t q = begin; q < end; ++q) {
+        const int64_t bi = q / hw, p = q % hw;
+        const T* grow = gp + q * c;
+        const A* gb = gate + bi * c;
+        const A* bb = bp + bi * c;
+        T* orow = out + q * c;
+        const A sq = sp[q], da = dp[bi * 2 * hw + p], dm = dp[(bi * 2 + 1) * hw + p];
+        const Vec sv(sq), dav(da), inv(inv_c);
+        const auto value = [&](int64_t ch) {
+          const A gi = grow[ch];
+          A v = (gi * sq + da * inv_c) * gb[ch] + bb[ch];
+          if (residual) v += gi;
+          return v;
+        };
+        int64_t j = 0;
+        for (; j + kLanes <= c; j += kLanes) {
+          const Vec gv = load_acc(grow + j);
+          Vec v = (gv * sv + dav * inv) * Vec::loadu(gb + j) + Vec::loadu(bb + j);
+          if (residual) v = v + gv;
+          store_acc(v, orow + j);
         }
-      });
-      // a second rounding, in bfloat16, of one element per channel
-      for (int64_t b = 0; b < n; ++b) {
-        for (int64_t ch = 0; ch < c; ++ch) {
-          T& at_max = out[(b * hw + icp[b * c + ch]) * c + ch];
-          at_max = static_cast<T>(static_cast<A>(at_max) + dmc[b * c + ch]);
-        }
+        for (; j < c; ++j) orow[j] = static_cast<T>(value(j));
+        const int64_t a = ap[q];  // the max channel's element again, with its share, rounded once
+        orow[a] = static_cast<T>(value(a) + gb[a] * dm);
       }
     });
-  }
+    // a second rounding, in bfloat16, of one element per channel
+    for (int64_t b = 0; b < n; ++b) {
+      for (int64_t ch = 0; ch < c; ++ch) {
+        T& at_max = out[(b * hw + icp[b * c + ch]) * c + ch];
+        at_max = static_cast<T>(static_cast<A>(at_max) + dmc[b * c + ch]);
+      }
+    }
+  });
   return {dx, mlp.dw1.view_as(w1), mlp.db1, mlp.dw2.view_as(w2), mlp.db2, d_weight, d_u.sum().view({1})};
 }
 
