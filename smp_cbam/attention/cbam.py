@@ -209,9 +209,9 @@ class CBAM(nn.Module):
     ``"kernels"``    the compiled CPU kernels (``kernels``, ``cbam_fused.Kernel*``): NCHW- or
                      channels_last-contiguous (channels_last not with a spatial BatchNorm on batch
                      statistics), non-empty float32/float64 CPU tensors, and bfloat16 ones under
-                     CPU autocast with
-                     float32 parameters (autocast's numerics, as below: ``x``, the output and
-                     ``x``'s gradient in bfloat16, all else in float32), once the kernels are built
+                     CPU autocast with float32 parameters (autocast's numerics, as below: ``x``,
+                     the output and ``x``'s gradient in bfloat16, all else in float32), once the
+                     kernels are built
     ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
                      any device and floating dtype; under autocast with autocast's numerics
                      (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype)
