@@ -131,7 +131,72 @@ def test_a_failed_run_unconverged_record_or_validation_metric_never_holds() -> N
     val_only = results.drop(columns="test_miou")
     row = report.comparisons(val_only).iloc[0]
     assert row["selection_metric"] and row["p_holm"] < 0.05 and not row["holds"]
-    assert "The metric is validation mIoU, the one that chose each run's best epoch" in report.summary_markdown(val_only)
+    assert "The metric is validation mIoU, the one that chose each run's best epoch" in report.summary_markdown(
+        val_only
+    )
+
+
+def test_a_table_without_a_convergence_record_never_holds() -> None:
+    # results.csv of an older runner (or another tool) has no converged column at all: no record is
+    # not a record of convergence
+    results = _holding_results().drop(columns="converged")
+    row = report.comparisons(results).iloc[0]
+    assert row["p_holm"] < 0.05 and row["not_converged"] and not row["holds"]
+    assert "did not converge (or has no record that it did)" in report.summary_markdown(results)
+
+
+def test_identical_differences_give_no_p_value() -> None:
+    results = _holding_results()
+    results.loc[results["attention"] == "cbam", "test_miou"] = 0.63  # every seed exactly 3 points up
+    row = report.comparisons(results).iloc[0]
+    assert row["mean_diff"] == pytest.approx(0.03)
+    assert np.isnan(row["p_value"]) and np.isnan(row["ci_low"]) and not row["holds"]
+
+
+def test_missing_or_planned_seeds_make_a_difference_interim() -> None:
+    results = _holding_results(seeds=5)
+    assert report.comparisons(results, planned_seeds=range(5))["holds"].all()
+    # cbam's seed 4 has no result yet (or was lost without a record): four pairs would hold
+    lost = results.drop(results.index[(results["attention"] == "cbam") & (results["seed"] == 4)])
+    row = report.comparisons(lost).iloc[0]
+    assert row["n_pairs"] == 4 and row["p_holm"] < 0.05 and row["incomplete"] and not row["holds"]
+    # the plan asks for seeds the study has not run yet, for every arm alike
+    early = results[results["seed"] < 3]
+    assert report.comparisons(early)["holds"].all()
+    row = report.comparisons(early, planned_seeds=[0, 1, 2, 3, 4]).iloc[0]
+    assert row["incomplete"] and not row["holds"]
+    text = report.summary_markdown(early, config={"grid": {"seeds": [0, 1, 2, 3, 4]}})
+    assert "**Interim**: the study plans 5 seeds per arm" in text and "have 3 of them" in text
+    assert "¶: the pair lacks seeds" not in report.summary_markdown(results, config={"grid": {"seeds": [0, 1]}})
+    assert "Interim" not in report.summary_markdown(results, config={"grid": {"seeds": [0, 1]}})
+
+
+def test_write_report_reads_the_planned_seeds_from_config_yaml(tmp_path: Path) -> None:
+    _holding_results(seeds=3).to_csv(tmp_path / "results.csv", index=False)
+    (tmp_path / "config.yaml").write_text("grid:\n  seeds: [0, 1, 2, 3, 4]\n")
+    text = report.write_report(tmp_path, plots=False)
+    assert "**Interim**" in text and "¶" in text and "**yes**" not in text
+    (tmp_path / "config.yaml").write_text("grid:\n  seeds: [0, 1, 2]\n")
+    text = report.write_report(tmp_path, plots=False)
+    assert "Interim" not in text and "**yes**" in text
+
+
+def test_runs_without_a_seed_pair_with_nothing() -> None:
+    results = _holding_results(seeds=3)
+    results["seed"] = results["seed"].astype(float)
+    extra = results.iloc[[0, 1]].assign(seed=np.nan, test_miou=[0.10, 0.90])
+    row = report.comparisons(pd.concat([results, extra], ignore_index=True)).iloc[0]
+    assert row["n_pairs"] == 3 and row["mean_diff"] == pytest.approx(0.031)
+
+
+def test_arms_that_share_no_seed_say_so() -> None:
+    results = _holding_results(seeds=4)
+    apart = results[
+        ((results["attention"] == "none") & (results["seed"] < 2))
+        | ((results["attention"] == "cbam") & (results["seed"] >= 2))
+    ]
+    text = report.summary_markdown(apart)
+    assert "No attention type shares a seed with a baseline" in text
 
 
 def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() -> None:
@@ -142,13 +207,15 @@ def test_fewer_than_two_pairs_give_nan_ci_and_missing_baseline_gives_no_pairs() 
     assert one["n_pairs"] == 1
     assert one["mean_diff"] == pytest.approx(0.02)
     assert np.isnan(one["ci_low"]) and np.isnan(one["ci_high"]) and np.isnan(one["p_value"])
-    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) § |" in report.summary_markdown(results[~drop])
+    assert "| `cbam` | 2 (1 failed) | 61.50 ± 0.71 | +2.00 (1 seed, no CI) † § ¶ |" in report.summary_markdown(
+        results[~drop]
+    )
 
     no_scse = results[results["attention"] != "scse"]
     diff = report.paired_differences(no_scse, "scse")
     assert (diff["n_pairs"] == 0).all() and diff["mean_diff"].isna().all()
     assert set(diff["attention"]) == {"none", "cbam"}
-    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | — | 14.50M |" in report.summary_markdown(no_scse)
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] † | — | 14.50M |" in report.summary_markdown(no_scse)
 
 
 def test_summarize_against_numpy() -> None:
@@ -186,12 +253,12 @@ def test_markdown_contents() -> None:
     assert "**test mIoU**" in text
     assert "## unet · encoder resnet18 · dataset toy" in text
     # unet cbam: mean 72.00, std 2.65; Δ vs none +2.00 with CI ±2.48; Δ vs scse +1.00
-    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] | +1.00 [-1.48, +3.48] | 14.50M |" in text
+    assert "| `cbam` | 3 | 72.00 ± 2.65 | +2.00 [-0.48, +4.48] † | +1.00 [-1.48, +3.48] † | 14.50M |" in text
     assert "| `none` | 3 | 70.00 ± 2.00 | baseline |" in text
     # unet++ scse vs none: differences [0.01, 0.02, 0.02]: the raw CI excludes 0 (p = 0.038), but not
     # after Holm across the table's three comparisons (3 x 0.038 = 0.113): no bold
-    assert "| `scse` | 3 | 63.67 ± 2.52 | +1.67 [+0.23, +3.10] | baseline |" in text
-    assert "| `scse` − `none` | 3 | +1.67 | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
+    assert "| `scse` | 3 | 63.67 ± 2.52 | +1.67 [+0.23, +3.10] † | baseline |" in text
+    assert "| `scse` − `none` | 3 | +1.67 † | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
     assert "| `cbam` | 2 (1 failed) |" in text
     assert f"- unetplusplus / `cbam` / seed 2 (resnet18, toy): {FAILURE}" in text
     assert "No difference in these tables holds." in text and "beyond" not in text
@@ -205,7 +272,7 @@ def test_markdown_shows_untrained_miou_when_recorded() -> None:
     results = make_results().assign(untrained_miou=lambda d: 0.05 + 0.01 * d["seed"])
     text = report.summary_markdown(results)
     # unet none: untrained mean of 0.05, 0.06, 0.07 = 6.00 percentage points
-    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] | 6.00 | 14.30M |" in text
+    assert "| `none` | 3 | 70.00 ± 2.00 | baseline | -1.00 [-3.48, +1.48] † | 6.00 | 14.30M |" in text
     assert "Untrained mIoU: the same metric" in text
 
 

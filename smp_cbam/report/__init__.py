@@ -39,6 +39,7 @@ from .stats import (
     image_bootstrap,
     miou_from_counts,
     paired_differences,
+    planned_seeds,
     primary_metric,
     summarize,
 )
@@ -60,6 +61,7 @@ __all__ = [
     "image_bootstrap",
     "miou_from_counts",
     "paired_differences",
+    "planned_seeds",
     "plot_differences",
     "plot_learning_curves",
     "plot_miou",
@@ -85,9 +87,10 @@ def write_report(output_dir: str | os.PathLike, title: str | None = None, plots:
     out = Path(output_dir)
     results = collect_results(out)
     metric = primary_metric(results)
-    diffs = comparisons(results, out, metric)
+    config = read_config(out)
+    diffs = comparisons(results, out, metric, planned_seeds=planned_seeds(config))
     costs = cost_table(results, read_costs(out))
-    text = summary_markdown(results, metric, title, diffs=diffs, costs=costs, config=read_config(out))
+    text = summary_markdown(results, metric, title, diffs=diffs, costs=costs, config=config)
     atomic_write_text(out / "summary.md", text)
     atomic_write_csv(summarize(results, metric, diffs=diffs), out / "summary.csv")
     atomic_write_csv(diffs, out / "differences.csv")

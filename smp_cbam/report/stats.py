@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import os
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -158,9 +159,14 @@ def _paired_stats(diffs: pd.Series) -> pd.Series:
         # identical differences (sd = 0) only trigger scipy's precision-loss warning
         warnings.simplefilter("ignore", RuntimeWarning)
         test = stats.ttest_1samp(diffs.to_numpy(), 0.0)
-    # mean ± t_{0.975, n-1} · sd / sqrt(n), the t-interval of the mean paired difference
-    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * diffs.std(ddof=1) / np.sqrt(n)
+    sd = diffs.std(ddof=1)
     mean = diffs.mean()
+    if not sd > 0:
+        # identical differences: t = ±inf and a zero-width interval would claim certainty that a
+        # handful of seeds cannot give (real training never repeats a difference exactly)
+        return pd.Series({"n_pairs": n, "mean_diff": mean, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan})
+    # mean ± t_{0.975, n-1} · sd / sqrt(n), the t-interval of the mean paired difference
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / np.sqrt(n)
     return pd.Series(
         {"n_pairs": n, "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": test.pvalue}
     )
@@ -196,6 +202,7 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
     keys = _group_keys(df)
     cols = [*keys, "attention"]
     ok = _ok_runs(df, metric)
+    ok = ok[ok["seed"].notna()]  # a run without a seed pairs with nothing
     base = ok.loc[ok["attention"] == baseline, [*keys, "seed", metric]]
     other = ok.loc[ok["attention"] != baseline, [*cols, "seed", metric]]
     pairs = other.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
@@ -298,18 +305,30 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
     }
 
 
+def planned_seeds(config: dict | None) -> list[int]:
+    """The seeds of ``config.yaml``'s grid (``grid.seeds``), or none when the config does not list them."""
+    grid = config.get("grid") if isinstance(config, dict) else None
+    seeds = grid.get("seeds") if isinstance(grid, dict) else None
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        return []
+    return sorted(set(seeds))
+
+
 def _holds(row: pd.Series) -> bool:
     """Whether a comparison's difference holds: the rule of the summary's bold (see docs/statistics.md).
 
     A pair with a run that did not converge, or that stayed at the trivial floor, never holds: its
     difference measures learning speed (or a failure to learn), whatever its p-value. Nor does a
-    comparison with a failed run in either arm (the seeds it lost may be the arm's bad ones), or one
-    on validation mIoU, the metric that chose each run's best epoch (the maximum over epochs is
+    comparison with a failed run in either arm (the seeds it lost may be the arm's bad ones), one
+    that lacks seeds other runs of its table have or the study planned (interim), or one on
+    validation mIoU, the metric that chose each run's best epoch (the maximum over epochs is
     biased up, more for arms that run longer or swing more). Fewer than
     MIN_SEEDS_FOR_TEST seeds never hold either: the image bootstrap of one seed says the difference
     is not an accident of the test images, nothing about another training seed, which moves
     results as much as the attention types differ."""
-    if any(bool(row.get(flag, False)) for flag in ("not_converged", "at_floor", "failed", "selection_metric")):
+    if any(
+        bool(row.get(flag, False)) for flag in ("not_converged", "at_floor", "failed", "incomplete", "selection_metric")
+    ):
         return False
     if row["n_pairs"] < MIN_SEEDS_FOR_TEST:
         return False
@@ -323,6 +342,7 @@ def comparisons(
     metric: str | None = None,
     n_resamples: int = N_BOOTSTRAP,
     seed: int = BOOTSTRAP_SEED,
+    planned_seeds: Iterable[int] | None = None,
 ) -> pd.DataFrame:
     """Every difference vs ``none`` and vs ``scse`` per group, with seed and image statistics.
 
@@ -334,8 +354,14 @@ def comparisons(
     ``boot_p``, ``boot_p_holm``; NaN/0 without files), ``holds`` (the rule of the summary's bold),
     ``not_converged`` (some run of the pairs did not converge, or has no record of it),
     ``at_floor`` (some run of the pairs is stuck at the trivial floor), ``failed`` (some run of
-    either arm in the group failed: the pairs cover only the seeds where both ran) and
-    ``selection_metric`` (the metric is ``val_miou``, the one that chose each run's checkpoint).
+    either arm in the group failed: the pairs cover only the seeds where both ran),
+    ``incomplete`` (the pairs lack a seed that another run of the group has, or one of
+    ``planned_seeds``: a run not finished, lost or without a metric) and ``selection_metric`` (the
+    metric is ``val_miou``, the one that chose each run's checkpoint).
+
+    ``planned_seeds``: the seeds the study set out to run (``config.yaml``'s ``grid.seeds``); until
+    every pair has them all, a difference is interim and does not hold (looking at a study before
+    its planned end and stopping when a difference looks significant inflates the error rate).
     """
     df = _share_none(_normalize(results))
     metric = metric or primary_metric(df)
@@ -351,9 +377,10 @@ def comparisons(
     # a row's comparison pairs only where the baseline exists in its group
     exists = df[[*keys, "attention"]].drop_duplicates().rename(columns={"attention": "baseline"})
     out = out.merge(exists, on=[*keys, "baseline"], how="inner")
-    flag_cols = [c for c in ("converged", "at_floor") if c in ok]
-    run_cols = [*keys, "attention", "seed", "run_dir", *flag_cols, *(["test_miou"] if metric == "test_miou" else [])]
-    runs = ok.reindex(columns=run_cols)
+    # a results table without a record of convergence gets the column as NaN: not converged
+    run_cols = [*keys, "attention", "seed", "run_dir", "converged", "at_floor"]
+    runs = ok[ok["seed"].notna()].reindex(columns=[*run_cols, *(["test_miou"] if metric == "test_miou" else [])])
+    planned = {int(s) for s in planned_seeds or ()}
     failed_runs = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
     extra = []
     done: dict[tuple, dict] = {}  # b - a is the mirror of a - b: the same resamples, negated
@@ -385,6 +412,11 @@ def comparisons(
         for k in keys:
             lost &= (failed_runs[k] == row[k]).to_numpy()
         info["failed"] = bool(lost.any())
+        in_group = np.ones(len(df), dtype=bool)
+        for k in keys:
+            in_group &= (df[k] == row[k]).to_numpy()
+        expected = planned | {int(s) for s in df.loc[in_group, "seed"].dropna()}
+        info["incomplete"] = bool(expected - {int(s) for s in pairs["seed"]})
         extra.append(info)
     if out.empty:  # e.g. the first finished run of a grid: nothing to compare yet
         return _empty_comparisons(cols)
@@ -408,7 +440,7 @@ def comparisons(
 _COMPARISON_COLUMNS = (
     "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
     "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_holm",
-    "holds", "not_converged", "at_floor", "failed", "selection_metric",
+    "holds", "not_converged", "at_floor", "failed", "incomplete", "selection_metric",
 )  # fmt: skip
 
 
@@ -422,6 +454,7 @@ def _empty_comparisons(cols: list[str]) -> pd.DataFrame:
         "not_converged": bool,
         "at_floor": bool,
         "failed": bool,
+        "incomplete": bool,
         "selection_metric": bool,
     }
     return out.astype({**{c: float for c in _COMPARISON_COLUMNS if c not in types and c != "baseline"}, **types})
@@ -441,6 +474,7 @@ _DIFF_SUFFIXES = {
     "not_converged": "_not_converged",
     "at_floor": "_at_floor",
     "failed": "_failed",
+    "incomplete": "_incomplete",
 }
 
 

@@ -13,13 +13,14 @@ import pandas as pd
 
 from .constants import ALPHA, BASELINES, MIN_SEEDS_FOR_TEST, MISSING
 from .io import _group_keys, _normalize, _sort_rows, primary_metric
-from .stats import comparisons, cost_table, summarize
+from .stats import comparisons, cost_table, planned_seeds, summarize
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
 _PLAIN_NAME = re.compile(r"[\w.+-]+")
 NOT_CONVERGED_MARK = "†"
 AT_FLOOR_MARK = "‡"
 FAILED_MARK = "§"
+INCOMPLETE_MARK = "¶"
 
 
 def escape_markdown(text: object) -> str:
@@ -77,8 +78,11 @@ def _fmt_mean_std(mean: float, std: float) -> str:
     return _pp(mean) if pd.isna(std) else f"{_pp(mean)} ± {_pp(std)}"
 
 
-def _fmt_diff(row: pd.Series, baseline: str) -> str:
-    """The Δ cell of the main table: mean paired difference and its seed interval (image interval for one seed)."""
+def _fmt_diff(row: pd.Series, baseline: str, base_n: int = 0) -> str:
+    """The Δ cell of the main table: mean paired difference and its seed interval (image interval for one seed).
+
+    ``base_n``: the baseline's runs with a value, to say when the pairs are fewer than either arm's runs
+    (the means of the table then rest on other seeds than the difference)."""
     if row["attention"] == baseline:
         return "baseline"
     prefix = f"diff_vs_{baseline}"
@@ -99,7 +103,9 @@ def _fmt_diff(row: pd.Series, baseline: str) -> str:
         text += f" {AT_FLOOR_MARK}"
     if row.get(f"{prefix}_failed") is True:
         text += f" {FAILED_MARK}"
-    if 2 <= n < row["n"]:
+    if row.get(f"{prefix}_incomplete") is True:
+        text += f" {INCOMPLETE_MARK}"
+    if 2 <= n < max(row["n"], base_n):  # one pair says "1 seed" already
         text += f" ({n} pairs)"
     return text
 
@@ -137,8 +143,9 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
             f"**Bold** marks a difference that holds: its paired t-test over seeds, Holm-adjusted across the "
             f"comparisons of its table, is below {ALPHA}"
             + (", and so is its Holm-adjusted image bootstrap" if has_boot else "")
-            + ", and both its runs converged above the trivial floor. A difference not in bold is not shown: an interval that contains 0 means no detectable "
-            "difference with these runs, not evidence that there is none."
+            + ", every run of its pairs converged above the trivial floor, and it has every seed of its table"
+            " and of the study's plan. A difference not in bold is not shown to exist: an interval that"
+            " contains 0 means no detectable difference with these runs, not evidence that there is none."
         )
     if 2 in ns:
         lines.append(
@@ -153,6 +160,10 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
             "another training seed, which can move results as much, so no one-seed difference is marked. "
             f"Run {MIN_SEEDS_FOR_TEST} or more seeds to test differences."
         )
+    if not ns and len(diffs):
+        lines.append(
+            "No attention type shares a seed with a baseline (`none` or `scse`) in its table: nothing can be compared."
+        )
     if not has_boot and ns:
         lines.append(
             "No per-image results (runs/*/per_image.csv) were found, so the intervals cover seed-to-seed "
@@ -162,8 +173,8 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
         lines.append("No difference in these tables holds.")
     if diffs["not_converged"].any():
         lines.append(
-            f"{NOT_CONVERGED_MARK}: at least one run of the pair did not converge; the difference measures "
-            "learning speed within the budget, not final accuracy."
+            f"{NOT_CONVERGED_MARK}: at least one run of the pair did not converge (or has no record that it "
+            "did); the difference measures learning speed within the budget, not final accuracy."
         )
     if diffs["at_floor"].any():
         lines.append(f"{AT_FLOOR_MARK}: at least one run of the pair is stuck at the trivial floor (see below).")
@@ -171,6 +182,12 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
         lines.append(
             f"{FAILED_MARK}: a run of one of the two arms failed (results.csv, `failure`), so the difference "
             "covers only the seeds where both trained; the lost seeds may be an arm's worst, so it is not marked."
+        )
+    if diffs["incomplete"].any():
+        lines.append(
+            f"{INCOMPLETE_MARK}: the pair lacks seeds that other runs of its table have or that the study "
+            "planned (config.yaml's `grid.seeds`): runs still to come, lost, or without a metric. An interim "
+            "difference is not marked; read it when every seed is in."
         )
     if diffs["selection_metric"].any() and ns:
         lines.append(
@@ -204,7 +221,12 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
     ]
     for _, d in distinct.iterrows():
         boot = d["boot_seeds"] > 0
-        flags = ((NOT_CONVERGED_MARK, "not_converged"), (AT_FLOOR_MARK, "at_floor"), (FAILED_MARK, "failed"))
+        flags = (
+            (NOT_CONVERGED_MARK, "not_converged"),
+            (AT_FLOOR_MARK, "at_floor"),
+            (FAILED_MARK, "failed"),
+            (INCOMPLETE_MARK, "incomplete"),
+        )
         mark = "".join(f" {sign}" for sign, flag in flags if d[flag])
         cells = [
             f"{_name(d['attention'])} − {_name(d['baseline'])}",
@@ -333,6 +355,25 @@ def _budget_line(config: dict | None) -> list[str]:
     )
 
 
+def _plan_line(df: pd.DataFrame, metric: str, keys: list[str], config: dict | None) -> list[str]:
+    """Says that the results are interim when some arm lacks seeds of config.yaml's grid."""
+    planned = planned_seeds(config)
+    if not planned or df.empty:
+        return []
+    ok = df[(df["status"] == "ok") & df[metric].notna() & df["seed"].isin(planned)]
+    arms = df[[*keys, "attention"]].drop_duplicates()
+    have = ok.groupby([*keys, "attention"])["seed"].nunique()
+    counts = [int(have.get(tuple(a) if len(a) > 1 else a.iloc[0], 0)) for _, a in arms.iterrows()]
+    if min(counts) >= len(planned):
+        return []
+    span = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
+    return [
+        f"**Interim**: the study plans {len(planned)} seeds per arm (config.yaml's `grid.seeds`); the arms "
+        f"here have {span} of them with a result. No difference is marked before every seed is in.",
+        "",
+    ]
+
+
 def summary_markdown(
     results: pd.DataFrame,
     metric: str | None = None,
@@ -360,6 +401,7 @@ def summary_markdown(
         "(same seed: same data order, augmentation and initial weights) with its 95% t-interval over seeds.",
         "",
         *_budget_line(config),
+        *_plan_line(df, metric, keys, config),
     ]
     if df.empty:
         return "\n".join([*lines, "No runs in results.csv.", ""])
@@ -382,6 +424,7 @@ def summary_markdown(
         + " params |",
     ]
     header.append("|---|" + "---:|" * (header[0].count("|") - 2))
+    base_n = {(*(r[k] for k in keys), r["attention"]): r["n"] for _, r in summary.iterrows()}
     for group, rows in summary.groupby(keys, sort=False) if keys else [((), summary)]:
         group = group if isinstance(group, tuple) else (group,)
         lines += [f"## {_group_title(keys, group)}", ""]
@@ -405,7 +448,7 @@ def summary_markdown(
             cells.append(_fmt_mean_std(row["mean"], row["std"]))
             if "context_mean" in summary:
                 cells.append(_fmt_mean_std(row["context_mean"], row["context_std"]))
-            cells += [_fmt_diff(row, "none"), _fmt_diff(row, "scse")]
+            cells += [_fmt_diff(row, b, int(base_n.get((*group, b), 0))) for b in ("none", "scse")]
             if "untrained_miou" in summary:
                 cells.append(_pp(row["untrained_miou"]))
             cells.append(_fmt_params(row.get("params", np.nan)))
