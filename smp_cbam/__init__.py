@@ -1,7 +1,8 @@
 """CBAM and other attention types for segmentation_models.pytorch.
 
-``import smp_cbam`` registers ``"cbam"``, ``"cbam_channel"``, ``"cbam_spatial"``, ``"se"`` and
-``"eca"`` as ``decoder_attention_type`` of smp's Unet and Unet++, makes ``decoder_attention_type``
+``import smp_cbam`` registers ``"cbam"``, ``"cbam_residual"``, ``"cbam_neutral"``,
+``"cbam_channel"``, ``"cbam_spatial"``, ``"se"`` and ``"eca"`` as ``decoder_attention_type`` of
+smp's Unet and Unet++, makes ``decoder_attention_type``
 build decoder attention in every other smp architecture, and lets ``from_pretrained`` restore
 attention added by :func:`add_attention` (decoder, encoder or both; see :mod:`smp_cbam.placement`).
 

@@ -39,7 +39,8 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=["synthetic", "camvid", "pets", "folder"], help="dataset")
     add("--data-root", help="dataset root folder")
     add("--classes", type=int, help="number of classes (folder datasets; 2 = binary)")
-    add("--ignore-index", type=int, help="mask value ignored in loss and metrics")
+    add("--void-label", type=int, help="the value void pixels have in the mask files, ignored in loss and metrics (e.g. 255)")
+    add("--ignore-index", type=int, help="the index batches carry at void and padding pixels (not a class index)")
     add("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W")
     add("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop size")
     add("--batch-size", type=int, help="batch size per device")
@@ -95,6 +96,7 @@ def _overrides(args: argparse.Namespace) -> dict:
             "dataset": args.dataset,
             "root": args.data_root,
             "num_classes": args.classes,
+            "void_label": args.void_label,
             "ignore_index": args.ignore_index,
             "resize": args.image_size,
             "crop": args.crop,

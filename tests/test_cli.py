@@ -137,6 +137,28 @@ def test_missing_data_root_is_named(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert not (tmp_path / "out" / "runs").exists()
 
 
+def test_compare_options_reach_the_configuration_a_user_expects(tmp_path: Path, monkeypatch) -> None:
+    from smp_cbam.training import runner
+
+    seen = {}
+
+    def fake_compare(config, retry_failed=False):
+        seen["config"] = config
+        return None
+
+    monkeypatch.setattr(runner, "compare", fake_compare)
+    monkeypatch.setattr("smp_cbam.report.write_report", lambda *a, **k: "")
+    (tmp_path / "data").mkdir()
+    main(["compare", "--dataset", "folder", "--data-root", str(tmp_path / "data"), "--classes", "3",
+          "--void-label", "255", "--output", str(tmp_path / "out"), "--malloc-default"])  # fmt: skip
+    config = seen["config"]
+    # the stored value of void pixels, not the index batches carry
+    assert config.data["void_label"] == 255 and config.data["num_classes"] == 3
+    # own data starts from the general setup (experiments/configs/folder.yaml), not the main job's
+    # depth-2 encoder sized for its generated task
+    assert config.model.encoder_depth == 5 and config.trainer["accelerator"] == "auto"
+
+
 def test_retry_failed_reaches_the_runner_or_says_how(tmp_path: Path, monkeypatch, capsys) -> None:
     from smp_cbam.training import runner
 

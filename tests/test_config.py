@@ -10,6 +10,7 @@ import yaml
 
 from smp_cbam.training import config as config_module
 from smp_cbam.training.config import (
+    DATASET_CONFIG_PATH,
     DEFAULT_CONFIG_PATH,
     Config,
     ConfigError,
@@ -122,10 +123,17 @@ def test_committed_configs_load() -> None:
         assert config.dataset == path.stem and config.output == f"runs/{path.stem}"
 
 
-def test_switching_dataset_starts_its_data_section_afresh(tmp_path: Path) -> None:
+def test_switching_dataset_starts_afresh_from_the_general_setup(tmp_path: Path) -> None:
     config = load_config(overrides={"data": {"dataset": "folder", "root": str(tmp_path), "num_classes": 3}})
     assert config.output == "runs/folder" and config.data["num_classes"] == 3
     assert "synthetic" not in config.data or config.data["synthetic"] is None
+    # not the main job's depth-2 encoder, lr and CPU-only Trainer, sized for its generated task
+    general = yaml.safe_load((ROOT / "experiments" / "configs" / "folder.yaml").read_text())
+    assert DATASET_CONFIG_PATH.resolve() == (ROOT / "experiments" / "configs" / "folder.yaml").resolve()
+    assert config.model.encoder_depth == general["model"]["encoder_depth"] == 5
+    assert config.model.decoder_channels == general["model"]["decoder_channels"]
+    assert config.train.lr == general["train"]["lr"] and config.trainer["accelerator"] == "auto"
+    assert load_config(overrides={"data": {"dataset": "camvid", "root": str(tmp_path)}}).model.encoder_depth == 5
 
 
 def test_sections_map_onto_constructor_arguments() -> None:

@@ -40,6 +40,8 @@ from typing import Any, Literal
 import yaml
 
 DEFAULT_CONFIG_PATH = Path(__file__).with_name("configs") / "synthetic.yaml"
+# the base of every other dataset: the general Unet setup of experiments/configs/folder.yaml
+DATASET_CONFIG_PATH = Path(__file__).with_name("configs") / "folder.yaml"
 PLACEMENTS = ("decoder", "encoder", "both")
 STOP_RULES = ("plateau", "fixed")
 # Trainer arguments the runner sets for every run; a config that sets them would break the
@@ -572,8 +574,10 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     """The default configuration (the main job), updated by the YAML file at ``path`` and then by
     ``overrides`` (the same nested layout), checked and typed.
 
-    A layer that switches to another dataset starts that dataset's data section afresh (the data
-    module's own defaults), and ``output`` defaults to ``runs/<dataset>``.
+    A layer that switches to another dataset starts afresh from the general setup of
+    ``experiments/configs/folder.yaml`` (the main job's depth-2 encoder, schedule and CPU Trainer
+    are sized for its generated task), with the data section empty (the data module's own defaults)
+    and ``output`` ``runs/<dataset>``.
     """
     layers = [read_yaml(path)] if path is not None else []
     layers.append(overrides or {})
@@ -588,7 +592,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
         data = layer.get("data")
         dataset = data.get("dataset") if isinstance(data, dict) else None
         if dataset is not None and dataset != raw.get("data", {}).get("dataset"):
-            raw = {**raw, "data": {}, "output": f"runs/{dataset}"}
+            raw = {**_rename_epochs(read_yaml(DATASET_CONFIG_PATH)), "data": {}, "output": f"runs/{dataset}"}
         raw = _merge(raw, layer)
     return from_dict(raw)
 
