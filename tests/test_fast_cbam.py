@@ -8,7 +8,7 @@ import torch.nn.utils.parametrizations
 import torch.nn.utils.prune
 
 from smp_cbam import CBAM
-from smp_cbam.attention import kernels
+from smp_cbam.attention import cbam_fused, kernels
 from smp_cbam.attention.cbam_fused import (
     FusedCBAM,
     KernelBatchNormCBAM,
@@ -54,6 +54,19 @@ def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor, path: str | None = N
     return [out.detach(), *torch.autograd.grad(out, [x, *params], grad)]
 
 
+def _spy_inference(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The no-grad paths a CBAM takes from now on, by name, in call order."""
+    calls: list[str] = []
+    for name in ("kernel_infer", "fused_infer"):
+        original = getattr(cbam_fused, name)
+        monkeypatch.setattr(cbam_fused, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+    return calls
+
+
+# the no-grad function each path runs for an eval-mode CBAM (BatchNorm with running statistics)
+INFERENCE_ON = {"kernels": "kernel_infer", "eager": "fused_infer"}
+
+
 def _assert_close(fast: list[torch.Tensor], plain: list[torch.Tensor], rtol: float = 1e-5) -> None:
     assert len(fast) == len(plain)
     for a, b in zip(fast, plain, strict=True):
@@ -94,6 +107,9 @@ def test_a_model_moved_to_channels_last(kwargs: dict, train: bool, path: str) ->
     assert not fast[1].spatial.conv.weight.is_contiguous()
     for x in (torch.randn(2, 3, 9, 11), torch.randn(2, 3, 9, 11).contiguous(memory_format=torch.channels_last)):
         grad = torch.randn(2, 24, 9, 11)
+        # the conv hands CBAM its output in the weight's layout: channels_last
+        layout = fast[0](x).detach().contiguous(memory_format=torch.channels_last)
+        assert type(fast[1](layout.requires_grad_()).grad_fn).__name__ == _backward_name(path, fast[1], layout)
         _assert_close(_run(fast, x, grad), _run(plain, x, grad))
         with torch.no_grad():
             _assert_close([fast(x)], [plain(x)])
@@ -220,35 +236,48 @@ def test_frozen_parameters_and_backward_into_grad(path: str) -> None:
 
 @pytest.mark.parametrize("kwargs", [{}, VARIANTS[-1]], ids=["default", "all"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
-def test_inference_path(kwargs: dict, channels_last: bool, path: str) -> None:
+def test_inference_path(kwargs: dict, channels_last: bool, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fast, plain = _pair(16, **kwargs)
     fast.eval()
     plain.eval()
     x = torch.randn(2, 16, 8, 8)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
+    calls = _spy_inference(monkeypatch)
     with torch.no_grad():
         out = fast(x)
         assert torch.allclose(out, plain(x), rtol=1e-5, atol=1e-6)
     with torch.inference_mode():
         assert torch.allclose(fast(x), out, rtol=1e-5, atol=1e-6)
-    assert not fast(x).requires_grad or any(p.requires_grad for p in fast.parameters())
+    assert calls == [INFERENCE_ON[path]] * 2
+    # an eval-mode module with grad enabled records a graph: its parameters still learn
+    recorded = fast(x)
+    assert recorded.requires_grad and type(recorded.grad_fn).__name__ == _backward_name(path, fast, x)
+    assert len(calls) == 2
 
 
 def test_fallbacks_still_match() -> None:
     fast, plain = _pair(8)
-    x = torch.randn(2, 8, 6, 6)
+    wide = torch.randn(2, 8, 6, 12)
+    x = wide[..., ::2].contiguous()
     grad = torch.randn(2, 8, 6, 6)
     expected = _run(plain, x, grad)
-    _assert_close(_run(fast, x[:, :, :, :6].transpose(2, 3).transpose(2, 3), grad), expected)
-    _assert_close(_run(fast, x.transpose(2, 3).contiguous().transpose(2, 3), grad), expected)
+    # neither NCHW- nor channels_last-contiguous: a strided view, and a transposed layout
+    for odd in (wide[..., ::2], x.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert not odd.is_contiguous() and not odd.is_contiguous(memory_format=torch.channels_last)
+        assert type(fast(odd.requires_grad_()).grad_fn).__name__ == "MulBackward0"  # the plain formula
+        _assert_close(_run(fast, odd, grad), expected)
     maps = []
     handle = fast.spatial.register_forward_hook(lambda m, i, o: maps.append(o))
-    _assert_close(_run(fast, x, grad), expected)  # a hook on a part falls back to the parts
+    assert type(fast(x.requires_grad_()).grad_fn).__name__ == "MulBackward0"  # a hook on a part: the parts
+    _assert_close(_run(fast, x, grad), expected)
     handle.remove()
-    assert len(maps) == 1
+    assert len(maps) == 2
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fast(x).shape == x.shape
+        out = fast(x)
+        reference = fast.forward_reference(x)
+    assert out.dtype == reference.dtype and type(out.grad_fn).__name__ != "MulBackward0"
+    torch.testing.assert_close(out.float(), reference.float(), rtol=2e-2, atol=2e-2)
     with pytest.raises(ValueError, match="channels"):
         fast(torch.randn(1, 4, 6, 6))
 
@@ -327,16 +356,21 @@ INFERENCE_SHAPES = [(2, 16, 8, 8), (1, 8, 50, 70), (3, 5, 40, 9), (1, 3, 3, 1100
 @pytest.mark.parametrize("shape", INFERENCE_SHAPES, ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
-def test_inference_matches_plain_float64(shape: tuple, threads: int, kwargs: dict, path: str) -> None:
+def test_inference_matches_plain_float64(
+    shape: tuple, threads: int, kwargs: dict, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fast, plain = (_with_running_stats(m) for m in _pair(shape[1], torch.float64, **kwargs))
     x = torch.randn(shape, dtype=torch.float64)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         with torch.no_grad():
-            torch.testing.assert_close(fast(x), plain(x), rtol=1e-12, atol=1e-12)
+            expected = plain(x)
+            calls = _spy_inference(monkeypatch)
+            torch.testing.assert_close(fast(x), expected, rtol=1e-12, atol=1e-12)
     finally:
         torch.set_num_threads(before)
+    assert calls == [INFERENCE_ON[path]]
 
 
 @pytest.mark.parametrize("shape", [*INFERENCE_SHAPES, (1, 6, 41, 9)], ids=str)
@@ -356,11 +390,14 @@ def test_training_matches_plain_float64(shape: tuple, threads: int, kernel_size:
 
 
 @pytest.mark.parametrize("kwargs", VARIANTS, ids=lambda k: "-".join(k) or "default")
-def test_inference_matches_plain_float32(kwargs: dict, path: str) -> None:
+def test_inference_matches_plain_float32(kwargs: dict, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     fast, plain = (_with_running_stats(m) for m in _pair(32, **kwargs))
     x = torch.randn(2, 32, 37, 45).relu()
     with torch.no_grad():
-        torch.testing.assert_close(fast(x), plain(x), rtol=1e-5, atol=1e-6)
+        expected = plain(x)
+        calls = _spy_inference(monkeypatch)
+        torch.testing.assert_close(fast(x), expected, rtol=1e-5, atol=1e-6)
+    assert calls == [INFERENCE_ON[path]]
 
 
 @pytest.mark.parametrize("residual", [False, True])

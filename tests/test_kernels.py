@@ -1,6 +1,7 @@
 """The compiled CPU kernels, each against its formula in torch ops, and their build fallback."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -192,21 +193,24 @@ def test_cbam_infer_refuses_what_it_does_not_take(ops: object) -> None:
         y, version = x.clone(), x._version
         assert infer(y, inplace=True) is y and y._version == version + 1
         _close(y, expected)
+        bad_x = "cbam_infer: x must be a non-empty NCHW- or channels_last-contiguous"
+        bad_parameters = "cbam_infer: the parameters must be contiguous CPU tensors of x's dtype"
         refused = {
-            "neither layout": (x.transpose(2, 3), {}),
-            "float16": (x.half(), {}),
-            "empty": (x[:0], {}),
-            "3-d": (x[0], {}),
-            "other channels": (torch.randn(2, 4, 6, 6), {}),
-            "double weight": (x, {0: first.weight.double()}),
-            "double bias": (x, {5: conv.bias.double()}),
+            "neither layout": (x.clone().transpose(2, 3), {}, bad_x),
+            "float16": (x.half(), {}, bad_x),
+            "empty": (x[:0].clone(), {}, bad_x),
+            "3-d": (x[0].clone(), {}, bad_x),
+            "other channels": (torch.randn(2, 4, 6, 6), {}, "cbam_infer: x has 4 channels, the MLP 8"),
+            "double weight": (x.clone(), {0: first.weight.double()}, bad_parameters),
+            "double bias": (x.clone(), {5: conv.bias.double()}, bad_parameters),
         }
         # a channels_last weight (a model moved to that layout) is made contiguous, not refused
         _close(infer(x, swap={4: conv.weight.contiguous(memory_format=torch.channels_last)}), expected)
-        for name, (bad, swap) in refused.items():
-            with pytest.raises(RuntimeError, match="cbam_infer: "):
-                infer(bad, swap=swap)
-            assert bad._version == x._version or name == "other channels", name
+        for name, (bad, swap, message) in refused.items():
+            version = bad._version
+            with pytest.raises(RuntimeError, match=re.escape(message)):
+                infer(bad, inplace=True, swap=swap)  # refused before anything is written
+            assert bad._version == version, name
 
 
 def _module_and_params(c: int, dtype: torch.dtype, residual: bool) -> tuple[CBAM, list[torch.Tensor]]:

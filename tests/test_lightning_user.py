@@ -23,10 +23,6 @@ MODEL = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 16))
 QUIET = dict(enable_model_summary=False, enable_progress_bar=False)
 DEPTH2 = {**MODEL, "encoder_depth": 2, "decoder_channels": (32, 16)}
 
-# C4: the data module saves its resolved values as hyperparameters (the data helper's branch); only
-# then can a module given the same values by hand log its hyperparameters beside the data module's
-DATA_MODULE_SAVES_RESOLVED = SegmentationDataModule(**DATA).hparams.get("num_classes") == 4
-
 
 def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
@@ -248,8 +244,8 @@ def test_without_a_data_module_num_classes_is_required() -> None:
         trainer.fit(SegmentationModule(**MODEL), loader)
 
 
-@pytest.mark.skipif(not DATA_MODULE_SAVES_RESOLVED, reason="C4: needs the data module that saves resolved hparams")
 def test_values_given_by_hand_log_beside_the_data_modules(tmp_path) -> None:
+    assert SegmentationDataModule(**DATA).hparams.get("num_classes") == 4  # the resolved value, saved
     datamodule = SegmentationDataModule(**DATA)
     module = SegmentationModule(
         num_classes=datamodule.num_classes,

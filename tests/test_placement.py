@@ -413,6 +413,15 @@ def test_smp_forward_backward(arch: str) -> None:
     output = model(smp_sample(arch))
     assert output.shape[1] == 1
     output.mean().backward()
+    # every added CBAM takes part in the forward: its MLP's last layer gets a gradient, non-zero in
+    # the decoder (in the encoder's blocks a CBAM follows the last BatchNorm, which timm starts at
+    # zero: its input and so its gradient are zero at the start)
+    cbams = {name: m for name, m in model.named_modules() if isinstance(m, CBAM)}
+    assert any(name.startswith("decoder") for name in cbams) and any(name.startswith("encoder") for name in cbams)
+    for name, cbam in cbams.items():
+        grad = cbam.channel.mlp[2].weight.grad
+        assert grad is not None, name
+        assert grad.abs().sum() > 0 or name.startswith("encoder"), name
 
 
 @pytest.mark.parametrize("arch", SMP_MODELS)
