@@ -263,6 +263,9 @@ def test_markdown_contents() -> None:
     assert f"- unetplusplus / `cbam` / seed 2 (resnet18, toy): {FAILURE}" in text
     assert "No difference in these tables holds." in text and "beyond" not in text
     assert "**" not in text.split("### How to read")[0].split("\n", 3)[3]  # nothing bold in the tables
+    # two tables (unet, unetplusplus), each its own Holm family: said, for a reader who looks across
+    assert "Each of the 2 tables is adjusted on its own" in text
+    assert "tables is adjusted" not in report.summary_markdown(make_results()[lambda d: d["arch"] == "unet"])
     # latency left the accuracy table for the cost table
     assert "## Cost" in text and "| unet | resnet18 | `cbam` | 14.50M | +1.4% | 11.0 | +0.0% |" in text
 

@@ -132,8 +132,9 @@ def _run_label(row: pd.Series, keys: list[str]) -> str:
     return where + (f" ({context})" if context else "")
 
 
-def _reading(diffs: pd.DataFrame) -> list[str]:
-    """How to read the differences, in words that match the number of seeds behind them."""
+def _reading(diffs: pd.DataFrame, tables: int = 1) -> list[str]:
+    """How to read the differences, in words that match the number of seeds behind them
+    (``tables``: the number of tables, each a family of its own)."""
     paired = diffs[diffs["n_pairs"] > 0]
     ns = set(paired["n_pairs"])
     has_boot = bool((diffs["boot_seeds"] > 0).any())
@@ -146,6 +147,12 @@ def _reading(diffs: pd.DataFrame) -> list[str]:
             + ", every run of its pairs converged above the trivial floor, and it has every seed of its table"
             " and of the study's plan. A difference not in bold is not shown to exist: an interval that"
             " contains 0 means no detectable difference with these runs, not evidence that there is none."
+        )
+    if tables > 1 and any(n >= MIN_SEEDS_FOR_TEST for n in ns):
+        lines.append(
+            f"Each of the {tables} tables is adjusted on its own. Read across tables (e.g. \"does CBAM beat "
+            f"`none` in any architecture?\"), the chance of at least one false difference is up to {tables} "
+            f"times {ALPHA}; a difference that holds in only one table answers only for that table."
         )
     if 2 in ns:
         lines.append(
@@ -458,7 +465,7 @@ def summary_markdown(
         for k, v in zip(keys, group):
             where &= (diffs[k] == v).to_numpy()
         lines += _differences_table(diffs[where])
-    lines += _reading(diffs)
+    lines += _reading(diffs, tables=int(summary.groupby(keys, sort=False).ngroups) if keys else 1)
     if "context_mean" in summary:
         lines += ["Context mIoU: mIoU over the test pixels whose label depends on the global cue only.", ""]
     if "untrained_miou" in summary:
