@@ -381,7 +381,7 @@ def comparisons(
     run_cols = [*keys, "attention", "seed", "run_dir", "converged", "at_floor"]
     runs = ok[ok["seed"].notna()].reindex(columns=[*run_cols, *(["test_miou"] if metric == "test_miou" else [])])
     planned = {int(s) for s in planned_seeds or ()}
-    failed_runs = df[df["status"] != "ok"] if "status" in df else df.iloc[:0]
+    not_ok = (df["status"] != "ok").to_numpy()
     extra = []
     done: dict[tuple, dict] = {}  # b - a is the mirror of a - b: the same resamples, negated
     for _, row in out.iterrows():
@@ -408,13 +408,11 @@ def comparisons(
         info["not_converged"] = bool(any((s != True).any() for s in both))  # noqa: E712 (object column of bools/NaN)
         floors = [pairs[c] for c in ("at_floor", "at_floor_base") if c in pairs]
         info["at_floor"] = bool(any((s == True).any() for s in floors))  # noqa: E712
-        lost = failed_runs["attention"].isin([row["attention"], row["baseline"]]).to_numpy().copy()
-        for k in keys:
-            lost &= (failed_runs[k] == row[k]).to_numpy()
-        info["failed"] = bool(lost.any())
         in_group = np.ones(len(df), dtype=bool)
         for k in keys:
             in_group &= (df[k] == row[k]).to_numpy()
+        arms = df["attention"].isin([row["attention"], row["baseline"]]).to_numpy()
+        info["failed"] = bool((in_group & arms & not_ok).any())
         expected = planned | {int(s) for s in df.loc[in_group, "seed"].dropna()}
         info["incomplete"] = bool(expected - {int(s) for s in pairs["seed"]})
         extra.append(info)
