@@ -145,6 +145,20 @@ def _ok_runs(results: pd.DataFrame, metric: str) -> pd.DataFrame:
     return results[(results["status"] == "ok") & results[metric].notna()]
 
 
+def _pairable_runs(results: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """:func:`_ok_runs` that have a seed: a run without one pairs with nothing."""
+    ok = _ok_runs(results, metric)
+    return ok[ok["seed"].notna()]
+
+
+def _in_group(frame: pd.DataFrame, keys: list[str], values) -> np.ndarray:
+    """Which rows of ``frame`` have ``values`` in the columns ``keys`` (all rows for no keys)."""
+    where = np.ones(len(frame), dtype=bool)
+    for k, v in zip(keys, values, strict=True):
+        where &= (frame[k] == v).to_numpy()
+    return where
+
+
 def primary_metric(results: pd.DataFrame) -> str:
     """``"test_miou"`` if any successful run has a test mIoU, else ``"val_miou"``."""
     if "test_miou" not in results:

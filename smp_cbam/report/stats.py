@@ -26,8 +26,10 @@ from .constants import ALPHA, BASELINES, BOOTSTRAP_SEED, CONFIDENCE, MIN_SEEDS_F
 from .io import (
     ReportError,
     _group_keys,
+    _in_group,
     _normalize,
     _ok_runs,
+    _pairable_runs,
     _sort_rows,
     _warn,
     confined_run_dir,
@@ -201,8 +203,7 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
     metric = metric or primary_metric(df)
     keys = _group_keys(df)
     cols = [*keys, "attention"]
-    ok = _ok_runs(df, metric)
-    ok = ok[ok["seed"].notna()]  # a run without a seed pairs with nothing
+    ok = _pairable_runs(df, metric)
     base = ok.loc[ok["attention"] == baseline, [*keys, "seed", metric]]
     other = ok.loc[ok["attention"] != baseline, [*cols, "seed", metric]]
     pairs = other.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
@@ -367,7 +368,6 @@ def comparisons(
     metric = metric or primary_metric(df)
     keys = _group_keys(df)
     cols = [*keys, "attention"]
-    ok = _ok_runs(df, metric)
     per_image = _PerImage(None if output_dir is None else Path(output_dir))
     present = set(df["attention"])
     frames = [paired_differences(df, b, metric) for b in BASELINES if b in present]
@@ -379,19 +379,17 @@ def comparisons(
     out = out.merge(exists, on=[*keys, "baseline"], how="inner")
     # a results table without a record of convergence gets the column as NaN: not converged
     run_cols = [*keys, "attention", "seed", "run_dir", "converged", "at_floor"]
-    runs = ok[ok["seed"].notna()].reindex(columns=[*run_cols, *(["test_miou"] if metric == "test_miou" else [])])
+    runs = _pairable_runs(df, metric).reindex(columns=[*run_cols, *(["test_miou"] if metric == "test_miou" else [])])
     planned = {int(s) for s in planned_seeds or ()}
     not_ok = (df["status"] != "ok").to_numpy()
     extra = []
     done: dict[tuple, dict] = {}  # b - a is the mirror of a - b: the same resamples, negated
     for _, row in out.iterrows():
-        where = np.ones(len(runs), dtype=bool)
-        for k in keys:
-            where &= (runs[k] == row[k]).to_numpy()
+        group = tuple(row[k] for k in keys)
+        where = _in_group(runs, keys, group)
         mine = runs[where & (runs["attention"] == row["attention"]).to_numpy()]
         base = runs[where & (runs["attention"] == row["baseline"]).to_numpy()]
         pairs = mine.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
-        group = tuple(row[k] for k in keys)
         mirror = done.get((*group, row["baseline"], row["attention"]))
         if mirror is None:
             info = _bootstrap_pairs(pairs, per_image, n_resamples, seed)
@@ -408,9 +406,7 @@ def comparisons(
         info["not_converged"] = bool(any((s != True).any() for s in both))  # noqa: E712 (object column of bools/NaN)
         floors = [pairs[c] for c in ("at_floor", "at_floor_base") if c in pairs]
         info["at_floor"] = bool(any((s == True).any() for s in floors))  # noqa: E712
-        in_group = np.ones(len(df), dtype=bool)
-        for k in keys:
-            in_group &= (df[k] == row[k]).to_numpy()
+        in_group = _in_group(df, keys, group)
         arms = df["attention"].isin([row["attention"], row["baseline"]]).to_numpy()
         info["failed"] = bool((in_group & arms & not_ok).any())
         expected = planned | {int(s) for s in df.loc[in_group, "seed"].dropna()}

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from .constants import ALPHA, BASELINES, MIN_SEEDS_FOR_TEST, MISSING
-from .io import _group_keys, _normalize, _sort_rows, primary_metric
+from .io import _group_keys, _in_group, _normalize, _ok_runs, _sort_rows, primary_metric
 from .stats import comparisons, cost_table, planned_seeds, summarize
 
 _MARKDOWN_SPECIAL = re.compile(r"([\\`*\[\]|])")
@@ -367,10 +367,10 @@ def _plan_line(df: pd.DataFrame, metric: str, keys: list[str], config: dict | No
     planned = planned_seeds(config)
     if not planned or df.empty:
         return []
-    ok = df[(df["status"] == "ok") & df[metric].notna() & df["seed"].isin(planned)]
+    ok = _ok_runs(df, metric)
+    have = ok[ok["seed"].isin(planned)].groupby([*keys, "attention"])["seed"].nunique().rename("have")
     arms = df[[*keys, "attention"]].drop_duplicates()
-    have = ok.groupby([*keys, "attention"])["seed"].nunique()
-    counts = [int(have.get(tuple(a) if len(a) > 1 else a.iloc[0], 0)) for _, a in arms.iterrows()]
+    counts = arms.merge(have.reset_index(), how="left")["have"].fillna(0).astype(int).tolist()
     if min(counts) >= len(planned):
         return []
     span = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
@@ -436,10 +436,7 @@ def summary_markdown(
         group = group if isinstance(group, tuple) else (group,)
         lines += [f"## {_group_title(keys, group)}", ""]
         if "precision" in df:
-            where = np.ones(len(df), dtype=bool)
-            for k, v in zip(keys, group):
-                where &= (df[k] == v).to_numpy()
-            precisions = sorted({p for p in df.loc[where, "precision"] if p})
+            precisions = sorted({p for p in df.loc[_in_group(df, keys, group), "precision"] if p})
             if precisions:
                 lines += [f"Precision: {escape_markdown(', '.join(precisions))}.", ""]
         lines += header
@@ -461,10 +458,7 @@ def summary_markdown(
             cells.append(_fmt_params(row.get("params", np.nan)))
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
-        where = np.ones(len(diffs), dtype=bool)
-        for k, v in zip(keys, group):
-            where &= (diffs[k] == v).to_numpy()
-        lines += _differences_table(diffs[where])
+        lines += _differences_table(diffs[_in_group(diffs, keys, group)])
     lines += _reading(diffs, tables=int(summary.groupby(keys, sort=False).ngroups) if keys else 1)
     if "context_mean" in summary:
         lines += ["Context mIoU: mIoU over the test pixels whose label depends on the global cue only.", ""]
