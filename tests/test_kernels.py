@@ -223,13 +223,18 @@ def _module_and_params(c: int, dtype: torch.dtype, residual: bool) -> tuple[CBAM
     return module, [p.detach().to(_acc(dtype)) for p in layers]
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
+# channels: below one vector, a multiple of it below the four the descriptor pass keeps in
+# registers (24), above four and then a tail of a vector and more (37, 44, 130); pixels above a
+# chunk (1024)
+CL_SHAPES = [(2, 3, 5, 7), (2, 24, 7, 5), (2, 37, 6, 9), (2, 44, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)]
+
+
+@pytest.mark.parametrize("shape", CL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_cbam_infer_takes_channels_last(
     shape: tuple[int, ...], dtype: torch.dtype, residual: bool, ops: object
 ) -> None:
-    # channels: below one vector, not a multiple of it, above it; pixels above a chunk (1024)
     module, params = _module_and_params(shape[1], dtype, residual)
     conv = module.spatial.conv
     x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(dtype)
@@ -256,7 +261,7 @@ def test_cbam_infer_takes_channels_last(
     assert torch.equal(y, out)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (2, 37, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)])
+@pytest.mark.parametrize("shape", CL_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 @pytest.mark.parametrize("residual", [False, True])
 def test_cbam_train_and_backward_take_channels_last(

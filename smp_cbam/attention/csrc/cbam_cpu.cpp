@@ -742,6 +742,61 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
   for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
 }
 
+// Mean and max over the c channels of x * g (x: one channels_last image, (HW, C); g: its (C) gate)
+// for each pixel of [p0, p0 + len), into sum and max: a pixel's channels are one contiguous row,
+// summed in vector lanes, then across them.
+template <typename T>
+void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t len, Acc<T>* sum, Acc<T>* max) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t kLanes = Vec::size();
+  const A inf = std::numeric_limits<A>::infinity();
+  const auto add = [](const Vec& u, const Vec& v) { return u + v; };
+  const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
+  for (int64_t i = 0; i < len; ++i) {
+    const T* row = x + (p0 + i) * c;
+    Vec vs(A(0)), vm(-inf);
+    int64_t j = 0;
+    for (; j + kLanes <= c; j += kLanes) {
+      const Vec y = load_acc(row + j) * Vec::loadu(g + j);
+      vs = vs + y;
+      vm = at::vec::maximum(vm, y);  // NaN-propagating
+    }
+    A total = j > 0 ? at::vec::vec_reduce_all<A>(add, vs) : A(0);
+    A top = j > 0 ? at::vec::vec_reduce_all<A>(greater, vm) : -inf;
+    for (; j < c; ++j) {
+      const A y = static_cast<A>(row[j]) * g[j];
+      total += y;
+      top = beats(y, top) ? y : top;
+    }
+    sum[i] = total / static_cast<A>(c);
+    max[i] = top;
+  }
+}
+
+// out = (x g) s (+ x) for the pixels [p0, p0 + len) of one channels_last image (x, out: (HW, C);
+// g: its (C) gate; s: the pixels' spatial gate); out may be x.
+template <typename T>
+void scale_pixels_cl(const T* x, const Acc<T>* g, const Acc<T>* s, int64_t c, int64_t p0, int64_t len,
+                     bool residual, T* out) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  for (int64_t i = 0; i < len; ++i) {
+    const T* row = x + (p0 + i) * c;
+    T* dst = out + (p0 + i) * c;
+    const A sq = s[i];
+    int64_t j = 0;
+    for (; j + Vec::size() <= c; j += Vec::size()) {
+      const Vec v = load_acc(row + j), y = v * Vec::loadu(g + j) * Vec(sq);
+      store_acc(residual ? y + v : y, dst + j);
+    }
+    for (; j < c; ++j) {
+      const A v = row[j];
+      dst[j] = static_cast<T>(residual ? v * g[j] * sq + v : v * g[j] * sq);
+    }
+  }
+}
+
 constexpr int64_t kBlockBytes = 256 * 1024;  // rows per block of the streaming passes: about this many bytes
 constexpr int64_t kMinSegmentRows = 8;       // the shortest segment of rows they give a task
 
@@ -756,7 +811,8 @@ struct Segments {
   }
 };
 
-// The forward after the channel gate g (N, C), in one pass over x (N, C, H, W):
+// The forward after the channel gate g (N, C), in one pass over x (N, C, H, W), NCHW- or
+// channels_last-contiguous (out in the same layout):
 // out = x * g * s (+ x) with s = sigmoid(a * conv_kxk(P) + b), P = [mean_c; max_c](x * g), where a
 // and b fold the convolution's bias and an eval-mode BatchNorm. Each task streams a segment of rows
 // in blocks: it pools the rows r = k / 2 ahead of the block, convolves the block and scales its x
@@ -765,11 +821,13 @@ struct Segments {
 std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor& g,
                                           const at::Tensor& weight, double a, double b,
                                           bool residual, const at::Tensor& out, bool keep) {
-  check(x, "x", 4);
+  const bool cl = !x.is_contiguous();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 4 && (!cl || x.is_contiguous(at::MemoryFormat::ChannelsLast)),
+              "x must be an NCHW- or channels_last-contiguous CPU tensor (N, C, H, W)");
   check(g, "g", 2);
   check(weight, "weight", 4);
-  check(out, "out", 4);
-  TORCH_CHECK(out.sizes() == x.sizes() && out.dtype() == x.dtype(), "out must match x");
+  TORCH_CHECK(out.sizes() == x.sizes() && out.strides() == x.strides() && out.dtype() == x.dtype(),
+              "out must match x");
   TORCH_CHECK(weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
   const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd;
   const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
@@ -790,7 +848,11 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
     auto pool_rows = [&](int64_t bi, int64_t y0, int64_t y1, A* sum, A* max) {
       for (int64_t ya = y0; ya < y1;) {
         const int64_t yb = std::min(y1, ya + std::max<int64_t>(1, kTile / wd));
-        pool_span(xp + bi * c * hw, gp + bi * c, c, hw, ya * wd, (yb - ya) * wd, sum, max);
+        if (cl) {
+          pool_pixels_cl(xp + bi * hw * c, gp + bi * c, c, ya * wd, (yb - ya) * wd, sum, max);
+        } else {
+          pool_span(xp + bi * c * hw, gp + bi * c, c, hw, ya * wd, (yb - ya) * wd, sum, max);
+        }
         for (int64_t y = ya; y < yb; ++y) {
           A* dst = pp + bi * 2 * plane + (y + r) * ld + r;
           std::copy(sum + (y - ya) * wd, sum + (y - ya + 1) * wd, dst);
@@ -827,6 +889,10 @@ std::tuple<at::Tensor, at::Tensor> attend(const at::Tensor& x, const at::Tensor&
           }
           sigmoid_affine(s.data(), len, static_cast<A>(a), static_cast<A>(b));
           if (keep) std::copy(s.begin(), s.begin() + len, s_all.data_ptr<A>() + bi * hw + q0 * wd);
+          if (cl) {
+            scale_pixels_cl(xp + bi * hw * c, gp + bi * c, s.data(), c, q0 * wd, len, residual, op + bi * hw * c);
+            continue;
+          }
           for (int64_t ch = 0; ch < c; ++ch) {
             const int64_t offset = (bi * c + ch) * hw + q0 * wd;
             scale_span(xp + offset, gp[bi * c + ch], s.data(), len, residual, op + offset);
@@ -1010,12 +1076,87 @@ void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, con
   TORCH_CHECK(w2.size(0) == x.size(1), name, ": x has ", x.size(1), " channels, the MLP ", w2.size(0));
 }
 
-// The no-grad and the training forward for channels_last x (memory N, H, W, C): the same formula
-// and numerics as for NCHW in three passes over x, each reading a pixel's channels as one
-// contiguous row: the channel descriptors (with idx, each channel's first max pixel), the pooled
-// map P, then s = sigmoid(a conv(P) + shift) and out = (x g) s (+ x). Inductor lays convolution
-// activations out channels_last on CPU, and so do users who train that way: a kernel that took
-// NCHW only would cost a copy into and out of that layout around every CBAM.
+// Mean and max over the hw pixels of nv * lanes + rest consecutive channels of a channels_last
+// image (x: the first of them at pixel 0; a pixel's channels c apart), nv <= kNv vectors of them
+// kept in registers: each chunk of kChunk pixels summed in Acc<T>, then added to a double as
+// row_mean_max does. With kIndex, a lane that beats its channel's max (the first maximal pixel, NaN
+// counting as maximal, as torch.max) records the pixel in arg.
+constexpr int kNv = 4;
+
+template <typename T, int NV, bool kIndex>
+void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t rest, double* total, Acc<T>* max, int64_t* arg) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t kLanes = Vec::size();
+  constexpr uint64_t kAll = (uint64_t(1) << kLanes) - 1;
+  const A inf = std::numeric_limits<A>::infinity();
+  Vec vm[NV > 0 ? NV : 1];
+  for (int u = 0; u < NV; ++u) vm[u] = Vec(-inf);
+  A sum[NV * kLanes + kLanes], top[kLanes], lanes[kLanes];
+  std::fill(top, top + rest, -inf);
+  std::fill(total, total + NV * kLanes + rest, 0.0);
+  for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
+    Vec vs[NV > 0 ? NV : 1];
+    for (int u = 0; u < NV; ++u) vs[u] = Vec(A(0));
+    A tail[kLanes] = {};
+    for (int64_t p = p0; p < std::min(hw, p0 + kChunk); ++p) {
+      const T* row = x + p * c;
+      for (int u = 0; u < NV; ++u) {
+        const Vec v = load_acc(row + u * kLanes);
+        vs[u] = vs[u] + v;
+        if constexpr (!kIndex) {
+          vm[u] = at::vec::maximum(vm[u], v);  // NaN-propagating
+        } else {
+          // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
+          const Vec mask = beats(v, vm[u]);
+          const auto up = ~static_cast<uint64_t>(mask.zero_mask()) & kAll;
+          if (!up) continue;
+          vm[u] = Vec::blendv(vm[u], v, mask);
+          for (int64_t l = 0; l < kLanes; ++l) {
+            if ((up >> l) & 1) arg[u * kLanes + l] = p;
+          }
+        }
+      }
+      for (int64_t j = 0; j < rest; ++j) {
+        const A v = row[NV * kLanes + j];
+        tail[j] += v;
+        if (beats(v, top[j])) {
+          top[j] = v;
+          if constexpr (kIndex) arg[NV * kLanes + j] = p;
+        }
+      }
+    }
+    for (int u = 0; u < NV; ++u) vs[u].store(sum + u * kLanes);
+    std::copy(tail, tail + rest, sum + NV * kLanes);
+    for (int64_t j = 0; j < NV * kLanes + rest; ++j) total[j] += sum[j];
+  }
+  for (int u = 0; u < NV; ++u) {
+    vm[u].store(lanes);
+    std::copy(lanes, lanes + kLanes, max + u * kLanes);
+  }
+  std::copy(top, top + rest, max + NV * kLanes);
+}
+
+template <typename T, bool kIndex>
+void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t len, double* total, Acc<T>* max, int64_t* arg) {
+  constexpr int64_t kLanes = AccVec<T>::size();
+  const int64_t rest = len % kLanes;
+  switch (len / kLanes) {
+    case 0: return channel_stats_cl<T, 0, kIndex>(x, c, hw, rest, total, max, arg);
+    case 1: return channel_stats_cl<T, 1, kIndex>(x, c, hw, rest, total, max, arg);
+    case 2: return channel_stats_cl<T, 2, kIndex>(x, c, hw, rest, total, max, arg);
+    case 3: return channel_stats_cl<T, 3, kIndex>(x, c, hw, rest, total, max, arg);
+    default: return channel_stats_cl<T, kNv, kIndex>(x, c, hw, rest, total, max, arg);
+  }
+}
+
+// The no-grad and the training forward for channels_last x (memory N, H, W, C): the channel
+// descriptors (with idx, each channel's first max pixel), one task per (image, block of channels)
+// reading each pixel's row of the block, then the MLP, then attend, which streams blocks of rows as
+// for NCHW (the pooled rows, the convolution and the scaled rows in cache together) and reads each
+// pixel's channels as one row. Inductor lays convolution activations out
+// channels_last on CPU, and so do users who train that way: a kernel that took NCHW only would
+// cost a copy into and out of that layout around every CBAM.
 struct ForwardChannelsLast {
   at::Tensor descriptors, hidden, g, idx, s, pooled;
 };
@@ -1024,73 +1165,31 @@ ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor&
                                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
                                           const std::optional<at::Tensor>& b2, const at::Tensor& weight, double a,
                                           double shift, bool residual, const at::Tensor& out, bool with_index) {
-  const int64_t n = x.size(0), c = x.size(1), h = x.size(2), wd = x.size(3), hw = h * wd, hid = w1.size(0);
+  const int64_t n = x.size(0), c = x.size(1), hw = x.size(2) * x.size(3), hid = w1.size(0);
   TORCH_CHECK(w1.numel() == hid * c && w2.numel() == c * hid, "expected MLP weights (C/r, C) and (C, C/r)");
-  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == 1 && weight.size(1) == 2, "expected a (1, 2, k, k) weight");
   auto descriptors = at::empty({2 * n, c}, acc_options(x));
   auto hidden = at::empty({2 * n, hid}, acc_options(x));
   auto g = at::empty({n, c}, acc_options(x));
   auto idx = with_index ? at::empty({n, c}, x.options().dtype(at::kLong)) : at::Tensor();
-  auto pooled = at::empty({n, 2, h, wd}, acc_options(x));
-  at::Tensor s_map;
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "forward_channels_last", [&] {
     using T = scalar_t;
     using A = Acc<T>;
-    using Vec = AccVec<T>;
-    constexpr int64_t kLanes = Vec::size();
     const T* xp = x.data_ptr<T>();
-    T* op = out.data_ptr<T>();
     A* d = descriptors.data_ptr<A>();
     int64_t* ip = with_index ? idx.data_ptr<int64_t>() : nullptr;
-    const A inf = std::numeric_limits<A>::infinity();
-    // 1. mean and max over the pixels of each channel: one task per (image, block of channels),
-    // each chunk of kChunk pixels summed in Acc<T>, then added to a double as row_mean_max does.
-    // With idx, a lane that beats its channel's max (first maximal pixel, NaN counting as maximal,
-    // as torch.max) records the pixel.
-    const int64_t block = std::min<int64_t>(c, 4 * kLanes), blocks = (c + block - 1) / block;
+    const int64_t block = std::min<int64_t>(c, kNv * AccVec<T>::size()), blocks = (c + block - 1) / block;
     at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<A> sum(block), max(block);
       std::vector<double> total(block);
-      std::vector<int64_t> arg(block);
-      A lanes[kLanes];
+      std::vector<A> max(block);
+      std::vector<int64_t> arg(block, 0);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / blocks, c0 = (t % blocks) * block, len = std::min(block, c - c0);
-        std::fill(total.begin(), total.end(), 0.0);
-        std::fill(max.begin(), max.end(), -inf);
-        std::fill(arg.begin(), arg.end(), int64_t(0));
-        for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
-          std::fill(sum.begin(), sum.end(), A(0));
-          for (int64_t p = p0; p < std::min(hw, p0 + kChunk); ++p) {
-            const T* row = xp + (bi * hw + p) * c + c0;
-            int64_t j = 0;
-            for (; j + kLanes <= len; j += kLanes) {
-              const Vec v = load_acc(row + j), m = Vec::loadu(max.data() + j);
-              (Vec::loadu(sum.data() + j) + v).store(sum.data() + j);
-              if (!ip) {
-                at::vec::maximum(m, v).store(max.data() + j);  // NaN-propagating
-                continue;
-              }
-              // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
-              const auto up = ~static_cast<uint64_t>(beats(v, m).zero_mask()) & ((uint64_t(1) << kLanes) - 1);
-              if (!up) continue;
-              v.store(lanes);
-              for (int64_t l = 0; l < kLanes; ++l) {
-                if ((up >> l) & 1) {
-                  max[j + l] = lanes[l];
-                  arg[j + l] = p;
-                }
-              }
-            }
-            for (; j < len; ++j) {
-              const A v = row[j];
-              sum[j] += v;
-              if (beats(v, max[j])) {
-                max[j] = v;
-                arg[j] = p;
-              }
-            }
-          }
-          for (int64_t j = 0; j < len; ++j) total[j] += sum[j];
+        const T* first = xp + bi * hw * c + c0;
+        if (ip) {
+          std::fill(arg.begin(), arg.end(), int64_t(0));
+          channel_stats_cl<T, true>(first, c, hw, len, total.data(), max.data(), arg.data());
+        } else {
+          channel_stats_cl<T, false>(first, c, hw, len, total.data(), max.data(), nullptr);
         }
         for (int64_t j = 0; j < len; ++j) {
           d[bi * c + c0 + j] = static_cast<A>(total[j] / hw);
@@ -1100,58 +1199,9 @@ ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor&
       }
     });
     mlp_gate<A>(d, n, c, w1, b1, w2, b2, hidden.data_ptr<A>(), g.data_ptr<A>());
-    const A* gp = g.data_ptr<A>();
-    A* pp = pooled.data_ptr<A>();
-    // 2. P = [mean_c; max_c](x g) at each pixel
-    at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
-      const auto add = [](const Vec& u, const Vec& v) { return u + v; };
-      const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t bi = q / hw, p = q % hw;
-        const T* row = xp + q * c;
-        const A* gb = gp + bi * c;
-        Vec vs(A(0)), vm(-inf);
-        int64_t j = 0;
-        for (; j + kLanes <= c; j += kLanes) {
-          const Vec y = load_acc(row + j) * Vec::loadu(gb + j);
-          vs = vs + y;
-          vm = at::vec::maximum(vm, y);
-        }
-        A sum = j > 0 ? at::vec::vec_reduce_all<A>(add, vs) : A(0);
-        A max = j > 0 ? at::vec::vec_reduce_all<A>(greater, vm) : -inf;
-        for (; j < c; ++j) {
-          const A y = static_cast<A>(row[j]) * gb[j];
-          sum += y;
-          max = beats(y, max) ? y : max;
-        }
-        pp[bi * 2 * hw + p] = sum / static_cast<A>(c);
-        pp[(bi * 2 + 1) * hw + p] = max;
-      }
-    });
-    // 3. s = sigmoid(a conv(P) + shift), then out = (x g) s (+ x)
-    s_map = spatial_conv(pooled, weight);
-    A* sp = s_map.data_ptr<A>();
-    sigmoid_affine(sp, n * hw, static_cast<A>(a), static_cast<A>(shift));
-    at::parallel_for(0, n * hw, kTile, [&](int64_t begin, int64_t end) {
-      for (int64_t q = begin; q < end; ++q) {
-        const int64_t bi = q / hw;
-        const T* row = xp + q * c;
-        T* dst = op + q * c;
-        const A* gb = gp + bi * c;
-        const A sq = sp[q];
-        int64_t j = 0;
-        for (; j + kLanes <= c; j += kLanes) {
-          const Vec v = load_acc(row + j), y = v * Vec::loadu(gb + j) * Vec(sq);
-          store_acc(residual ? y + v : y, dst + j);
-        }
-        for (; j < c; ++j) {
-          const A v = row[j];
-          dst[j] = static_cast<T>(residual ? v * gb[j] * sq + v : v * gb[j] * sq);
-        }
-      }
-    });
   });
-  return {descriptors, hidden, g, idx, s_map.view({n, hw}), pooled};
+  auto [s, pooled] = attend(x, g, weight, a, shift, residual, out, with_index);
+  return {descriptors, hidden, g, idx, s, pooled};
 }
 
 // The whole no-grad forward, s = sigmoid(a * (conv(P) + bias) + b): the channel gate, then attend,
