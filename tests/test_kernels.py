@@ -274,7 +274,8 @@ def test_cbam_train_and_backward_take_channels_last(
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)
     x[0, 0, 0, 1] = 40.0  # one channel's max far above the rest
-    x[-1, :, -1, -1] = 3.0  # a pixel where every channel ties
+    x[-1, :, -1, -1] = 3.0  # a pixel where every channel of x ties
+    x[0, :, -1, 0] = 0.0  # and one where every channel of x g ties: its max channel is the first
     grad = torch.randn(shape, dtype=torch.float64, generator=generator).to(dtype)
     cl = x.contiguous(memory_format=torch.channels_last)
     nchw = kernels.cbam_train(x, *params, residual)

@@ -1346,9 +1346,11 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
     const A inf = std::numeric_limits<A>::infinity();
     // 1. lanes hold the running max of x g over their channels (the first, NaN counting as
     // maximal) and the block's first channel there; across lanes a tie goes to the lower channel
+    const Vec lane = Vec::arange(A(0), A(1));
+    const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
+    const auto least = [](const Vec& u, const Vec& v) { return at::vec::minimum(u, v); };
     at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(c);
-      A maxes[kLanes], bases[kLanes];
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
         const A* gb = gate + bi * c;
@@ -1371,17 +1373,11 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
           A ds = j > 0 ? at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return a + b; }, vds) : A(0);
           A best = -inf;
           int64_t best_ch = 0;
-          if (j > 0) {
-            vmax.store(maxes);
-            vbase.store(bases);
-            for (int64_t l = 0; l < kLanes; ++l) {
-              const int64_t ch = static_cast<int64_t>(bases[l]) + l;
-              const bool tie = maxes[l] == best || (maxes[l] != maxes[l] && best != best);
-              if (beats(maxes[l], best) || (tie && ch < best_ch)) {
-                best = maxes[l];
-                best_ch = ch;
-              }
-            }
+          if (j > 0) {  // in vectors: a per-lane scalar loop here cost more than the channels at small C
+            best = at::vec::vec_reduce_all<A>(greater, vmax);  // NaN where any lane holds one
+            const Vec hit = best != best ? vmax != vmax : vmax == Vec(best);
+            const Vec channels = Vec::blendv(Vec(static_cast<A>(c)), vbase + lane, hit);
+            best_ch = static_cast<int64_t>(at::vec::vec_reduce_all<A>(least, channels));
           }
           for (; j < c; ++j) {
             const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
