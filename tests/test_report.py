@@ -583,3 +583,20 @@ def test_context_miou_precision_and_placement_are_shown() -> None:
     assert "Precision: bf16-mixed." in text
     assert "| attention | n | mIoU mean ± std | context mIoU | Δ vs none [95% CI] |" in text
     assert "| `cbam` | 3 | 72.00 ± 2.65 | 62.00 ± 2.65 |" in text
+
+
+def test_summary_reports_epochs_and_training_time_per_arm() -> None:
+    results = make_results()
+    cbam = (results["arch"] == "unet") & (results["attention"] == "cbam")
+    results.loc[cbam, "epochs"] = [12, 30, 20]
+    results.loc[cbam, "best_epoch"] = [0, 18, 8]
+    results.loc[cbam, "train_seconds"] = [600.0, 1800.0, 1200.0]
+    text = report.summary_markdown(results)
+    section = text.split("## Training", 1)[1].split("\n## ", 1)[0]
+    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in section.splitlines() if line.startswith("| unet")}
+    # median [min-max] of the epochs and best epochs; median minutes per run, the arm's total
+    assert rows["| unet | `cbam`"] == "| unet | `cbam` | 3 | 20 [12-30] | 8 [0-18] | 20 | 60 |"
+    assert rows["| unet | `none`"] == "| unet | `none` | 3 | 10 | 7 | 1 | 3 |"
+    # the failed run of unetplusplus/cbam has no epochs: two runs, not three
+    assert "| unetplusplus | `cbam` | 2 | 10 | 7 | 1 | 2 |" in section
+    assert "All 17 runs: 1.2 hours of training." in section  # 14 minutes and cbam's hour

@@ -296,6 +296,50 @@ def _cost_lines(costs: pd.DataFrame | None) -> list[str]:
     return [*lines, ""]
 
 
+def _training_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
+    """Epochs and training time per arm: how long each arm took to reach its stopping point."""
+    ok = df[(df["status"] == "ok") & df["epochs"].notna()] if "epochs" in df else df.iloc[0:0]
+    if ok.empty:
+        return []
+    keys = [k for k in keys if ok[k].nunique() > 1]  # constant keys are in the headings already
+    has_time = "train_seconds" in ok and ok["train_seconds"].notna().any()
+    lines = [
+        "## Training",
+        "",
+        "Epochs run and the best (tested) epoch: median [min-max] over the successful runs"
+        + (
+            "; training time: median minutes per run and the arm's total, wall-clock as each "
+            "run's history recorded it (it depends on what else shared the machine)."
+            if has_time
+            else "."
+        ),
+        "",
+    ]
+    cols = [*keys, "attention", "runs", "epochs", "best epoch"] + (["minutes/run", "minutes in all"] if has_time else [])
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * (len(keys) + 1) + "---:|" * (len(cols) - len(keys) - 1)]
+
+    def spread(values: pd.Series) -> str:
+        values = values.dropna()
+        if values.empty:
+            return MISSING
+        if values.min() == values.max():
+            return f"{values.min():.0f}"
+        return f"{values.median():.0f} [{values.min():.0f}-{values.max():.0f}]"
+
+    for group, rows in _sort_rows(ok, keys).groupby([*keys, "attention"], sort=False):
+        group = group if isinstance(group, tuple) else (group,)
+        cells = [escape_markdown(v) for v in group[:-1]] + [_name(group[-1]), str(len(rows))]
+        cells += [spread(rows["epochs"]), spread(rows["best_epoch"]) if "best_epoch" in rows else MISSING]
+        if has_time:
+            seconds = rows["train_seconds"].dropna()
+            cells += [f"{seconds.median() / 60:.0f}", f"{seconds.sum() / 60:.0f}"] if len(seconds) else [MISSING] * 2
+        lines.append("| " + " | ".join(cells) + " |")
+    if has_time:
+        total = ok["train_seconds"].sum() / 3600
+        lines += ["", f"All {len(ok)} runs: {total:.1f} hours of training."]
+    return [*lines, ""]
+
+
 def _pct(x: float) -> str:
     return MISSING if pd.isna(x) else f"{x:+.1f}%"
 
@@ -466,6 +510,7 @@ def summary_markdown(
         lines += ["Untrained mIoU: the same metric for each run's initial weights, before any training.", ""]
     lines += _flag_lines(df, keys)
     lines += _per_class_table(df, keys)
+    lines += _training_lines(df, keys)
     lines += _cost_lines(cost_table(df) if costs is None else costs)
     failed = df[df["status"] != "ok"]
     if not failed.empty:
