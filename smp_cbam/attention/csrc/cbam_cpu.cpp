@@ -86,6 +86,22 @@ void check(const at::Tensor& t, const char* name, int64_t dim) {
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
+// The sum, maximum (NaN-propagating) and minimum across a vector's lanes.
+template <typename T>
+inline T sum_lanes(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const auto& a, const auto& b) { return a + b; }, v);
+}
+
+template <typename T>
+inline T max_lanes(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const auto& a, const auto& b) { return at::vec::maximum(a, b); }, v);
+}
+
+template <typename T>
+inline T min_lanes(const at::vec::Vectorized<T>& v) {
+  return at::vec::vec_reduce_all<T>([](const auto& a, const auto& b) { return at::vec::minimum(a, b); }, v);
+}
+
 // Sum of a[i] * b[i] over [0, len) for a full-size row a and a small one b: in Acc<T> per kChunk,
 // then in double.
 template <typename T>
@@ -123,7 +139,7 @@ T dot_short(const T* a, const T* b, int64_t len) {
     const int64_t count = std::min<int64_t>(Vec::size(), len - i);
     acc0 = at::vec::fmadd(Vec::loadu(a + i, count), Vec::loadu(b + i, count), acc0);
   }
-  return at::vec::vec_reduce_all<T>([](const Vec& x, const Vec& y) { return x + y; }, acc0 + acc1);
+  return sum_lanes(acc0 + acc1);
 }
 
 // The first i in [from, len) with row[i] == value, else len.
@@ -159,8 +175,6 @@ template <typename T>
 void row_mean_max(const T* x, int64_t n, int64_t len, Acc<T>* mean, Acc<T>* max, int64_t* idx) {
   using A = Acc<T>;
   using Vec = AccVec<T>;
-  const auto add = [](const Vec& a, const Vec& b) { return a + b; };
-  const auto greater = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
   at::parallel_for(0, n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const T* row = x + r * len;
@@ -189,8 +203,8 @@ void row_mean_max(const T* x, int64_t n, int64_t len, Acc<T>* mean, Acc<T>* max,
           m0 = at::vec::clamp_min(v0, m0);
           m1 = at::vec::clamp_min(v1, m1);
         }
-        A chunk_sum = at::vec::vec_reduce_all<A>(add, s0 + s1);
-        A chunk_max = at::vec::vec_reduce_all<A>(greater, at::vec::maximum(m0, m1));
+        A chunk_sum = sum_lanes(s0 + s1);
+        A chunk_max = max_lanes(at::vec::maximum(m0, m1));
         for (; i < stop; ++i) {
           const A v = row[i];
           chunk_sum += v;
@@ -388,7 +402,7 @@ void gate_span(const T* gr, const T* x, const Acc<T>* g, const Acc<T>* s, int64_
       Vec::blendv(Vec::loadu(arg + i), chv, up).store(arg + i);
       Vec::blendv(Vec::loadu(x_at + i), xv, up).store(x_at + i);
     }
-    double total = at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return a + b; }, lanes);
+    double total = sum_lanes(lanes);
     for (; i < len; ++i) {
       const A xi = row[i], gx = static_cast<A>(grow[i]) * xi;
       total += gx * srow[i];
@@ -751,8 +765,6 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
   using Vec = AccVec<T>;
   constexpr int64_t kLanes = Vec::size();
   const A inf = std::numeric_limits<A>::infinity();
-  const auto add = [](const Vec& u, const Vec& v) { return u + v; };
-  const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
   for (int64_t i = 0; i < len; ++i) {
     const T* row = x + (p0 + i) * c;
     Vec vs(A(0)), vm(-inf);
@@ -762,8 +774,8 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
       vs = vs + y;
       vm = at::vec::maximum(vm, y);  // NaN-propagating
     }
-    A total = j > 0 ? at::vec::vec_reduce_all<A>(add, vs) : A(0);
-    A top = j > 0 ? at::vec::vec_reduce_all<A>(greater, vm) : -inf;
+    A total = j > 0 ? sum_lanes(vs) : A(0);
+    A top = j > 0 ? max_lanes(vm) : -inf;
     for (; j < c; ++j) {
       const A y = static_cast<A>(row[j]) * g[j];
       total += y;
@@ -1092,7 +1104,7 @@ void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t rest, double* t
   const A inf = std::numeric_limits<A>::infinity();
   Vec vm[NV > 0 ? NV : 1];
   for (int u = 0; u < NV; ++u) vm[u] = Vec(-inf);
-  A sum[NV * kLanes + kLanes], top[kLanes], lanes[kLanes];
+  A sum[NV * kLanes + kLanes], top[kLanes];
   std::fill(top, top + rest, -inf);
   std::fill(total, total + NV * kLanes + rest, 0.0);
   for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
@@ -1131,8 +1143,7 @@ void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t rest, double* t
     for (int64_t j = 0; j < NV * kLanes + rest; ++j) total[j] += sum[j];
   }
   for (int u = 0; u < NV; ++u) {
-    vm[u].store(lanes);
-    std::copy(lanes, lanes + kLanes, max + u * kLanes);
+    vm[u].store(max + u * kLanes);
   }
   std::copy(top, top + rest, max + NV * kLanes);
 }
@@ -1181,7 +1192,7 @@ ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor&
     at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<double> total(block);
       std::vector<A> max(block);
-      std::vector<int64_t> arg(block, 0);
+      std::vector<int64_t> arg(block);
       for (int64_t t = begin; t < end; ++t) {
         const int64_t bi = t / blocks, c0 = (t % blocks) * block, len = std::min(block, c - c0);
         const T* first = xp + bi * hw * c + c0;
@@ -1347,8 +1358,6 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
     // 1. lanes hold the running max of x g over their channels (the first, NaN counting as
     // maximal) and the block's first channel there; across lanes a tie goes to the lower channel
     const Vec lane = Vec::arange(A(0), A(1));
-    const auto greater = [](const Vec& u, const Vec& v) { return at::vec::maximum(u, v); };
-    const auto least = [](const Vec& u, const Vec& v) { return at::vec::minimum(u, v); };
     at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(c);
       for (int64_t t = begin; t < end; ++t) {
@@ -1370,14 +1379,14 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
             vmax = Vec::blendv(vmax, y, up);
             vbase = Vec::blendv(vbase, Vec(static_cast<A>(j)), up);
           }
-          A ds = j > 0 ? at::vec::vec_reduce_all<A>([](const Vec& a, const Vec& b) { return a + b; }, vds) : A(0);
+          A ds = j > 0 ? sum_lanes(vds) : A(0);
           A best = -inf;
           int64_t best_ch = 0;
           if (j > 0) {  // in vectors: a per-lane scalar loop here cost more than the channels at small C
-            best = at::vec::vec_reduce_all<A>(greater, vmax);  // NaN where any lane holds one
+            best = max_lanes(vmax);  // NaN where any lane holds one
             const Vec hit = best != best ? vmax != vmax : vmax == Vec(best);
             const Vec channels = Vec::blendv(Vec(static_cast<A>(c)), vbase + lane, hit);
-            best_ch = static_cast<int64_t>(at::vec::vec_reduce_all<A>(least, channels));
+            best_ch = static_cast<int64_t>(min_lanes(channels));
           }
           for (; j < c; ++j) {
             const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
