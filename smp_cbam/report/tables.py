@@ -110,6 +110,16 @@ def _fmt_diff(row: pd.Series, baseline: str, base_n: int = 0) -> str:
     return text
 
 
+def _table_head(columns: list[str], text_columns: int) -> list[str]:
+    """A markdown table's header: the first ``text_columns`` left-aligned, the numbers right-aligned."""
+    return ["| " + " | ".join(columns) + " |", "|" + "---|" * text_columns + "---:|" * (len(columns) - text_columns)]
+
+
+def _varying(rows: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The group keys that take more than one value in ``rows``: constant ones are in the headings already."""
+    return [k for k in keys if rows[k].nunique() > 1]
+
+
 def _group_title(keys: list[str], values: tuple) -> str:
     named = dict(zip(keys, values))
     parts = [escape_markdown(named.get("arch", ""))]
@@ -256,10 +266,9 @@ def _per_class_table(df: pd.DataFrame, keys: list[str]) -> list[str]:
     ok = df[df["status"] == "ok"]
     if not class_cols or ok.empty:
         return []
-    keys = [k for k in keys if ok[k].nunique() > 1]  # constant keys are in the headings already
+    keys = _varying(ok, keys)
     lines = ["## Per-class IoU", "", "Mean over the successful runs, in percent.", ""]
-    header = "| " + " | ".join([*[k for k in keys], "attention", *(escape_markdown(c[4:]) for c in class_cols)]) + " |"
-    lines += [header, "|" + "---|" * (len(keys) + 1) + "---:|" * len(class_cols)]
+    lines += _table_head([*keys, "attention", *(escape_markdown(c[4:]) for c in class_cols)], len(keys) + 1)
     means = _sort_rows(ok.groupby([*keys, "attention"])[class_cols].mean().reset_index(), keys)
     for _, row in means.iterrows():
         cells = [escape_markdown(row[k]) for k in keys] + [_name(row["attention"])]
@@ -286,7 +295,7 @@ def _cost_lines(costs: pd.DataFrame | None) -> list[str]:
     cols = [*keys, "attention", "params", "params vs none"] + (
         ["latency ms/img", "latency vs none"] if has_latency else []
     )
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * (len(keys) + 1) + "---:|" * (len(cols) - len(keys) - 1)]
+    lines += _table_head(cols, len(keys) + 1)
     for _, row in costs.iterrows():
         cells = [escape_markdown(row[k]) for k in keys] + [_name(row["attention"])]
         cells += [_fmt_params(row.get("params", np.nan)), _pct(row.get("params_vs_none_%", np.nan))]
@@ -301,7 +310,7 @@ def _training_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
     ok = df[(df["status"] == "ok") & df["epochs"].notna()] if "epochs" in df else df.iloc[0:0]
     if ok.empty:
         return []
-    keys = [k for k in keys if ok[k].nunique() > 1]  # constant keys are in the headings already
+    keys = _varying(ok, keys)
     has_time = "train_seconds" in ok and ok["train_seconds"].notna().any()
     lines = [
         "## Training",
@@ -316,7 +325,7 @@ def _training_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
         "",
     ]
     cols = [*keys, "attention", "runs", "epochs", "best epoch"] + (["minutes/run", "minutes in all"] if has_time else [])
-    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * (len(keys) + 1) + "---:|" * (len(cols) - len(keys) - 1)]
+    lines += _table_head(cols, len(keys) + 1)
 
     def spread(values: pd.Series) -> str:
         values = values.dropna()
