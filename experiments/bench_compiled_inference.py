@@ -1,7 +1,7 @@
 """What CBAM adds to a compiled Unet's inference, with the operator taking inductor's
 channels_last activations against the same operator held to NCHW, side by side in one process.
 
-    python experiments/bench_compiled_inference.py [--rounds 40] [--batch 4] [--size 160]
+    python experiments/bench_compiled_inference.py [--rounds 40] [--batch 4] [--size 160] [--keep-heap] [--bf16]
 
 Inductor lays convolution activations out channels_last on CPU. ``smp_cbam::cbam_infer`` is
 tagged ``flexible_layout`` and its kernel reads channels_last as it is; the "NCHW operator" below
@@ -10,8 +10,13 @@ would give), which makes inductor copy each CBAM's input into NCHW and its outpu
 "formula" is CBAM's plain formula (``impl="reference"``), which inductor compiles and fuses. Every
 model is compiled once (in the warm-up) and called in interleaved rounds; the table gives each
 model's median time and the median over rounds of its time over ``none``'s in the same mode.
-fp32 only: under autocast a compiled CBAM runs the formula (the operators have no autocast rule).
+``--bf16`` runs every model under CPU bf16 autocast (compiled and eager CBAM then call the kernels
+on bfloat16 activations; the formula runs its ops under autocast's rules).
 Inductor's caches are off, so that a graph compiled before an edit of the operator is not reused.
+``--keep-heap`` applies the runner's glibc malloc setting (``smp_cbam.training.malloc``): with
+glibc's defaults every large buffer a call allocates is mapped afresh and faulted in, and the
+compiled ``cbam`` allocates more of them than ``none`` (the operator's outputs), so the setting
+changes what the table compares.
 """
 
 import argparse
@@ -22,6 +27,7 @@ import torch
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
 from smp_cbam.benchmarks.cbam_bench import build_bench_model, infer_fn, interleaved_times, paired_ratio
+from smp_cbam.training.malloc import keep_heap
 
 
 @torch.library.custom_op("smp_cbam_bench::cbam_infer_nchw", mutates_args=(), device_types="cpu")
@@ -69,7 +75,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=160)
+    parser.add_argument(
+        "--keep-heap",
+        action="store_true",
+        help="glibc: keep freed tensors' memory in the heap (smp_cbam.training.malloc.keep_heap)",
+    )
+    parser.add_argument("--bf16", action="store_true", help="under CPU bf16 autocast")
     args = parser.parse_args()
+    if args.keep_heap and not keep_heap():
+        raise SystemExit("--keep-heap needs glibc")
     if not kernels.available():
         raise SystemExit("the CPU kernels are not built")
     torch.set_num_threads(1)
@@ -80,18 +94,23 @@ def main() -> None:
         torch.manual_seed(0)
         return build_bench_model("Unet", attention)
 
+    amp = torch.bfloat16 if args.bf16 else None
+
+    def infer(model: torch.nn.Module) -> object:
+        return infer_fn(model, args.batch, args.size, device, amp)
+
     fns = {
-        "none eager": infer_fn(model("none"), args.batch, args.size, device),
-        "cbam eager": infer_fn(model("cbam"), args.batch, args.size, device),
-        "none compiled": infer_fn(torch.compile(model("none")), args.batch, args.size, device),
-        "cbam compiled": infer_fn(torch.compile(model("cbam")), args.batch, args.size, device),
-        "cbam compiled, NCHW operator": infer_fn(torch.compile(nchw_operator_unet()), args.batch, args.size, device),
-        "cbam compiled, formula": infer_fn(torch.compile(formula_unet()), args.batch, args.size, device),
+        "none eager": infer(model("none")),
+        "cbam eager": infer(model("cbam")),
+        "none compiled": infer(torch.compile(model("none"))),
+        "cbam compiled": infer(torch.compile(model("cbam"))),
+        "cbam compiled, NCHW operator": infer(torch.compile(nchw_operator_unet())),
+        "cbam compiled, formula": infer(torch.compile(formula_unet())),
     }
     times = interleaved_times(fns, args.rounds, device, warmup=2)
     print(
         f"Unet resnet18 inference, batch {args.batch}, 3x{args.size}x{args.size}, 1 thread, "
-        f"fp32, median of {args.rounds} interleaved rounds"
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.rounds} interleaved rounds, malloc {'keep_heap' if args.keep_heap else 'default'}"
     )
     print(f"{'model':<32}{'ms':>8}{'vs none (same mode)':>22}")
     for name, values in times.items():

@@ -292,6 +292,76 @@ def test_inductor_hands_the_training_operators_their_channels_last_activations(
     assert layouts == [channels_last, channels_last]
 
 
+def _autocast_grads(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    x = x.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = module(x)
+    assert out.dtype == torch.bfloat16
+    return [out.detach(), *torch.autograd.grad(out.float().square().sum(), [x, *module.parameters()])]
+
+
+@needs_kernels
+def test_compile_under_autocast_keeps_the_operators() -> None:
+    # a convolution under CPU autocast hands CBAM bfloat16 activations: the compiled graph calls
+    # the operators on them as eager mode calls the kernels (float32 parameters, gates and MLP),
+    # instead of the formula with its MLP and convolution in bfloat16
+    model = _conv_cbam_conv()
+    x = torch.randn(2, 3, 16, 12)
+    eager = _autocast_grads(model, x)
+    recorder = _Recorder()
+    torch._dynamo.reset()
+    got = _autocast_grads(torch.compile(copy.deepcopy(model), fullgraph=True, backend=recorder), x)
+    assert [t for t in recorder.targets if "smp_cbam" in str(t)] == [torch.ops.smp_cbam.cbam_train.default]
+    for a, b in zip(got, eager, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # AOTAutograd traces the registered backward with the fakes' dtypes (float32 saved tensors)
+    torch._dynamo.reset()
+    aot = _autocast_grads(torch.compile(copy.deepcopy(model), fullgraph=True, backend="aot_eager"), x)
+    for a, b in zip(aot, eager, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    model.eval()
+    recorder = _Recorder()
+    torch._dynamo.reset()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x)
+        out = torch.compile(model, fullgraph=True, backend=recorder)(x)
+    assert [t for t in recorder.targets if "smp_cbam" in str(t)] == [torch.ops.smp_cbam.cbam_infer.default]
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_opcheck_bfloat16(channels_last: bool) -> None:
+    # bfloat16 x with float32 parameters (autocast's hand-over): the fakes give the kernels'
+    # float32 descriptors, gates and pooled maps, which a compiled backward is planned around
+    module = _module(mlp_bias=True)
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    x = torch.randn(2, 16, 5, 4).bfloat16()
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    args = (x.requires_grad_(), first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, False)
+    torch.library.opcheck(ops.cbam_train, args)
+    outputs = ops.cbam_train(*args)
+    assert [t.dtype for t in outputs] == [torch.bfloat16] + [torch.float32] * 3 + [torch.long] + [torch.float32] * 2
+    with torch.no_grad():
+        torch.library.opcheck(ops.cbam_infer, tuple(a.detach() if torch.is_tensor(a) else a for a in args))
+
+
+@needs_kernels
+def test_compile_under_autocast_runs_the_formula_for_bfloat16_parameters() -> None:
+    # a model cast to bfloat16 under autocast: the kernels need float32 parameters, as in eager mode
+    module = _module().bfloat16()
+    recorder = _Recorder()
+    x = torch.randn(2, 16, 5, 4, dtype=torch.bfloat16)
+    torch._dynamo.reset()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.compile(module, fullgraph=True, backend=recorder)(x)
+    assert recorder.targets and not any("smp_cbam" in str(t) for t in recorder.targets)
+
+
 @needs_kernels
 def test_compile_falls_back_to_the_formula_where_the_kernels_do_not_apply() -> None:
     module = _module(spatial_bn=True)

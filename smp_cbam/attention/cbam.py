@@ -341,11 +341,10 @@ class CBAM(nn.Module):
             or not isinstance(spatial.bn, nn.Identity)
             or x.dim() != 4
             or x.device.type != "cpu"
-            or x.dtype not in (torch.float32, torch.float64)
+            or not _captured_dtype(x, spatial.conv.weight)
             # channels_last too: inductor lays convolution activations out that way
             or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             or x.numel() == 0
-            or torch.is_autocast_enabled("cpu")
             or not _kernels_ready()
         ):
             return self.forward_reference(x)
@@ -387,6 +386,16 @@ class CBAM(nn.Module):
 def _autocast(device: str) -> bool:
     """Whether autocast is on for ``device`` (a device type without autocast, like meta: no)."""
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+
+
+def _captured_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether the operators take ``x``'s dtype in a captured graph: the eager rule
+    (``_kernel_refusal``) without its build. float32 and float64 as they are, with or without
+    autocast; bfloat16 under CPU autocast with float32 parameters (what a convolution under
+    autocast hands over; the kernels compute in float32, as autocast would)."""
+    if x.dtype is torch.bfloat16:
+        return torch.is_autocast_enabled("cpu") and weight.dtype is torch.float32
+    return x.dtype is torch.float32 or x.dtype is torch.float64
 
 
 @torch.compiler.assume_constant_result

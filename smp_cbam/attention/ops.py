@@ -45,14 +45,15 @@ def cbam_train(
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
     n, c, h, w = x.shape
     hidden = w1.shape[0]
+    small = _compute_dtype(x)
     return (
         torch.empty_like(_layout(x)),  # the kernels' empty_like of what they read
-        x.new_empty(2 * n, c),
-        x.new_empty(2 * n, hidden),
-        x.new_empty(n, c),
+        x.new_empty(2 * n, c, dtype=small),
+        x.new_empty(2 * n, hidden, dtype=small),
+        x.new_empty(n, c, dtype=small),
         x.new_empty(n, c, dtype=torch.long),
-        x.new_empty(n, h * w),
-        x.new_empty(n, 2, h, w),
+        x.new_empty(n, h * w, dtype=small),
+        x.new_empty(n, 2, h, w, dtype=small),
     )
 
 
@@ -121,6 +122,12 @@ def cbam_infer(
 @cbam_infer.register_fake
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return torch.empty_like(_layout(x))
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The kernels' dtype for everything but the full-size tensors: float32 for bfloat16 ``x``
+    (what autocast hands over; autocast's numerics), else ``x``'s."""
+    return torch.float32 if x.dtype == torch.bfloat16 else x.dtype
 
 
 def _channels_last(x: Tensor) -> bool:
