@@ -1,8 +1,15 @@
 """Compares two finished comparisons that differ only in ``trainer.precision`` (e.g. ``32-true``
 and ``bf16-mixed``): per run the test metric of both, the paired difference (same arch, attention,
-seed), and the median seconds per epoch of both. Then per arm: the mean difference against the
-seed-to-seed spread of the reference, so "the same accuracy within the seed noise" is a reading of
-numbers printed side by side rather than a claim.
+seed), and the median seconds per epoch of both. Then per arm, and over all arms: the mean paired
+difference with its 95% t-interval over seeds, set against the reference's seed-to-seed spread
+(sample std over all the reference's seeds of the arm, paired or not; over all arms the root mean
+of the arms' variances).
+
+The reading is an equivalence check with the seed spread as its margin: "same within the seed
+noise" where the interval holds zero and lies within +- the spread (a two one-sided test at 2.5%
+each), "differs" where it excludes zero ("by less than the seed spread" where it also lies within
+the margin: a consistent shift is named however small), and "not resolved" where it does neither
+(too few or too noisy pairs to tell). Fewer than three pairs are never read.
 
     python experiments/precision_parity.py runs/main-fp32 runs/main-bf16
     python experiments/precision_parity.py runs/camvid runs/camvid-bf16 --metric test_miou
@@ -21,8 +28,31 @@ import numpy as np
 import pandas as pd
 
 from smp_cbam.report.io import collect_results
+from smp_cbam.report.stats import paired_stats
 
 KEYS = ["arch", "attention", "placement", "seed"]
+MIN_PAIRS = 3
+
+
+def reading(ci_low: float, ci_high: float, margin: float, n_pairs: int) -> str:
+    """Plain words for a paired interval of other - ref against the margin (the seed spread)."""
+    if n_pairs < MIN_PAIRS or not np.isfinite([ci_low, ci_high, margin]).all():
+        return f"too few pairs (< {MIN_PAIRS})" if n_pairs < MIN_PAIRS else "not read (no interval or spread)"
+    within = -margin <= ci_low and ci_high <= margin
+    if ci_low > 0 or ci_high < 0:  # a consistent shift, however small against the spread, is named
+        return "differs, by less than the seed spread" if within else "differs"
+    return "same within the seed noise" if within else "not resolved"
+
+
+def interval(t: pd.Series) -> str:
+    if np.isfinite(t["ci_low"]):
+        return f"{t['mean_diff']:+.2f} [{t['ci_low']:+.2f}, {t['ci_high']:+.2f}]"
+    return f"{t['mean_diff']:+.2f}"
+
+
+def seed_std(results: pd.DataFrame, arch: str, attention: str, metric: str) -> float:
+    values = results.loc[(results["arch"] == arch) & (results["attention"] == attention), metric] * 100
+    return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
 def median_epoch_seconds(folder: Path, run_dir: str) -> float:
@@ -74,18 +104,31 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['epochs_ref']} | {r['epochs_other']} | {r['epoch_s_ref']:.2f} | {r['epoch_s_other']:.2f} | "
             f"{r['speedup']:.2f}x |"
         )
-    print("\nper arm: mean paired difference vs the reference's seed spread (sample std over seeds):")
-    print("| arch | attention | seeds | mean other - ref | ref seed std | other seed std | median speed-up |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for (arch, attention), g in rows.groupby(["arch", "attention"]):
-        spread_ref = np.std(g[f"{m}_ref"] * 100, ddof=1) if len(g) > 1 else float("nan")
-        spread_other = np.std(g[f"{m}_other"] * 100, ddof=1) if len(g) > 1 else float("nan")
-        print(
-            f"| {arch} | {attention} | {len(g)} | {g['diff'].mean():+.2f} | {spread_ref:.2f} | {spread_other:.2f} | "
-            f"{g['speedup'].median():.2f}x |"
-        )
     print(
-        f"\nall paired runs: mean difference {rows['diff'].mean():+.2f} points, "
+        "\nper arm: mean paired difference with its 95% t-interval over seeds, against the reference's "
+        "seed spread (sample std over all its seeds of the arm):"
+    )
+    print(
+        "| arch | attention | seeds | mean other - ref [95% CI] | ref seed std | other seed std | reading | "
+        "median speed-up |"
+    )
+    print("|---|---|---:|---:|---:|---:|---|---:|")
+    variances = []
+    for (arch, attention), g in rows.groupby(["arch", "attention"]):
+        # each precision's spread over all its seeds of the arm, paired or not
+        spread_ref, spread_other = (seed_std(r, arch, attention, m) for r in (ref, other))
+        if np.isfinite(spread_ref):
+            variances.append(spread_ref**2)
+        t = paired_stats(g["diff"])
+        print(
+            f"| {arch} | {attention} | {len(g)} | {interval(t)} | {spread_ref:.2f} | {spread_other:.2f} | "
+            f"{reading(t['ci_low'], t['ci_high'], spread_ref, len(g))} | {g['speedup'].median():.2f}x |"
+        )
+    t = paired_stats(rows["diff"])
+    spread = float(np.sqrt(np.mean(variances))) if variances else float("nan")
+    print(
+        f"\nall paired runs ({len(rows)}): mean difference {interval(t)} points against a seed spread of "
+        f"{spread:.2f} (root mean of the arms' variances): {reading(t['ci_low'], t['ci_high'], spread, len(rows))}; "
         f"median |difference| {rows['diff'].abs().median():.2f}; median epoch speed-up {rows['speedup'].median():.2f}x"
     )
     return 0

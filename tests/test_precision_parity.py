@@ -50,8 +50,9 @@ def test_paired_differences_and_speed_ups(tmp_path: Path, capsys: pytest.Capture
     # none-s0: +1 point; the slow epoch (9 s) does not move the median (2 s): speed-up 2x
     assert "| unet-none-s0 | 50.00 | 51.00 | +1.00 | 3 | 3 | 2.00 | 1.00 | 2.00x |" in out
     assert "| unet-none-s1 | 54.00 | 52.00 | -2.00 |" in out
-    # the arm: mean of +1 and -2, against the reference seeds' sample std (50 vs 54: 2.83)
-    assert "| unet | none | 2 | -0.50 | 2.83 | 0.71 | 2.00x |" in out
+    # the arm: mean of +1 and -2 with its t-interval (sd 2.12, t_0.975,1 = 12.71: +-19.06), against
+    # the reference seeds' sample std (50 vs 54: 2.83); two pairs are not read
+    assert "| unet | none | 2 | -0.50 [-19.56, +18.56] | 2.83 | 0.71 | too few pairs (< 3) | 2.00x |" in out
     assert "left out (in one folder only): unet-cbam-decoder-0, unet-scse-decoder-0" in out
     assert "(32-true)" in out and "(bf16-mixed)" in out
 
@@ -62,3 +63,44 @@ def test_a_folder_without_results_is_named(tmp_path: Path, capsys: pytest.Captur
         load_script().main([str(tmp_path / "empty"), str(tmp_path / "empty")])
     assert stop.value.code == 2
     assert f"{tmp_path / 'empty'}: no results.csv or runs/ here" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("shifts", "expected"),
+    [
+        # differences -0.2..+0.2 points, interval about +-0.5, inside the reference's spread (3.16)
+        ([-0.2, 0.0, 0.2, 0.1, -0.1], "same within the seed noise"),
+        # all about -2: the interval excludes zero, within the spread
+        ([-2.1, -1.9, -2.0, -2.2, -1.8], "differs, by less than the seed spread"),
+        # all about -5: excludes zero, beyond the spread
+        ([-5.1, -4.9, -5.0, -5.2, -4.8], "differs"),
+        # differences of +-4: the interval spans zero and reaches past the spread
+        ([4.0, -4.0, 3.0, -3.0, 0.5], "not resolved"),
+    ],
+)
+def test_the_reading_sets_the_interval_against_the_seed_spread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shifts: list[float], expected: str
+) -> None:
+    base = [0.50, 0.52, 0.54, 0.56, 0.58]  # sample std 3.16 points
+    ref = fake_study(tmp_path / "fp32", "32-true", {("none", s): (m, [2.0]) for s, m in enumerate(base)})
+    other = fake_study(
+        tmp_path / "bf16",
+        "bf16-mixed",
+        {("none", s): (m + d / 100, [1.0]) for s, (m, d) in enumerate(zip(base, shifts, strict=True))},
+    )
+    assert load_script().main([str(ref), str(other)]) == 0
+    out = capsys.readouterr().out
+    arm = next(line for line in out.splitlines() if line.startswith("| unet | none |"))
+    assert "| 3.16 | " in arm and f"| {expected} |" in arm, arm
+    overall = next(line for line in out.splitlines() if line.startswith("all paired runs (5)"))
+    assert f": {expected};" in overall, overall
+
+
+def test_the_reference_spread_counts_its_unpaired_seeds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # five fp32 seeds, three of them paired: the spread is the five seeds' (3.16), not the three's (2.0)
+    base = [0.50, 0.52, 0.54, 0.56, 0.58]
+    ref = fake_study(tmp_path / "fp32", "32-true", {("none", s): (m, [2.0]) for s, m in enumerate(base)})
+    other = fake_study(tmp_path / "bf16", "bf16-mixed", {("none", s): (base[s], [1.0]) for s in (1, 2, 3)})
+    assert load_script().main([str(ref), str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "| unet | none | 3 | +0.00 | 3.16 | 2.00 | " in out

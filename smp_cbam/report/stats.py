@@ -151,7 +151,10 @@ def image_bootstrap(
     }
 
 
-def _paired_stats(diffs: pd.Series) -> pd.Series:
+def paired_stats(diffs: pd.Series) -> pd.Series:
+    """The mean of paired differences (one per seed) with its 95% t-interval and the one-sample
+    t-test's p-value: ``n_pairs``, ``mean_diff``, ``ci_low``, ``ci_high``, ``p_value`` (NaN
+    interval and p below two pairs or for identical differences)."""
     n = int(diffs.count())
     if n < 2:
         return pd.Series(
@@ -212,7 +215,7 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
     if pairs.empty:
         stats_df = pd.DataFrame(columns=[*cols, *columns])
     else:
-        stats_df = pairs.groupby(cols)["diff"].apply(_paired_stats).unstack().reset_index()
+        stats_df = pairs.groupby(cols)["diff"].apply(paired_stats).unstack().reset_index()
     wanted = df.loc[df["attention"] != baseline, cols].drop_duplicates()
     out = wanted.merge(stats_df, on=cols, how="left")
     out["n_pairs"] = out["n_pairs"].fillna(0).astype(int)
