@@ -112,7 +112,10 @@ def test_amp_section_prints_fp32_and_autocast_rows() -> None:
 def test_compile_section_prints_compiled_and_eager_rows() -> None:
     # dynamo's eager backend: the section's plumbing without inductor's code generation, which
     # tests/test_ops.py and tests/test_exports.py cover for CBAM
-    out = compile_benchmark(rounds=1, device=torch.device("cpu"), batch=2, size=32, backend="eager")
-    for setting in ("Unet train", "Unet inference"):
-        for mode in ("compiled", "eager"):
-            assert re.search(rf"^{setting}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$", out, re.M), out
+    for amp, precision in ((None, "fp32"), (torch.bfloat16, "bfloat16 autocast")):
+        out = compile_benchmark(rounds=1, device=torch.device("cpu"), batch=2, size=32, backend="eager", amp=amp)
+        assert f"of the whole Unet, {precision}:" in out
+        for setting in ("Unet train", "Unet inference"):
+            for mode in ("compiled", "eager"):
+                row = rf"^{setting} {precision}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$"
+                assert re.search(row, out, re.M), out

@@ -254,16 +254,22 @@ COMPILE_TYPES = ("none", "scse", "cbam")
 
 
 def compile_benchmark(
-    rounds: int, device: torch.device, batch: int = 4, size: int = 160, backend: str = "inductor"
+    rounds: int,
+    device: torch.device,
+    batch: int = 4,
+    size: int = 160,
+    backend: str = "inductor",
+    amp: torch.dtype | None = None,
 ) -> str:
     """``torch.compile`` of the whole Unet (``backend``, inductor by default) for none, scse and
     cbam, next to the same models in eager mode, all interleaved: what each attention adds
-    compiled and eager."""
+    compiled and eager; with ``amp``, everything under autocast to that dtype."""
+    precision = f"{str(amp).removeprefix('torch.')} autocast" if amp is not None else "fp32"
     lines = [
-        f"## 6. torch.compile ({backend}) of the whole Unet: overhead over none (resnet18, batch {batch}, "
-        f"3x{size}x{size}; median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for "
-        "inference; compilation in the warm-up)",
-        f"{'setting':<22}{'mode':<10}{'none ms':>9}" + "".join(f"{t:>10}" for t in COMPILE_TYPES[1:]),
+        f"## 6. torch.compile ({backend}) of the whole Unet, {precision}: overhead over none (resnet18, "
+        f"batch {batch}, 3x{size}x{size}; median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} "
+        "for inference; compilation in the warm-up)",
+        f"{'setting':<34}{'mode':<10}{'none ms':>9}" + "".join(f"{t:>10}" for t in COMPILE_TYPES[1:]),
     ]
     for label, make, setting_rounds in (
         ("Unet train", train_step_fn, rounds),
@@ -274,12 +280,14 @@ def compile_benchmark(
             for compiled in (False, True):
                 torch.manual_seed(0)
                 model = build_bench_model("Unet", attention)
-                fns[attention, compiled] = make(torch.compile(model, backend=backend) if compiled else model, batch, size, device)
+                model = torch.compile(model, backend=backend) if compiled else model
+                fns[attention, compiled] = make(model, batch, size, device, amp)
         times = interleaved_times(fns, setting_rounds, device, warmup=2)
+        label = f"{label} {precision}"
         for compiled in (True, False):
             by_type = {t: times[t, compiled] for t in COMPILE_TYPES}
             lines.append(
-                f"{label:<22}{'compiled' if compiled else 'eager':<10}{statistics.median(by_type['none']) * 1e3:9.1f}"
+                f"{label:<34}{'compiled' if compiled else 'eager':<10}{statistics.median(by_type['none']) * 1e3:9.1f}"
                 + "".join(f"{100 * (paired_ratio(by_type, t, 'none') - 1):+9.1f}%" for t in COMPILE_TYPES[1:])
             )
     return "\n".join(lines)
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
         "--sections",
         default="module,step,process,memory,table",
         help="comma-separated subset of module,step,process,memory,table,amp,compile "
-        "(amp and compile run only when named)",
+        "(amp and compile run only when named; both: compile in fp32 and under autocast)",
     )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -497,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
         print(amp_benchmark(step_rounds, device, batch, size), flush=True)
     if "compile" in sections:
         print(compile_benchmark(step_rounds, device, batch, size), flush=True)
+        if "amp" in sections:  # compiled under autocast too: the operators take autocast's activations
+            print(compile_benchmark(step_rounds, device, batch, size, amp=amp_dtype(device)), flush=True)
     return 0
 
 
