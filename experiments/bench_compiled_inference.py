@@ -7,7 +7,8 @@ Inductor lays convolution activations out channels_last on CPU. ``smp_cbam::cbam
 tagged ``flexible_layout`` and its kernel reads channels_last as it is; the "NCHW operator" below
 is the same kernel behind an operator with inductor's default constraint (the strides eager mode
 would give), which makes inductor copy each CBAM's input into NCHW and its output back; the
-"formula" is CBAM's plain formula (``impl="reference"``), which inductor compiles and fuses. Every
+"formula" is CBAM's plain formula (``impl="reference"``), which inductor compiles and fuses; the
+"in-place operator" writes over its input (what eager CBAM does in smp's decoders). Every
 model is compiled once (in the warm-up) and called in interleaved rounds; the table gives each
 model's median time and the median over rounds of its time over ``none``'s in the same mode.
 ``--bf16`` runs every model under CPU bf16 autocast (compiled and eager CBAM then call the kernels
@@ -49,6 +50,42 @@ class NchwOperatorCBAM(CBAM):
         first, _, second = self.channel.mlp
         conv = self.spatial.conv
         return cbam_infer_nchw(x, first.weight, second.weight, conv.weight, conv.bias)
+
+
+# the same kernel written over its input: a mutating operator, which inductor's re-inplacing pass
+# lets write into the activation buffer when nothing else reads it (as eager CBAM does in smp's
+# decoders), so the compiled graph allocates no output for it
+@torch.library.custom_op(
+    "smp_cbam_bench::cbam_infer_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
+def cbam_infer_inplace(
+    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
+) -> None:
+    kernels.cbam_infer(x, w1, None, w2, None, weight, bias, 1.0, 0.0, False, True)
+
+
+@cbam_infer_inplace.register_fake
+def _(x, w1, w2, weight, bias):  # noqa: ANN001, ANN202
+    return None
+
+
+class InplaceOperatorCBAM(CBAM):
+    """CBAM whose captured graph calls the in-place operator."""
+
+    def _forward_captured(self, x: torch.Tensor) -> torch.Tensor:
+        first, _, second = self.channel.mlp
+        conv = self.spatial.conv
+        cbam_infer_inplace(x, first.weight, second.weight, conv.weight, conv.bias)
+        return x
+
+
+def inplace_operator_unet() -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_bench_model("Unet", "cbam")
+    for module in model.modules():
+        if isinstance(module, CBAM):
+            module.__class__ = InplaceOperatorCBAM
+    return model
 
 
 def nchw_operator_unet() -> torch.nn.Module:
@@ -106,6 +143,7 @@ def main() -> None:
         "cbam compiled": infer(torch.compile(model("cbam"))),
         "cbam compiled, NCHW operator": infer(torch.compile(nchw_operator_unet())),
         "cbam compiled, formula": infer(torch.compile(formula_unet())),
+        "cbam compiled, in-place operator": infer(torch.compile(inplace_operator_unet())),
     }
     times = interleaved_times(fns, args.rounds, device, warmup=2)
     print(
