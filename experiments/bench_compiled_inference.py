@@ -79,31 +79,15 @@ class InplaceOperatorCBAM(CBAM):
         return x
 
 
-def inplace_operator_unet() -> torch.nn.Module:
+def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto") -> torch.nn.Module:
+    """The benchmark's CBAM Unet with every CBAM of class ``cls`` and implementation ``impl``
+    (``"reference"``: the formula, which inductor compiles and fuses)."""
     torch.manual_seed(0)
     model = build_bench_model("Unet", "cbam")
     for module in model.modules():
         if isinstance(module, CBAM):
-            module.__class__ = InplaceOperatorCBAM
-    return model
-
-
-def nchw_operator_unet() -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = build_bench_model("Unet", "cbam")
-    for module in model.modules():
-        if isinstance(module, CBAM):
-            module.__class__ = NchwOperatorCBAM
-    return model
-
-
-def formula_unet() -> torch.nn.Module:
-    """CBAM as its formula (``impl="reference"``): inductor compiles and fuses its ops."""
-    torch.manual_seed(0)
-    model = build_bench_model("Unet", "cbam")
-    for module in model.modules():
-        if isinstance(module, CBAM):
-            module.impl = "reference"
+            module.__class__ = cls
+            module.impl = impl
     return model
 
 
@@ -141,9 +125,9 @@ def main() -> None:
         "cbam eager": infer(model("cbam")),
         "none compiled": infer(torch.compile(model("none"))),
         "cbam compiled": infer(torch.compile(model("cbam"))),
-        "cbam compiled, NCHW operator": infer(torch.compile(nchw_operator_unet())),
-        "cbam compiled, formula": infer(torch.compile(formula_unet())),
-        "cbam compiled, in-place operator": infer(torch.compile(inplace_operator_unet())),
+        "cbam compiled, NCHW operator": infer(torch.compile(cbam_unet(NchwOperatorCBAM))),
+        "cbam compiled, formula": infer(torch.compile(cbam_unet(impl="reference"))),
+        "cbam compiled, in-place operator": infer(torch.compile(cbam_unet(InplaceOperatorCBAM))),
     }
     times = interleaved_times(fns, args.rounds, device, warmup=2)
     print(
