@@ -1,23 +1,24 @@
-"""What CBAM adds to a compiled Unet's inference, with the operator taking inductor's
-channels_last activations against the same operator held to NCHW, side by side in one process.
+"""What CBAM adds to a compiled Unet's inference, through each form of its operator, side by side in
+one process.
 
     python experiments/bench_compiled_inference.py [--rounds 40] [--batch 4] [--size 160] [--keep-heap] [--bf16]
 
-Inductor lays convolution activations out channels_last on CPU. ``smp_cbam::cbam_infer`` is
-tagged ``flexible_layout`` and its kernel reads channels_last as it is; the "NCHW operator" below
-is the same kernel behind an operator with inductor's default constraint (the strides eager mode
-would give), which makes inductor copy each CBAM's input into NCHW and its output back; the
-"formula" is CBAM's plain formula (``impl="reference"``), which inductor compiles and fuses; the
-"in-place operator" writes over its input (what eager CBAM does in smp's decoders). Every
-model is compiled once (in the warm-up) and called in interleaved rounds; the table gives each
-model's median time and the median over rounds of its time over ``none``'s in the same mode.
-``--bf16`` runs every model under CPU bf16 autocast (compiled and eager CBAM then call the kernels
-on bfloat16 activations; the formula runs its ops under autocast's rules).
-Inductor's caches are off, so that a graph compiled before an edit of the operator is not reused.
-``--keep-heap`` applies the runner's glibc malloc setting (``smp_cbam.training.malloc``): with
-glibc's defaults every large buffer a call allocates is mapped afresh and faulted in, and the
-compiled ``cbam`` allocates more of them than ``none`` (the operator's outputs), so the setting
-changes what the table compares.
+smp's decoders build CBAM with ``inplace=True``, so the compiled ``cbam`` calls
+``smp_cbam::cbam_infer_``, which writes over inductor's activation buffer as eager CBAM writes over
+its input. The "functional operator" is ``smp_cbam::cbam_infer`` (CBAM with ``inplace=False``),
+which returns a new tensor; both are tagged ``flexible_layout`` and read inductor's channels_last
+activations as they are. The "NCHW operator" is the functional kernel behind an operator with
+inductor's default layout constraint (the strides eager mode would give), which makes inductor copy
+each CBAM's input into NCHW and its output back; the "formula" is CBAM's plain formula
+(``impl="reference"``), which inductor compiles and fuses. Every model is compiled once (in the
+warm-up) and called in interleaved rounds; the table gives each model's median time and the median
+over rounds of its time over ``none``'s in the same mode. ``--bf16`` runs every model under CPU
+bf16 autocast (compiled and eager CBAM then call the kernels on bfloat16 activations; the formula
+runs its ops under autocast's rules). ``--keep-heap`` applies the runner's glibc malloc setting
+(``smp_cbam.training.malloc``): with glibc's defaults every large buffer a call allocates is
+mapped afresh and faulted in, which costs a graph that allocates more (a functional operator's
+outputs) more. Inductor's caches are off, so that a graph compiled before an edit of an operator is
+not reused.
 """
 
 import argparse
@@ -52,42 +53,17 @@ class NchwOperatorCBAM(CBAM):
         return cbam_infer_nchw(x, first.weight, second.weight, conv.weight, conv.bias)
 
 
-# the same kernel written over its input: a mutating operator, which inductor's re-inplacing pass
-# lets write into the activation buffer when nothing else reads it (as eager CBAM does in smp's
-# decoders), so the compiled graph allocates no output for it
-@torch.library.custom_op(
-    "smp_cbam_bench::cbam_infer_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
-)
-def cbam_infer_inplace(
-    x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
-) -> None:
-    kernels.cbam_infer(x, w1, None, w2, None, weight, bias, 1.0, 0.0, False, True)
-
-
-@cbam_infer_inplace.register_fake
-def _(x, w1, w2, weight, bias):  # noqa: ANN001, ANN202
-    return None
-
-
-class InplaceOperatorCBAM(CBAM):
-    """CBAM whose captured graph calls the in-place operator."""
-
-    def _forward_captured(self, x: torch.Tensor) -> torch.Tensor:
-        first, _, second = self.channel.mlp
-        conv = self.spatial.conv
-        cbam_infer_inplace(x, first.weight, second.weight, conv.weight, conv.bias)
-        return x
-
-
-def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto") -> torch.nn.Module:
-    """The benchmark's CBAM Unet with every CBAM of class ``cls`` and implementation ``impl``
-    (``"reference"``: the formula, which inductor compiles and fuses)."""
+def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto", inplace: bool = True) -> torch.nn.Module:
+    """The benchmark's CBAM Unet with every CBAM of class ``cls``, implementation ``impl``
+    (``"reference"``: the formula, which inductor compiles and fuses) and ``inplace`` (smp's
+    decoders build CBAM in place)."""
     torch.manual_seed(0)
     model = build_bench_model("Unet", "cbam")
     for module in model.modules():
         if isinstance(module, CBAM):
             module.__class__ = cls
             module.impl = impl
+            module.inplace = inplace
     return model
 
 
@@ -127,18 +103,18 @@ def main() -> None:
         "cbam compiled": infer(torch.compile(model("cbam"))),
         "cbam compiled, NCHW operator": infer(torch.compile(cbam_unet(NchwOperatorCBAM))),
         "cbam compiled, formula": infer(torch.compile(cbam_unet(impl="reference"))),
-        "cbam compiled, in-place operator": infer(torch.compile(cbam_unet(InplaceOperatorCBAM))),
+        "cbam compiled, functional operator": infer(torch.compile(cbam_unet(inplace=False))),
     }
     times = interleaved_times(fns, args.rounds, device, warmup=2)
     print(
         f"Unet resnet18 inference, batch {args.batch}, 3x{args.size}x{args.size}, 1 thread, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.rounds} interleaved rounds, malloc {'keep_heap' if args.keep_heap else 'default'}"
     )
-    print(f"{'model':<32}{'ms':>8}{'vs none (same mode)':>22}")
+    print(f"{'model':<36}{'ms':>8}{'vs none (same mode)':>22}")
     for name, values in times.items():
         reference = "none compiled" if "compiled" in name else "none eager"
         ratio = paired_ratio(times, name, reference)
-        print(f"{name:<32}{statistics.median(values) * 1e3:8.1f}{100 * (ratio - 1):+21.1f}%")
+        print(f"{name:<36}{statistics.median(values) * 1e3:8.1f}{100 * (ratio - 1):+21.1f}%")
 
 
 if __name__ == "__main__":

@@ -292,6 +292,80 @@ def test_inductor_hands_the_training_operators_their_channels_last_activations(
     assert layouts == [channels_last, channels_last]
 
 
+class _ReadAgain(nn.Module):
+    """An in-place CBAM whose input is read again after it: eager mode then reads the output there
+    (as with ``nn.ReLU(inplace=True)``), and a compiled graph must do the same."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 32, 3, padding=1)
+        self.cbam = CBAM(32, reduction=4, inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return self.cbam(y) * 2 + y
+
+
+@needs_kernels
+@pytest.mark.parametrize("residual", [False, True])
+def test_compiled_inplace_cbam_writes_over_its_activations(residual: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CBAM(inplace=True), as smp's decoders build it: compiled inference calls the mutating operator
+    # on inductor's channels_last activation buffer itself (no output allocated, no copy around it),
+    # as eager mode writes over its input
+    from torch._inductor.utils import run_and_get_code
+
+    model = _conv_cbam_conv().eval()
+    model[2].inplace = True
+    model[2].residual = residual
+    x = torch.randn(2, 3, 16, 12)
+    recorder = _Recorder()
+    with torch.no_grad():
+        expected = model(x)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(model, fullgraph=True, backend=recorder)(x), expected)
+        assert [t for t in recorder.targets if "smp_cbam" in str(t)] == [torch.ops.smp_cbam.cbam_infer_.default]
+        written = []
+        infer = kernels.cbam_infer
+        monkeypatch.setattr(
+            kernels, "cbam_infer", lambda x, *a: written.append((x.stride(), a[-1])) or infer(x, *a)
+        )
+        with torch._inductor.config.patch(force_disable_caches=True):
+            torch._dynamo.reset()
+            out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+    channels_last = torch.empty(2, 32, 16, 12).contiguous(memory_format=torch.channels_last).stride()
+    assert written == [(channels_last, True)]  # inplace=True reaches the kernel
+    assert "smp_cbam.cbam_infer_" in code and "clone" not in code and "copy_" not in code
+
+
+@needs_kernels
+def test_compiled_inplace_cbam_keeps_eager_semantics_where_its_input_is_read_again() -> None:
+    model = _ReadAgain().eval()
+    x = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        expected = model(x)
+        y = model.conv(x)
+        # eager mode: y was overwritten, so the sum is three times CBAM's output
+        torch.testing.assert_close(expected, 3 * model.cbam.forward_reference(y), rtol=1e-5, atol=1e-6)
+        for backend in ("aot_eager", "inductor"):
+            torch._dynamo.reset()
+            got = torch.compile(copy.deepcopy(model), fullgraph=True, backend=backend)(x)
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernels
+def test_export_of_an_inplace_cbam_keeps_the_functional_operator() -> None:
+    module = _module(inplace=True).eval()
+    x = torch.randn(2, 16, 5, 4)
+    with torch.no_grad():
+        program = torch.export.export(module, (x,))
+    targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
+    assert {t for t in targets if "smp_cbam" in t} == {"smp_cbam.cbam_infer.default"}, targets
+    y = torch.randn(2, 16, 5, 4)
+    torch.testing.assert_close(program.module()(y), module.forward_reference(y), rtol=1e-5, atol=1e-6)
+
+
 def _autocast_grads(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     x = x.detach().clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):

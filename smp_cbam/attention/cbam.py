@@ -354,6 +354,11 @@ class CBAM(nn.Module):
         args = (x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, self.residual)
         if training:
             return ops.cbam_train(*args)[0]
+        if self.inplace and not torch.compiler.is_exporting():
+            # as eager mode does; an exported program keeps the functional operator, which other
+            # runtimes take more readily than a mutation
+            ops.cbam_infer_(*args)
+            return x
         return ops.cbam_infer(*args)
 
     @torch.jit.unused

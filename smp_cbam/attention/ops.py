@@ -1,5 +1,5 @@
 """CBAM's CPU kernels as ``torch.library`` custom operators: ``smp_cbam::cbam_train``,
-``smp_cbam::cbam_backward`` and ``smp_cbam::cbam_infer``.
+``smp_cbam::cbam_backward``, ``smp_cbam::cbam_infer`` and its in-place form ``cbam_infer_``.
 
 Each has a schema, a fake implementation (output shapes only: used by ``torch.compile``,
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
@@ -122,6 +122,27 @@ def cbam_infer(
 @cbam_infer.register_fake
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return torch.empty_like(_layout(x))
+
+
+# CBAM(inplace=True) (smp's decoders) under torch.compile: the kernel written over x, as in eager
+# mode. Inductor's re-inplacing lets it write into the activation buffer when nothing else reads it,
+# so the graph allocates (and, with glibc's defaults, faults in) no output for each CBAM; where x is
+# read again, functionalization keeps a copy, so the result is eager mode's in either case.
+@torch.library.custom_op(
+    "smp_cbam::cbam_infer_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+)
+def cbam_infer_(
+    x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
+    residual: bool,
+) -> None:  # fmt: skip
+    """``cbam_infer`` over ``x`` (NCHW- or channels_last-contiguous: a mutated input keeps its strides)."""
+    _cpu(x)
+    kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
+
+
+@cbam_infer_.register_fake
+def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
+    return None
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
