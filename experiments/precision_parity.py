@@ -7,9 +7,10 @@ of the arms' variances).
 
 The reading is an equivalence check with the seed spread as its margin: "same within the seed
 noise" where the interval holds zero and lies within +- the spread (a two one-sided test at 2.5%
-each), "differs" where it excludes zero ("by less than the seed spread" where it also lies within
-the margin: a consistent shift is named however small), and "not resolved" where it does neither
-(too few or too noisy pairs to tell). Fewer than three pairs are never read.
+each), "differs" where it excludes zero and the t-test's p-value, Holm-adjusted over the arms, is below
+0.05 ("by less than the seed spread" where it also lies within the margin: a consistent shift is
+named however small), and "not resolved" otherwise (too few or too noisy pairs to tell). Fewer
+than three pairs are never read. The row over all arms pools their pairs (one test).
 
     python experiments/precision_parity.py runs/main-fp32 runs/main-bf16
     python experiments/precision_parity.py runs/camvid runs/camvid-bf16 --metric test_miou
@@ -27,19 +28,23 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from smp_cbam.report.constants import ALPHA
 from smp_cbam.report.io import collect_results
-from smp_cbam.report.stats import paired_stats
+from smp_cbam.report.stats import holm, paired_stats
 
 KEYS = ["arch", "attention", "placement", "seed"]
 MIN_PAIRS = 3
 
 
-def reading(ci_low: float, ci_high: float, margin: float, n_pairs: int) -> str:
-    """Plain words for a paired interval of other - ref against the margin (the seed spread)."""
+def reading(ci_low: float, ci_high: float, margin: float, n_pairs: int, p_holm: float) -> str:
+    """Plain words for a paired interval of other - ref against the margin (the seed spread);
+    ``p_holm``: the t-test's p-value, Holm-adjusted over the arms read together."""
     if n_pairs < MIN_PAIRS or not np.isfinite([ci_low, ci_high, margin]).all():
         return f"too few pairs (< {MIN_PAIRS})" if n_pairs < MIN_PAIRS else "not read (no interval or spread)"
     within = -margin <= ci_low and ci_high <= margin
     if ci_low > 0 or ci_high < 0:  # a consistent shift, however small against the spread, is named
+        if not p_holm < ALPHA:
+            return f"not resolved (the interval excludes zero, but not after Holm over the arms: p {p_holm:.3f})"
         return "differs, by less than the seed spread" if within else "differs"
     return "same within the seed noise" if within else "not resolved"
 
@@ -109,26 +114,32 @@ def main(argv: list[str] | None = None) -> int:
         "seed spread (sample std over all its seeds of the arm):"
     )
     print(
-        "| arch | attention | seeds | mean other - ref [95% CI] | ref seed std | other seed std | reading | "
+        "| arch | attention | seeds | mean other - ref [95% CI] | p (Holm) | ref seed std | other seed std | reading | "
         "median speed-up |"
     )
-    print("|---|---|---:|---:|---:|---:|---|---:|")
+    print("|---|---|---:|---:|---:|---:|---:|---|---:|")
+    arms = list(rows.groupby(["arch", "attention"]))
+    tests = [paired_stats(g["diff"]) for _, g in arms]
+    p_values = np.array([t["p_value"] for t in tests], dtype=float)
+    p_holm = np.full(len(tests), np.nan)
+    tested = np.isfinite(p_values)
+    if tested.any():
+        p_holm[tested] = holm(p_values[tested])
     variances = []
-    for (arch, attention), g in rows.groupby(["arch", "attention"]):
+    for ((arch, attention), g), t, p_arm in zip(arms, tests, p_holm, strict=True):
         # each precision's spread over all its seeds of the arm, paired or not
         spread_ref, spread_other = (seed_std(r, arch, attention, m) for r in (ref, other))
         if np.isfinite(spread_ref):
             variances.append(spread_ref**2)
-        t = paired_stats(g["diff"])
         print(
-            f"| {arch} | {attention} | {len(g)} | {interval(t)} | {spread_ref:.2f} | {spread_other:.2f} | "
-            f"{reading(t['ci_low'], t['ci_high'], spread_ref, len(g))} | {g['speedup'].median():.2f}x |"
+            f"| {arch} | {attention} | {len(g)} | {interval(t)} | {p_arm:.3f} | {spread_ref:.2f} | {spread_other:.2f} | "
+            f"{reading(t['ci_low'], t['ci_high'], spread_ref, len(g), p_arm)} | {g['speedup'].median():.2f}x |"
         )
     t = paired_stats(rows["diff"])
     spread = float(np.sqrt(np.mean(variances))) if variances else float("nan")
     print(
         f"\nall paired runs ({len(rows)}): mean difference {interval(t)} points against a seed spread of "
-        f"{spread:.2f} (root mean of the arms' variances): {reading(t['ci_low'], t['ci_high'], spread, len(rows))}; "
+        f"{spread:.2f} (root mean of the arms' variances): {reading(t['ci_low'], t['ci_high'], spread, len(rows), t['p_value'])}; "
         f"median |difference| {rows['diff'].abs().median():.2f}; median epoch speed-up {rows['speedup'].median():.2f}x"
     )
     return 0

@@ -52,7 +52,8 @@ def test_paired_differences_and_speed_ups(tmp_path: Path, capsys: pytest.Capture
     assert "| unet-none-s1 | 54.00 | 52.00 | -2.00 |" in out
     # the arm: mean of +1 and -2 with its t-interval (sd 2.12, t_0.975,1 = 12.71: +-19.06), against
     # the reference seeds' sample std (50 vs 54: 2.83); two pairs are not read
-    assert "| unet | none | 2 | -0.50 [-19.56, +18.56] | 2.83 | 0.71 | too few pairs (< 3) | 2.00x |" in out
+    # (t = -0.33 on one degree of freedom: p 0.795, the only arm with pairs, so Holm leaves it)
+    assert "| unet | none | 2 | -0.50 [-19.56, +18.56] | 0.795 | 2.83 | 0.71 | too few pairs (< 3) | 2.00x |" in out
     assert "left out (in one folder only): unet-cbam-decoder-0, unet-scse-decoder-0" in out
     assert "(32-true)" in out and "(bf16-mixed)" in out
 
@@ -103,4 +104,24 @@ def test_the_reference_spread_counts_its_unpaired_seeds(tmp_path: Path, capsys: 
     other = fake_study(tmp_path / "bf16", "bf16-mixed", {("none", s): (base[s], [1.0]) for s in (1, 2, 3)})
     assert load_script().main([str(ref), str(other)]) == 0
     out = capsys.readouterr().out
-    assert "| unet | none | 3 | +0.00 | 3.16 | 2.00 | " in out
+    assert "| unet | none | 3 | +0.00 | nan | 3.16 | 2.00 | " in out
+
+
+def test_a_shift_in_one_arm_of_several_must_hold_after_holm(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # two arms, each shifted with p = 0.047 alone: over the two, Holm makes it 0.093 and neither
+    # arm is read as differing, although each interval excludes zero
+    base = [0.50, 0.52, 0.54, 0.56, 0.58]
+    shifts = [-1.0, 0.0, -1.5, -0.3, -1.2]
+    runs = {(a, s): (m, [2.0]) for a in ("none", "cbam") for s, m in enumerate(base)}
+    ref = fake_study(tmp_path / "fp32", "32-true", runs)
+    shifted = {(a, s): (m + shifts[s] / 100, [1.0]) for (a, s), (m, _) in runs.items()}
+    other = fake_study(tmp_path / "bf16", "bf16-mixed", shifted)
+    assert load_script().main([str(ref), str(other)]) == 0
+    out = capsys.readouterr().out
+    for arm in ("none", "cbam"):
+        line = next(line for line in out.splitlines() if line.startswith(f"| unet | {arm} |"))
+        assert "| -0.80 [-1.58, -0.02] | 0.093 |" in line, line
+        assert "| not resolved (the interval excludes zero, but not after Holm over the arms: p 0.093) |" in line
+    # pooled, the ten pairs are one test: p 0.001, and the interval lies within the spread
+    overall = next(line for line in out.splitlines() if line.startswith("all paired runs (10)"))
+    assert ": differs, by less than the seed spread;" in overall, overall
