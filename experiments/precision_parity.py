@@ -6,8 +6,8 @@ difference with its 95% t-interval over seeds, set against the reference's seed-
 of the arms' variances).
 
 The reading is an equivalence check with the seed spread as its margin: "same within the seed
-noise" where the interval holds zero and lies within +- the spread (a two one-sided test at 2.5%
-each), "differs" where it excludes zero and the t-test's p-value, Holm-adjusted over the arms, is below
+noise" where the interval holds zero and lies within +- the spread (about a two one-sided test at
+2.5% each; the margin is itself estimated from the reference's few seeds), "differs" where it excludes zero and the t-test's p-value, Holm-adjusted over the arms, is below
 0.05 ("by less than the seed spread" where it also lies within the margin: a consistent shift is
 named however small), and "not resolved" otherwise (too few or too noisy pairs to tell). Fewer
 than three pairs are never read. The row over all arms pools their pairs (one test).
@@ -33,6 +33,7 @@ from smp_cbam.report.io import collect_results
 from smp_cbam.report.stats import holm, paired_stats
 
 KEYS = ["arch", "attention", "placement", "seed"]
+ARM = KEYS[:-1]
 MIN_PAIRS = 3
 
 
@@ -55,8 +56,9 @@ def interval(t: pd.Series) -> str:
     return f"{t['mean_diff']:+.2f}"
 
 
-def seed_std(results: pd.DataFrame, arch: str, attention: str, metric: str) -> float:
-    values = results.loc[(results["arch"] == arch) & (results["attention"] == attention), metric] * 100
+def seed_std(results: pd.DataFrame, arm: tuple, metric: str) -> float:
+    """The sample std over seeds of ``arm`` = (arch, attention, placement), in percent."""
+    values = results.loc[(results[ARM] == pd.Series(arm, index=ARM)).all(axis=1), metric] * 100
     return float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
 
 
@@ -69,6 +71,8 @@ def load(folder: Path) -> pd.DataFrame:
     results = collect_results(folder)
     results = results[results["status"] == "ok"].copy()
     results["epoch_s"] = [median_epoch_seconds(folder, d) for d in results["run_dir"]]
+    # results from before placements were recorded: the decoder, the only placement then
+    results["placement"] = results["placement"].fillna("decoder") if "placement" in results else "decoder"
     return results
 
 
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         "median speed-up |"
     )
     print("|---|---|---:|---:|---:|---:|---:|---|---:|")
-    arms = list(rows.groupby(["arch", "attention"]))
+    arms = list(rows.groupby(ARM))
     tests = [paired_stats(g["diff"]) for _, g in arms]
     p_values = np.array([t["p_value"] for t in tests], dtype=float)
     p_holm = np.full(len(tests), np.nan)
@@ -126,20 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     if tested.any():
         p_holm[tested] = holm(p_values[tested])
     variances = []
-    for ((arch, attention), g), t, p_arm in zip(arms, tests, p_holm, strict=True):
+    for ((arch, attention, placement), g), t, p_arm in zip(arms, tests, p_holm, strict=True):
         # each precision's spread over all its seeds of the arm, paired or not
-        spread_ref, spread_other = (seed_std(r, arch, attention, m) for r in (ref, other))
+        spread_ref, spread_other = (seed_std(r, (arch, attention, placement), m) for r in (ref, other))
+        if placement != "decoder":
+            attention = f"{attention} ({placement})"
         if np.isfinite(spread_ref):
             variances.append(spread_ref**2)
         print(
             f"| {arch} | {attention} | {len(g)} | {interval(t)} | {p_arm:.3f} | {spread_ref:.2f} | {spread_other:.2f} | "
-            f"{reading(t['ci_low'], t['ci_high'], spread_ref, len(g), p_arm)} | {g['speedup'].median():.2f}x |"
+            f"{reading(t['ci_low'], t['ci_high'], spread_ref, int(t['n_pairs']), p_arm)} | {g['speedup'].median():.2f}x |"
         )
     t = paired_stats(rows["diff"])
     spread = float(np.sqrt(np.mean(variances))) if variances else float("nan")
     print(
         f"\nall paired runs ({len(rows)}): mean difference {interval(t)} points against a seed spread of "
-        f"{spread:.2f} (root mean of the arms' variances): {reading(t['ci_low'], t['ci_high'], spread, len(rows), t['p_value'])}; "
+        f"{spread:.2f} (root mean of the arms' variances): {reading(t['ci_low'], t['ci_high'], spread, int(t['n_pairs']), t['p_value'])}; "
         f"median |difference| {rows['diff'].abs().median():.2f}; median epoch speed-up {rows['speedup'].median():.2f}x"
     )
     return 0

@@ -51,7 +51,11 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     add("--devices", help="Lightning devices per node, e.g. 1, 2 or auto")
     add("--num-nodes", type=int, help="Lightning num_nodes (multi-node DDP, see docs/cli.md)")
     add("--strategy", help="Lightning strategy, e.g. ddp")
-    add("--precision", help="Lightning precision, e.g. 32-true (the default), bf16-mixed, or auto: bf16-mixed where the machine computes bf16 natively")
+    add(
+        "--precision",
+        help="Lightning precision, e.g. 32-true, bf16-mixed, or auto: bf16-mixed where the machine computes bf16 "
+        "natively (the main job asks for auto; other datasets default to 32-true)",
+    )
     add("--retry-failed", action="store_true", help="train again the runs that failed in --output")
     add(
         "--malloc-default",

@@ -340,6 +340,41 @@ def test_compiled_inplace_cbam_writes_over_its_activations(residual: bool, monke
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "strided"])
+def test_the_inplace_operator_writes_the_output_over_x(layout: str) -> None:
+    module = _module(mlp_bias=True, residual=True).double()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    params = [first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias]
+    params = [p.detach() for p in params]
+    x = torch.randn(2, 16, 5, 8, dtype=torch.float64)
+    x = {
+        "nchw": x,
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "strided": x[..., ::2],  # neither layout: a dense copy is written back
+    }[layout]
+    expected = module.forward_reference(x).detach()
+    with torch.no_grad():
+        torch.library.opcheck(ops.cbam_infer_, (x.clone(), *params, True))
+        ops.cbam_infer_(x, *params, True)
+    torch.testing.assert_close(x, expected)
+
+
+@needs_kernels
+def test_compiled_inplace_cbam_overwrites_a_graph_input_as_eager_does() -> None:
+    module = _module(inplace=True).eval()
+    x = torch.randn(2, 16, 5, 4)
+    eager_x, compiled_x = x.clone(), x.clone()
+    with torch.no_grad():
+        out = module(eager_x)
+        torch._dynamo.reset()
+        got = torch.compile(module, fullgraph=True)(compiled_x)
+    torch.testing.assert_close(got, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(compiled_x, eager_x, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(compiled_x, x)  # the caller's tensor now holds the output
+
+
+@needs_kernels
 def test_compiled_inplace_cbam_keeps_eager_semantics_where_its_input_is_read_again() -> None:
     model = _ReadAgain().eval()
     x = torch.randn(2, 3, 16, 12)

@@ -223,9 +223,10 @@ class CBAM(nn.Module):
     see: under TorchScript and tracing, for tensor subclasses, and while hooks sit on ``channel``
     or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
     ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
-    operators (``ops``) where they take the input and the spatial gate has no BatchNorm, autocast
-    off (the operators have no autocast rule, so a graph under autocast runs the reference); all
-    else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever
+    operators (``ops``) where they take the input and the spatial gate has no BatchNorm, under
+    CPU autocast too (its bfloat16 activations with float32 parameters, as in eager mode), and
+    with ``inplace=True`` in a compiled no-grad graph as an operator that writes over its input;
+    all else runs the reference there, as does ONNX export. Only ``"auto"`` and ``"kernels"`` ever
     build the kernels, and only for input they take (never for CUDA, meta, float16 input, or
     bfloat16 input outside autocast).
 
@@ -236,9 +237,10 @@ class CBAM(nn.Module):
         mlp_bias: biases in the shared MLP (the authors' code has them, the formula does not).
         spatial_bn: BatchNorm after the spatial convolution, as in the authors' code.
         residual: return ``CBAM(x) + x`` instead of ``CBAM(x)``.
-        inplace: write the output over the input when no gradient is recorded (inference), as
-            ``nn.ReLU(inplace=True)`` does; smp's decoders build CBAM with it, since their
-            attention inputs are fresh intermediates. Training always writes a new tensor.
+        inplace: the output may be written over the input when no gradient is recorded
+            (inference), as ``nn.ReLU(inplace=True)`` does: read the input again only as the
+            output; smp's decoders build CBAM with it, since their attention inputs are fresh
+            intermediates. Training always writes a new tensor.
         init: ``"default"`` (PyTorch's initialisation) or ``"neutral"``: the channel MLP's second
             layer and the spatial convolution (with ``spatial_bn``, the BatchNorm's gamma) start at
             zero, so both gates are exactly 0.5 for every input and CBAM starts as ``x / 4``

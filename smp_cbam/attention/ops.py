@@ -5,8 +5,9 @@ Each has a schema, a fake implementation (output shapes only: used by ``torch.co
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
 implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
 registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
-gradient instead of falling back to the formula. All three take channels_last input as it is
-(inductor's layout for convolution activations on CPU) and give their full-size outputs in it.
+gradient instead of falling back to the formula. All take channels_last input as it is
+(inductor's layout for convolution activations on CPU) and give their full-size outputs in it;
+``cbam_infer_`` writes over ``x`` (through a dense copy where ``x`` is neither layout).
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
 the kernels directly, since a custom operator's Python dispatch costs more than the kernels' own
@@ -127,7 +128,8 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
 # CBAM(inplace=True) (smp's decoders) under torch.compile: the kernel written over x, as in eager
 # mode. Inductor's re-inplacing lets it write into the activation buffer when nothing else reads it,
 # so the graph allocates (and, with glibc's defaults, faults in) no output for each CBAM; where x is
-# read again, functionalization keeps a copy, so the result is eager mode's in either case.
+# read again, functionalization keeps the mutation's order, so x reads as the output, as in eager
+# mode's kernel path.
 @torch.library.custom_op(
     "smp_cbam::cbam_infer_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
 )
@@ -135,9 +137,14 @@ def cbam_infer_(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
 ) -> None:  # fmt: skip
-    """``cbam_infer`` over ``x`` (NCHW- or channels_last-contiguous: a mutated input keeps its strides)."""
+    """``cbam_infer`` over ``x``: in place where ``x`` is NCHW- or channels_last-contiguous, else
+    (strides a graph may choose under ``flexible_layout``) into a dense copy written back."""
     _cpu(x)
-    kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
+    dense = _layout(x)
+    if dense is x:
+        kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
+    else:
+        x.copy_(kernels.cbam_infer(dense, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False))
 
 
 @cbam_infer_.register_fake
