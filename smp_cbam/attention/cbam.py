@@ -343,7 +343,7 @@ class CBAM(nn.Module):
             or not isinstance(spatial.bn, nn.Identity)
             or x.dim() != 4
             or x.device.type != "cpu"
-            or not _captured_dtype(x, spatial.conv.weight)
+            or _dtype_refusal(x, spatial.conv.weight) is not None
             # channels_last too: inductor lays convolution activations out that way
             or not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
             or x.numel() == 0
@@ -395,14 +395,23 @@ def _autocast(device: str) -> bool:
     return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
-def _captured_dtype(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the operators take ``x``'s dtype in a captured graph: the eager rule
-    (``_kernel_refusal``) without its build. float32 and float64 as they are, with or without
-    autocast; bfloat16 under CPU autocast with float32 parameters (what a convolution under
-    autocast hands over; the kernels compute in float32, as autocast would)."""
-    if x.dtype is torch.bfloat16:
-        return torch.is_autocast_enabled("cpu") and weight.dtype is torch.float32
-    return x.dtype is torch.float32 or x.dtype is torch.float64
+def _dtype_refusal(x: torch.Tensor, weight: torch.Tensor) -> str | None:
+    """Why the kernels do not take ``x``'s dtype, or None: float32 and float64 as they are, with or
+    without autocast; bfloat16 under CPU autocast with float32 parameters (``weight``: what a
+    convolution under autocast hands over; the kernels compute in float32, as autocast would).
+    Outside autocast bfloat16 input with float32 parameters is an error in the formula, and a
+    model cast to bfloat16 (bfloat16 parameters) runs the fused path. The one rule for eager mode
+    (``_kernel_refusal``) and a captured graph."""
+    dtype = x.dtype
+    if dtype is torch.bfloat16:
+        if not torch.is_autocast_enabled("cpu"):
+            return "torch.bfloat16 input outside autocast"
+        if weight.dtype is not torch.float32:
+            return f"torch.bfloat16 input with {weight.dtype} parameters"
+        return None
+    if dtype is not torch.float32 and dtype is not torch.float64:
+        return f"{dtype} input"
+    return None
 
 
 @torch.compiler.assume_constant_result
@@ -413,22 +422,12 @@ def _kernels_ready() -> bool:
 
 def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> str | None:
     """Why the kernels do not take ``x`` (4-D, NCHW or channels_last), or None where they do.
-    The build is asked for last: never for input the kernels would not take.
-
-    The kernels compute in float32 for bfloat16 ``x`` and need float32 parameters for it: what
-    autocast gives. Outside autocast bfloat16 input with float32 parameters is an error in the
-    formula, and a model cast to bfloat16 (bfloat16 parameters) runs the fused path."""
+    The build is asked for last: never for input the kernels would not take."""
     if x.device.type != "cpu":
         return f"{x.device.type} input"
-    dtype = x.dtype
-    if dtype is torch.bfloat16:
-        if not torch.is_autocast_enabled("cpu"):
-            return "torch.bfloat16 input outside autocast"
-        weight = _fetch(_fetch(_fetch(cbam, "spatial"), "conv"), "weight")
-        if weight.dtype is not torch.float32:
-            return f"torch.bfloat16 input with {weight.dtype} parameters"
-    elif dtype is not torch.float32 and dtype is not torch.float64:
-        return f"{dtype} input"
+    refusal = _dtype_refusal(x, _fetch(_fetch(_fetch(cbam, "spatial"), "conv"), "weight"))
+    if refusal is not None:
+        return refusal
     if not nchw:
         spatial = _fetch(cbam, "spatial")
         # a spatial BatchNorm on batch statistics needs the whole map before its sigmoid: the
