@@ -92,6 +92,27 @@ def test_ab_script_times_both_versions_of_a_training_step() -> None:
     assert all(float(v) > 0 for v in found.groups())
 
 
+LAYOUT_SCRIPT = AB_SCRIPT.with_name("bench_layout_kernel.py")
+
+
+@pytest.mark.slow
+def test_layout_script_times_both_layouts_at_every_cbam() -> None:
+    from smp_cbam.attention import kernels
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not built")
+    run = subprocess.run(
+        [sys.executable, str(LAYOUT_SCRIPT), "--rounds", "1", "--batch", "1", "--size", "32"],
+        capture_output=True,
+        text=True,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = re.findall(r"^\((1, \d+, \d+, \d+)\)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", run.stdout, re.M)
+    assert len(rows) == 9, run.stdout  # the Unet's nine CBAMs, both layouts
+    assert all(float(v) > 0 for row in rows for v in row[1:])
+    assert re.search(r"^all nine\s+[\d.]+\s+[\d.]+\s+[\d.]+$", run.stdout, re.M), run.stdout
+
+
 @pytest.mark.slow
 def test_ab_script_names_a_bad_ref() -> None:
     run = subprocess.run([sys.executable, str(AB_SCRIPT), "no-such-ref"], capture_output=True, text=True)

@@ -225,8 +225,13 @@ def _module_and_params(c: int, dtype: torch.dtype, residual: bool) -> tuple[CBAM
 
 # channels: below one vector, a multiple of it below the four the descriptor pass keeps in
 # registers (24), above four and then a tail of a vector and more (37, 44, 130); pixels above a
-# chunk (1024)
-CL_SHAPES = [(2, 3, 5, 7), (2, 24, 7, 5), (2, 37, 6, 9), (2, 44, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3)]
+# chunk (1024); one vector of channels exactly (16); more than one tile of pixel rows and several
+# blocks of channels with a tail (130 x 144 pixels); with AVX512 the spatial pool combines 16
+# pixels at a time, then one at a time for the rest
+CL_SHAPES = [
+    (2, 3, 5, 7), (2, 24, 7, 5), (2, 37, 6, 9), (2, 44, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3),
+    (1, 16, 40, 41), (2, 130, 12, 12),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES)
@@ -259,6 +264,22 @@ def test_cbam_infer_takes_channels_last(
     version = y._version
     assert kernels.cbam_infer(y, *params, 0.75, -0.25, residual, True) is y and y._version == version + 1
     assert torch.equal(y, out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_nan_like_nchw(dtype: torch.dtype, ops: object) -> None:
+    # NaN in one image (it reaches every gate of that image, so every output); in the other a
+    # tail channel's element far above the rest (the pooled max from the tail); 40 channels: two
+    # vectors and a tail, 7 x 9 pixels: groups of 16 and the rest
+    _, params = _module_and_params(40, dtype, False)
+    x = torch.randn(2, 40, 7, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
+    x[0, 5, 3, 4] = float("nan")
+    x[1, 38, 2, 2] = 50.0
+    nchw = kernels.cbam_infer(x, *params, 1.0, 0.0, False, False)
+    cl = kernels.cbam_infer(x.contiguous(memory_format=torch.channels_last), *params, 1.0, 0.0, False, False)
+    assert cl[0].isnan().all() and nchw[0].isnan().all() and cl[1].isfinite().all()
+    tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(cl[1], nchw[1], **tol)
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES)

@@ -756,16 +756,79 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
   for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// Lane i of the result: v[i]'s lanes combined by op (a sum, or a NaN-propagating max), for 16
+// vectors at once. Pairs of vectors are interleaved and combined level by level (within 128-bit
+// lanes, then across them), which takes 30 shuffles where 16 separate reductions take 64, and no
+// scalar round trip.
+template <typename Op>
+inline at::vec::Vectorized<float> combine16(const at::vec::Vectorized<float>* v, const Op& op) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec pair[8], quad[4], half[2];
+  // pair[i], 128-bit lane j: v[2i] and v[2i + 1] interleaved, each over pairs of lane j's elements
+  for (int i = 0; i < 8; ++i) {
+    pair[i] = op(Vec(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1])), Vec(_mm512_unpackhi_ps(v[2 * i], v[2 * i + 1])));
+  }
+  // quad[i], 128-bit lane j: v[4i], ..., v[4i + 3], each over all four of lane j's elements
+  for (int i = 0; i < 4; ++i) {
+    const __m512 a = pair[2 * i], b = pair[2 * i + 1];
+    quad[i] = op(Vec(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0))), Vec(_mm512_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+  // half[i], 128-bit lanes: v[8i..8i+3] over lanes 0-1, then over 2-3; the same for v[8i+4..8i+7]
+  for (int i = 0; i < 2; ++i) {
+    const __m512 a = quad[2 * i], b = quad[2 * i + 1];
+    half[i] = op(Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0))), Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
+  }
+  const __m512 a = half[0], b = half[1];
+  return op(Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0))), Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
+}
+#endif
+
 // Mean and max over the c channels of x * g (x: one channels_last image, (HW, C); g: its (C) gate)
 // for each pixel of [p0, p0 + len), into sum and max: a pixel's channels are one contiguous row,
-// summed in vector lanes, then across them.
+// summed in vector lanes, then across them; where AVX512 holds 16 float lanes, 16 pixels' lanes
+// are combined together (combine16), since one reduction per pixel costs more than reading it.
 template <typename T>
 void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t len, Acc<T>* sum, Acc<T>* max) {
   using A = Acc<T>;
   using Vec = AccVec<T>;
   constexpr int64_t kLanes = Vec::size();
   const A inf = std::numeric_limits<A>::infinity();
-  for (int64_t i = 0; i < len; ++i) {
+  int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float> && kLanes == 16) {
+    const int64_t full = c - c % kLanes;
+    for (; full > 0 && i + kLanes <= len; i += kLanes) {
+      Vec vs[kLanes], vm[kLanes];
+      for (int64_t q = 0; q < kLanes; ++q) {
+        const T* row = x + (p0 + i + q) * c;
+        prefetch_ahead(row, c);
+        const Vec y = load_acc(row) * Vec::loadu(g);
+        vs[q] = y;
+        vm[q] = y;
+        for (int64_t j = kLanes; j < full; j += kLanes) {
+          const Vec z = load_acc(row + j) * Vec::loadu(g + j);
+          vs[q] = vs[q] + z;
+          vm[q] = at::vec::maximum(vm[q], z);  // NaN-propagating
+        }
+      }
+      const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+      const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+      combine16(vs, add).store(sum + i);
+      combine16(vm, top).store(max + i);
+      for (int64_t q = 0; q < kLanes && full < c; ++q) {
+        const T* row = x + (p0 + i + q) * c;
+        for (int64_t j = full; j < c; ++j) {
+          const A y = static_cast<A>(row[j]) * g[j];
+          sum[i + q] += y;
+          max[i + q] = beats(y, max[i + q]) ? y : max[i + q];
+        }
+      }
+      (Vec::loadu(sum + i) / Vec(static_cast<A>(c))).store(sum + i);
+    }
+  }
+#endif
+  for (; i < len; ++i) {
     const T* row = x + (p0 + i) * c;
     Vec vs(A(0)), vm(-inf);
     int64_t j = 0;
@@ -1088,77 +1151,125 @@ void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, con
   TORCH_CHECK(w2.size(0) == x.size(1), name, ": x has ", x.size(1), " channels, the MLP ", w2.size(0));
 }
 
-// Mean and max over the hw pixels of nv * lanes + rest consecutive channels of a channels_last
-// image (x: the first of them at pixel 0; a pixel's channels c apart), nv <= kNv vectors of them
-// kept in registers: each chunk of kChunk pixels summed in Acc<T>, then added to a double as
-// row_mean_max does. With kIndex, a lane that beats its channel's max (the first maximal pixel, NaN
-// counting as maximal, as torch.max) records the pixel in arg.
+// Over the pixels [p0, p1) of a channels_last image, nv * lanes + rest consecutive channels (x: the
+// first of them at pixel 0; a pixel's channels c apart), nv <= kNv vectors of them kept in
+// registers: each channel's sum added to part (in Acc<T>) and its running max to max. With kIndex,
+// a lane that beats its channel's max (the first maximal pixel, NaN counting as maximal, as
+// torch.max) records the pixel in arg.
 constexpr int kNv = 4;
 
 template <typename T, int NV, bool kIndex>
-void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t rest, double* total, Acc<T>* max, int64_t* arg) {
+void channel_stats_cl(const T* x, int64_t c, int64_t p0, int64_t p1, int64_t rest, Acc<T>* part, Acc<T>* max,
+                      int64_t* arg) {
   using A = Acc<T>;
   using Vec = AccVec<T>;
   constexpr int64_t kLanes = Vec::size();
   constexpr uint64_t kAll = (uint64_t(1) << kLanes) - 1;
-  const A inf = std::numeric_limits<A>::infinity();
-  Vec vm[NV > 0 ? NV : 1];
-  for (int u = 0; u < NV; ++u) vm[u] = Vec(-inf);
-  A sum[NV * kLanes + kLanes], top[kLanes];
-  std::fill(top, top + rest, -inf);
-  std::fill(total, total + NV * kLanes + rest, 0.0);
-  for (int64_t p0 = 0; p0 < hw; p0 += kChunk) {
-    Vec vs[NV > 0 ? NV : 1];
-    for (int u = 0; u < NV; ++u) vs[u] = Vec(A(0));
-    A tail[kLanes] = {};
-    for (int64_t p = p0; p < std::min(hw, p0 + kChunk); ++p) {
-      const T* row = x + p * c;
-      for (int u = 0; u < NV; ++u) {
-        const Vec v = load_acc(row + u * kLanes);
-        vs[u] = vs[u] + v;
-        if constexpr (!kIndex) {
-          vm[u] = at::vec::maximum(vm[u], v);  // NaN-propagating
-        } else {
-          // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
-          const Vec mask = beats(v, vm[u]);
-          const auto up = ~static_cast<uint64_t>(mask.zero_mask()) & kAll;
-          if (!up) continue;
-          vm[u] = Vec::blendv(vm[u], v, mask);
-          for (int64_t l = 0; l < kLanes; ++l) {
-            if ((up >> l) & 1) arg[u * kLanes + l] = p;
-          }
-        }
-      }
-      for (int64_t j = 0; j < rest; ++j) {
-        const A v = row[NV * kLanes + j];
-        tail[j] += v;
-        if (beats(v, top[j])) {
-          top[j] = v;
-          if constexpr (kIndex) arg[NV * kLanes + j] = p;
+  Vec vs[NV > 0 ? NV : 1], vm[NV > 0 ? NV : 1];
+  for (int u = 0; u < NV; ++u) {
+    vs[u] = Vec::loadu(part + u * kLanes);
+    vm[u] = Vec::loadu(max + u * kLanes);
+  }
+  A* tail = part + NV * kLanes;
+  A* top = max + NV * kLanes;
+  for (int64_t p = p0; p < p1; ++p) {
+    const T* row = x + p * c;
+    prefetch_ahead(row, NV * kLanes + rest);
+    for (int u = 0; u < NV; ++u) {
+      const Vec v = load_acc(row + u * kLanes);
+      vs[u] = vs[u] + v;
+      if constexpr (!kIndex) {
+        vm[u] = at::vec::maximum(vm[u], v);  // NaN-propagating
+      } else {
+        // zero_mask marks the lanes that compare unequal (a true comparison sets every bit)
+        const Vec mask = beats(v, vm[u]);
+        const auto up = ~static_cast<uint64_t>(mask.zero_mask()) & kAll;
+        if (!up) continue;
+        vm[u] = Vec::blendv(vm[u], v, mask);
+        for (int64_t l = 0; l < kLanes; ++l) {
+          if ((up >> l) & 1) arg[u * kLanes + l] = p;
         }
       }
     }
-    for (int u = 0; u < NV; ++u) vs[u].store(sum + u * kLanes);
-    std::copy(tail, tail + rest, sum + NV * kLanes);
-    for (int64_t j = 0; j < NV * kLanes + rest; ++j) total[j] += sum[j];
+    for (int64_t j = 0; j < rest; ++j) {
+      const A v = row[NV * kLanes + j];
+      tail[j] += v;
+      if (beats(v, top[j])) {
+        top[j] = v;
+        if constexpr (kIndex) arg[NV * kLanes + j] = p;
+      }
+    }
   }
   for (int u = 0; u < NV; ++u) {
+    vs[u].store(part + u * kLanes);
     vm[u].store(max + u * kLanes);
   }
-  std::copy(top, top + rest, max + NV * kLanes);
 }
 
 template <typename T, bool kIndex>
-void channel_stats_cl(const T* x, int64_t c, int64_t hw, int64_t len, double* total, Acc<T>* max, int64_t* arg) {
+void channel_stats_cl(const T* x, int64_t c, int64_t p0, int64_t p1, int64_t len, Acc<T>* part, Acc<T>* max,
+                      int64_t* arg) {
   constexpr int64_t kLanes = AccVec<T>::size();
   const int64_t rest = len % kLanes;
   switch (len / kLanes) {
-    case 0: return channel_stats_cl<T, 0, kIndex>(x, c, hw, rest, total, max, arg);
-    case 1: return channel_stats_cl<T, 1, kIndex>(x, c, hw, rest, total, max, arg);
-    case 2: return channel_stats_cl<T, 2, kIndex>(x, c, hw, rest, total, max, arg);
-    case 3: return channel_stats_cl<T, 3, kIndex>(x, c, hw, rest, total, max, arg);
-    default: return channel_stats_cl<T, kNv, kIndex>(x, c, hw, rest, total, max, arg);
+    case 0: return channel_stats_cl<T, 0, kIndex>(x, c, p0, p1, rest, part, max, arg);
+    case 1: return channel_stats_cl<T, 1, kIndex>(x, c, p0, p1, rest, part, max, arg);
+    case 2: return channel_stats_cl<T, 2, kIndex>(x, c, p0, p1, rest, part, max, arg);
+    case 3: return channel_stats_cl<T, 3, kIndex>(x, c, p0, p1, rest, part, max, arg);
+    default: return channel_stats_cl<T, kNv, kIndex>(x, c, p0, p1, rest, part, max, arg);
   }
+}
+
+constexpr int64_t kStatsTileBytes = 16 * 1024;  // pixels' rows the channel stats read per tile: about this
+
+// The channel descriptors of channels_last x (N, HW, C in memory) into d (2N, C: means, then maxima),
+// with idx each channel's first max pixel. A task takes an image and a group of blocks of kNv
+// vectors of channels, and reads its pixels in tiles of rows (kStatsTileBytes): each block's
+// channels of the tile in registers (channel_stats_cl), then the next block's, so that memory is
+// read in order, each row once, as the hardware prefetcher expects, and as in row_mean_max each
+// chunk of kChunk pixels is summed in Acc<T> before being added to a double.
+template <typename T>
+void channel_descriptors_cl(const T* x, int64_t n, int64_t c, int64_t hw, Acc<T>* d, int64_t* idx) {
+  using A = Acc<T>;
+  const int64_t block = std::min<int64_t>(c, kNv * AccVec<T>::size()), blocks = (c + block - 1) / block;
+  const int64_t groups = std::min(blocks, std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n));
+  const int64_t per_group = (blocks + groups - 1) / groups;
+  const int64_t tile = std::max<int64_t>(1, kStatsTileBytes / (c * int64_t(sizeof(T))));
+  at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> total(per_group * block);
+    std::vector<A> part(per_group * block), max(per_group * block);
+    std::vector<int64_t> arg(per_group * block);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t bi = t / groups, b0 = (t % groups) * per_group, b1 = std::min(blocks, b0 + per_group);
+      const int64_t c0 = b0 * block, c1 = std::min(c, b1 * block), len = c1 - c0;
+      if (len <= 0) continue;
+      const T* image = x + bi * hw * c;
+      std::fill(total.begin(), total.end(), 0.0);
+      std::fill(max.begin(), max.end(), -std::numeric_limits<A>::infinity());
+      std::fill(arg.begin(), arg.end(), int64_t(0));
+      for (int64_t q0 = 0; q0 < hw; q0 += kChunk) {
+        const int64_t q1 = std::min(hw, q0 + kChunk);
+        std::fill(part.begin(), part.end(), A(0));
+        for (int64_t p0 = q0; p0 < q1; p0 += tile) {
+          const int64_t p1 = std::min(q1, p0 + tile);
+          for (int64_t cb = c0; cb < c1; cb += block) {
+            const int64_t o = cb - c0, width = std::min(block, c1 - cb);
+            if (idx) {
+              channel_stats_cl<T, true>(image + cb, c, p0, p1, width, part.data() + o, max.data() + o, arg.data() + o);
+            } else {
+              channel_stats_cl<T, false>(image + cb, c, p0, p1, width, part.data() + o, max.data() + o, nullptr);
+            }
+          }
+        }
+        for (int64_t j = 0; j < len; ++j) total[j] += part[j];
+      }
+      for (int64_t j = 0; j < len; ++j) {
+        d[bi * c + c0 + j] = static_cast<A>(total[j] / hw);
+        d[(n + bi) * c + c0 + j] = max[j];
+        if (idx) idx[bi * c + c0 + j] = arg[j];
+      }
+    }
+  });
 }
 
 // The no-grad and the training forward for channels_last x (memory N, H, W, C): the channel
@@ -1187,28 +1298,7 @@ ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor&
     using A = Acc<T>;
     const T* xp = x.data_ptr<T>();
     A* d = descriptors.data_ptr<A>();
-    int64_t* ip = with_index ? idx.data_ptr<int64_t>() : nullptr;
-    const int64_t block = std::min<int64_t>(c, kNv * AccVec<T>::size()), blocks = (c + block - 1) / block;
-    at::parallel_for(0, n * blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<double> total(block);
-      std::vector<A> max(block);
-      std::vector<int64_t> arg(block);
-      for (int64_t t = begin; t < end; ++t) {
-        const int64_t bi = t / blocks, c0 = (t % blocks) * block, len = std::min(block, c - c0);
-        const T* first = xp + bi * hw * c + c0;
-        if (ip) {
-          std::fill(arg.begin(), arg.end(), int64_t(0));
-          channel_stats_cl<T, true>(first, c, hw, len, total.data(), max.data(), arg.data());
-        } else {
-          channel_stats_cl<T, false>(first, c, hw, len, total.data(), max.data(), nullptr);
-        }
-        for (int64_t j = 0; j < len; ++j) {
-          d[bi * c + c0 + j] = static_cast<A>(total[j] / hw);
-          d[(n + bi) * c + c0 + j] = max[j];
-          if (ip) ip[bi * c + c0 + j] = arg[j];
-        }
-      }
-    });
+    channel_descriptors_cl<T>(xp, n, c, hw, d, with_index ? idx.data_ptr<int64_t>() : nullptr);
     mlp_gate<A>(d, n, c, w1, b1, w2, b2, hidden.data_ptr<A>(), g.data_ptr<A>());
   });
   auto [s, pooled] = attend(x, g, weight, a, shift, residual, out, with_index);
