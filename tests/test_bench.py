@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from smp_cbam import CBAM
+from smp_cbam.benchmarks import cbam_bench
 from smp_cbam.benchmarks.cbam_bench import (
     AMP_TYPES,
     STEP_TYPES,
@@ -130,13 +131,24 @@ def test_amp_section_prints_fp32_and_autocast_rows() -> None:
 
 
 @pytest.mark.slow
-def test_compile_section_prints_compiled_and_eager_rows() -> None:
+def test_compile_section_prints_compiled_and_eager_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # dynamo's eager backend: the section's plumbing without inductor's code generation, which
-    # tests/test_ops.py and tests/test_exports.py cover for CBAM
+    # tests/test_ops.py and tests/test_exports.py cover for CBAM; the head's output dtype shows
+    # that every model, compiled and eager, ran under the section's precision
+    seen: list[torch.dtype] = []
+
+    def build(arch: str, attention: str, **kwargs: object) -> torch.nn.Module:
+        model = build_bench_model(arch, attention, **kwargs)
+        model.segmentation_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return model
+
+    monkeypatch.setattr(cbam_bench, "build_bench_model", build)
     for amp, precision in ((None, "fp32"), (torch.bfloat16, "bfloat16 autocast")):
+        seen.clear()
         out = compile_benchmark(rounds=1, device=torch.device("cpu"), batch=2, size=32, backend="eager", amp=amp)
         assert f"of the whole Unet, {precision}:" in out
         for setting in ("Unet train", "Unet inference"):
             for mode in ("compiled", "eager"):
                 row = rf"^{setting} {precision}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$"
                 assert re.search(row, out, re.M), out
+        assert seen and set(seen) == {amp or torch.float32}, set(seen)
