@@ -226,11 +226,11 @@ def _module_and_params(c: int, dtype: torch.dtype, residual: bool) -> tuple[CBAM
 # channels: below one vector, a multiple of it below the four the descriptor pass keeps in
 # registers (24), above four and then a tail of a vector and more (37, 44, 130); pixels above a
 # chunk (1024); one vector of channels exactly (16); more than one tile of pixel rows and several
-# blocks of channels with a tail (130 x 144 pixels); with AVX512 the spatial pool combines 16
-# pixels at a time, then one at a time for the rest
+# blocks of channels with a tail (130 x 144 pixels), and with more than one chunk (80 x 1089);
+# with AVX512 the spatial pool combines 16 pixels at a time (fewer in the last group)
 CL_SHAPES = [
     (2, 3, 5, 7), (2, 24, 7, 5), (2, 37, 6, 9), (2, 44, 6, 9), (1, 64, 50, 50), (3, 130, 4, 3),
-    (1, 16, 40, 41), (2, 130, 12, 12),
+    (1, 16, 40, 41), (2, 130, 12, 12), (1, 80, 33, 33),
 ]  # fmt: skip
 
 
@@ -268,9 +268,10 @@ def test_cbam_infer_takes_channels_last(
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channels_last_nan_like_nchw(dtype: torch.dtype, ops: object) -> None:
-    # NaN in one image (it reaches every gate of that image, so every output); in the other a
-    # tail channel's element far above the rest (the pooled max from the tail); 40 channels: two
-    # vectors and a tail, 7 x 9 pixels: groups of 16 and the rest
+    # NaN in one image: it reaches every gate of that image, so every output, and the other image
+    # stays finite (the pooled max's own NaN handling cannot be seen through the gates: the
+    # formula tests cover its values); in the other image a tail channel's element far above the
+    # rest (the pooled max from the tail); 40 channels: two vectors and a tail, 7 x 9 pixels
     _, params = _module_and_params(40, dtype, False)
     x = torch.randn(2, 40, 7, 9, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[0, 5, 3, 4] = float("nan")
@@ -280,6 +281,29 @@ def test_channels_last_nan_like_nchw(dtype: torch.dtype, ops: object) -> None:
     assert cl[0].isnan().all() and nchw[0].isnan().all() and cl[1].isfinite().all()
     tol = {"rtol": 1e-2, "atol": 1e-2} if dtype == torch.bfloat16 else {"rtol": 1e-5, "atol": 1e-6}
     torch.testing.assert_close(cl[1], nchw[1], **tol)
+
+
+@pytest.mark.parametrize("shape", [(1, 300, 5, 5), (3, 40, 9, 7), (1, 16, 40, 41)])
+def test_channels_last_forward_does_not_depend_on_the_thread_count(shape: tuple[int, ...], ops: object) -> None:
+    # the thread count decides how the passes split channels and rows among tasks (300 channels,
+    # one image: four groups of blocks on two threads); every pixel and channel is summed the same
+    # way in any split
+    _, params = _module_and_params(shape[1], torch.float32, False)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            results.append(
+                (kernels.cbam_infer(x, *params, 1.0, 0.0, False, False), kernels.cbam_train(x, *params, False))
+            )
+    finally:
+        torch.set_num_threads(threads)
+    (infer_1, train_1), (infer_2, train_2) = results
+    assert torch.equal(infer_1, infer_2)
+    for name in kernels.TrainForward._fields:
+        assert torch.equal(getattr(train_1, name), getattr(train_2, name)), name
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES)

@@ -744,16 +744,16 @@ std::tuple<at::Tensor, at::Tensor> spatial_conv_backward(const at::Tensor& d_out
 }
 
 
-// s = sigmoid(a * s + b), in place
+// s = sigmoid(a * s + b), in place; the tail as a partial vector, so that every element gets the
+// vector exp whatever the length (the passes' blocks of rows depend on the thread count)
 template <typename T>
 void sigmoid_affine(T* s, int64_t len, T a, T b) {
   using Vec = at::vec::Vectorized<T>;
-  int64_t i = 0;
-  for (; i + Vec::size() <= len; i += Vec::size()) {
-    const Vec z = Vec(-a) * Vec::loadu(s + i) - Vec(b);
-    (Vec(T(1)) + z.exp()).reciprocal().store(s + i);
+  for (int64_t i = 0; i < len; i += Vec::size()) {
+    const int64_t count = std::min<int64_t>(Vec::size(), len - i);
+    const Vec z = Vec(-a) * Vec::loadu(s + i, count) - Vec(b);
+    (Vec(T(1)) + z.exp()).reciprocal().store(s + i, count);
   }
-  for (; i < len; ++i) s[i] = T(1) / (T(1) + std::exp(-a * s[i] - b));
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -798,9 +798,17 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<A, float> && kLanes == 16) {
     const int64_t full = c - c % kLanes;
-    for (; full > 0 && i + kLanes <= len; i += kLanes) {
+    // the last group may hold fewer than 16 pixels: the others' lanes are left out of the stores,
+    // so that every pixel goes through the same tree, however the rows are split among tasks
+    for (; full > 0 && i < len; i += kLanes) {
+      const int64_t count = std::min(kLanes, len - i);
       Vec vs[kLanes], vm[kLanes];
       for (int64_t q = 0; q < kLanes; ++q) {
+        if (q >= count) {
+          vs[q] = Vec(A(0));
+          vm[q] = Vec(A(0));
+          continue;
+        }
         const T* row = x + (p0 + i + q) * c;
         prefetch_ahead(row, c);
         const Vec y = load_acc(row) * Vec::loadu(g);
@@ -814,17 +822,19 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
       }
       const auto add = [](const Vec& a, const Vec& b) { return a + b; };
       const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
-      combine16(vs, add).store(sum + i);
-      combine16(vm, top).store(max + i);
-      for (int64_t q = 0; q < kLanes && full < c; ++q) {
+      A total[kLanes], most[kLanes];
+      combine16(vs, add).store(total);
+      combine16(vm, top).store(most);
+      for (int64_t q = 0; q < count; ++q) {
         const T* row = x + (p0 + i + q) * c;
         for (int64_t j = full; j < c; ++j) {
           const A y = static_cast<A>(row[j]) * g[j];
-          sum[i + q] += y;
-          max[i + q] = beats(y, max[i + q]) ? y : max[i + q];
+          total[q] += y;
+          most[q] = beats(y, most[q]) ? y : most[q];
         }
+        sum[i + q] = total[q] / static_cast<A>(c);
+        max[i + q] = most[q];
       }
-      (Vec::loadu(sum + i) / Vec(static_cast<A>(c))).store(sum + i);
     }
   }
 #endif
@@ -1220,29 +1230,33 @@ void channel_stats_cl(const T* x, int64_t c, int64_t p0, int64_t p1, int64_t len
   }
 }
 
-constexpr int64_t kStatsTileBytes = 16 * 1024;  // pixels' rows the channel stats read per tile: about this
+// The bytes of a tile of pixel rows in channel_descriptors_cl: small enough that the tile stays in
+// L1 while each of its blocks of channels is read in turn.
+constexpr int64_t kStatsTileBytes = 16 * 1024;
 
 // The channel descriptors of channels_last x (N, HW, C in memory) into d (2N, C: means, then maxima),
 // with idx each channel's first max pixel. A task takes an image and a group of blocks of kNv
-// vectors of channels, and reads its pixels in tiles of rows (kStatsTileBytes): each block's
-// channels of the tile in registers (channel_stats_cl), then the next block's, so that memory is
-// read in order, each row once, as the hardware prefetcher expects, and as in row_mean_max each
-// chunk of kChunk pixels is summed in Acc<T> before being added to a double.
+// vectors of channels (more than one group per image only where there are fewer images than
+// tasks to give the threads) and reads its pixels in tiles of rows: each block's channels of the
+// tile in registers (channel_stats_cl), then the next block's. Its memory is read in order, as
+// the hardware prefetcher expects; a pass over the image per block read part of every row, and
+// the prefetcher fetched the rest. As in row_mean_max, each chunk of kChunk pixels is summed in
+// Acc<T> before being added to a double, in pixel order.
 template <typename T>
 void channel_descriptors_cl(const T* x, int64_t n, int64_t c, int64_t hw, Acc<T>* d, int64_t* idx) {
   using A = Acc<T>;
   const int64_t block = std::min<int64_t>(c, kNv * AccVec<T>::size()), blocks = (c + block - 1) / block;
   const int64_t groups = std::min(blocks, std::max<int64_t>(1, (2 * at::get_num_threads() + n - 1) / n));
-  const int64_t per_group = (blocks + groups - 1) / groups;
-  const int64_t tile = std::max<int64_t>(1, kStatsTileBytes / (c * int64_t(sizeof(T))));
+  const int64_t per_group = (blocks + groups - 1) / groups;  // the most blocks a group gets
   at::parallel_for(0, n * groups, 1, [&](int64_t begin, int64_t end) {
     std::vector<double> total(per_group * block);
     std::vector<A> part(per_group * block), max(per_group * block);
     std::vector<int64_t> arg(per_group * block);
     for (int64_t t = begin; t < end; ++t) {
-      const int64_t bi = t / groups, b0 = (t % groups) * per_group, b1 = std::min(blocks, b0 + per_group);
+      // blocks split evenly: every group gets at least one (groups <= blocks)
+      const int64_t bi = t / groups, b0 = (t % groups) * blocks / groups, b1 = (t % groups + 1) * blocks / groups;
       const int64_t c0 = b0 * block, c1 = std::min(c, b1 * block), len = c1 - c0;
-      if (len <= 0) continue;
+      const int64_t tile = std::max<int64_t>(1, kStatsTileBytes / (len * int64_t(sizeof(T))));
       const T* image = x + bi * hw * c;
       std::fill(total.begin(), total.end(), 0.0);
       std::fill(max.begin(), max.end(), -std::numeric_limits<A>::infinity());
@@ -1273,12 +1287,11 @@ void channel_descriptors_cl(const T* x, int64_t n, int64_t c, int64_t hw, Acc<T>
 }
 
 // The no-grad and the training forward for channels_last x (memory N, H, W, C): the channel
-// descriptors (with idx, each channel's first max pixel), one task per (image, block of channels)
-// reading each pixel's row of the block, then the MLP, then attend, which streams blocks of rows as
-// for NCHW (the pooled rows, the convolution and the scaled rows in cache together) and reads each
-// pixel's channels as one row. Inductor lays convolution activations out
-// channels_last on CPU, and so do users who train that way: a kernel that took NCHW only would
-// cost a copy into and out of that layout around every CBAM.
+// descriptors (with idx, each channel's first max pixel; channel_descriptors_cl), then the MLP,
+// then attend, which streams blocks of rows as for NCHW (the pooled rows, the convolution and the
+// scaled rows in cache together) and reads each pixel's channels as one row. Inductor lays
+// convolution activations out channels_last on CPU, and so do users who train that way: a kernel
+// that took NCHW only would cost a copy into and out of that layout around every CBAM.
 struct ForwardChannelsLast {
   at::Tensor descriptors, hidden, g, idx, s, pooled;
 };
