@@ -339,7 +339,10 @@ def test_cbam_train_and_backward_take_channels_last(
         for name in kernels.TrainGrads._fields:
             a, b = getattr(got, name), getattr(expected, name)
             scale = b.abs().max().double().clamp_min(1e-12)
-            assert ((a.double() - b.double()).abs().max() / scale).item() <= (2e-2 if tol else 1e-5), name
+            # dL/dbias sums float32 terms over every pixel in the two layouts' orders: up to
+            # 1.5e-5 of its size at 64 x 2500 in 50 random draws
+            bound = 2e-2 if tol else (4e-5 if dtype == torch.float32 else 1e-5)
+            assert ((a.double() - b.double()).abs().max() / scale).item() <= bound, name
     assert kernels.cbam_backward(grad, cl, saved, w1, w2, weight, residual, False).x.numel() == 0
 
 
