@@ -22,7 +22,7 @@ from torch.utils.cpp_extension import load
 
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
-from smp_cbam.benchmarks.cbam_bench import build_bench_model, infer_fn, interleaved_times, paired_ratio
+from smp_cbam.benchmarks.cbam_bench import build_bench_model, cbam_unet, infer_fn, interleaved_times, paired_ratio
 from smp_cbam.training.malloc import keep_heap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +68,9 @@ class OtherKernelCBAM(CBAM):
         return x
 
 
-def model(attention: str, cls: type[CBAM] | None = None) -> torch.nn.Module:
+def none_unet() -> torch.nn.Module:
     torch.manual_seed(0)
-    built = build_bench_model("Unet", attention)
-    for module in built.modules():
-        if cls is not None and isinstance(module, CBAM):
-            module.__class__ = cls
-    return built
+    return build_bench_model("Unet", "none")
 
 
 def main() -> None:
@@ -93,14 +89,14 @@ def main() -> None:
     device = torch.device("cpu")
     with torch.no_grad():
         x = torch.randn(2, 3, 64, 64)
-        ours, theirs = torch.compile(model("cbam").eval())(x), torch.compile(model("cbam", OtherKernelCBAM).eval())(x)
+        ours, theirs = torch.compile(cbam_unet().eval())(x), torch.compile(cbam_unet(OtherKernelCBAM).eval())(x)
     print(f"largest difference of the two compiled CBAM models' outputs: {(ours - theirs).abs().max().item():.2e}")
     fns = {
-        "none compiled": infer_fn(torch.compile(model("none")), 4, 160, device, amp),
-        "cbam compiled, this tree": infer_fn(torch.compile(model("cbam")), 4, 160, device, amp),
-        f"cbam compiled, {args.commit}": infer_fn(torch.compile(model("cbam", OtherKernelCBAM)), 4, 160, device, amp),
-        "none eager": infer_fn(model("none"), 4, 160, device, amp),
-        "cbam eager": infer_fn(model("cbam"), 4, 160, device, amp),
+        "none compiled": infer_fn(torch.compile(none_unet()), 4, 160, device, amp),
+        "cbam compiled, this tree": infer_fn(torch.compile(cbam_unet()), 4, 160, device, amp),
+        f"cbam compiled, {args.commit}": infer_fn(torch.compile(cbam_unet(OtherKernelCBAM)), 4, 160, device, amp),
+        "none eager": infer_fn(none_unet(), 4, 160, device, amp),
+        "cbam eager": infer_fn(cbam_unet(), 4, 160, device, amp),
     }
     times = interleaved_times(fns, args.rounds, device, warmup=2)
     print(

@@ -28,7 +28,7 @@ import torch
 
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
-from smp_cbam.benchmarks.cbam_bench import build_bench_model, infer_fn, interleaved_times, paired_ratio
+from smp_cbam.benchmarks.cbam_bench import build_bench_model, cbam_unet, infer_fn, interleaved_times, paired_ratio
 from smp_cbam.training.malloc import keep_heap
 
 
@@ -51,20 +51,6 @@ class NchwOperatorCBAM(CBAM):
         first, _, second = self.channel.mlp
         conv = self.spatial.conv
         return cbam_infer_nchw(x, first.weight, second.weight, conv.weight, conv.bias)
-
-
-def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto", inplace: bool = True) -> torch.nn.Module:
-    """The benchmark's CBAM Unet with every CBAM of class ``cls``, implementation ``impl``
-    (``"reference"``: the formula, which inductor compiles and fuses) and ``inplace`` (smp's
-    decoders build CBAM in place)."""
-    torch.manual_seed(0)
-    model = build_bench_model("Unet", "cbam")
-    for module in model.modules():
-        if isinstance(module, CBAM):
-            module.__class__ = cls
-            module.impl = impl
-            module.inplace = inplace
-    return model
 
 
 def main() -> None:

@@ -98,6 +98,20 @@ def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     return model
 
 
+def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto", inplace: bool = True) -> nn.Module:
+    """The benchmark's CBAM Unet (seed 0) with every CBAM of class ``cls`` (a subclass that calls
+    another operator in captured graphs), implementation ``impl`` (``"reference"``: the formula,
+    which inductor compiles and fuses) and ``inplace`` (smp's decoders build CBAM in place)."""
+    torch.manual_seed(0)
+    model = build_bench_model("Unet", "cbam")
+    for module in model.modules():
+        if isinstance(module, CBAM):
+            module.__class__ = cls
+            module.impl = impl
+            module.inplace = inplace
+    return model
+
+
 def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: torch.device) -> str:
     """Forward + backward of one attention module per shape, against timm, SCSE and a copy.
 
