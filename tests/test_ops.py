@@ -460,6 +460,22 @@ def test_opcheck_bfloat16(channels_last: bool) -> None:
 
 
 @needs_kernels
+def test_operators_without_a_gradient_say_so_on_backward() -> None:
+    # only cbam_train has a backward; the others must not hand back a silent None gradient
+    module = _module(mlp_bias=True)
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    x = torch.randn(2, 16, 5, 4, requires_grad=True)
+    params = (first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, False)
+    with pytest.raises(RuntimeError, match="smp_cbam::cbam_infer has no gradient"):
+        ops.cbam_infer(x, *params).sum().backward()
+    out, *saved = ops.cbam_train(x, *params)
+    (dx, *_) = torch.autograd.grad(out.square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="smp_cbam::cbam_backward has no gradient"):
+        dx.sum().backward()
+
+
+@needs_kernels
 def test_compile_under_autocast_runs_the_formula_for_bfloat16_parameters() -> None:
     # a model cast to bfloat16 under autocast: the kernels need float32 parameters, as in eager mode
     module = _module().bfloat16()

@@ -1,17 +1,21 @@
-"""CBAM's CPU kernels as ``torch.library`` custom operators: ``smp_cbam::cbam_train``,
+"""CBAM's CPU kernels as ``torch.library`` operators: ``smp_cbam::cbam_train``,
 ``smp_cbam::cbam_backward``, ``smp_cbam::cbam_infer`` and its in-place form ``cbam_infer_``.
 
 Each has a schema, a fake implementation (output shapes only: used by ``torch.compile``,
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
 implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
 registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
-gradient instead of falling back to the formula. All take channels_last input as it is
-(inductor's layout for convolution activations on CPU) and give their full-size outputs in it;
-``cbam_infer_`` writes over ``x`` (through a dense copy where ``x`` is neither layout).
+gradient instead of falling back to the formula; the others raise if a gradient is asked of them.
+All take channels_last input as it is (inductor's layout for convolution activations on CPU) and
+give their full-size outputs in it; ``cbam_infer_`` writes over ``x`` (through a dense copy where
+``x`` is neither layout).
+
+They are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the
+latter wraps each call in Python layers of its own (a dynamo guard, autograd and ADInplaceOrView
+kernels, alias checks), and a compiled Unet calls these operators once per CBAM per call.
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
-the kernels directly, since a custom operator's Python dispatch costs more than the kernels' own
-entry points.
+the kernels directly, which skips the dispatch to Python altogether.
 """
 
 import torch
@@ -19,30 +23,43 @@ from torch import Tensor
 
 from . import kernels
 
-_TRAIN_OUTPUTS = 7
+_LIB = torch.library.Library("smp_cbam", "DEF")
+_PARAMS = "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, bool residual"
+# flexible_layout: inductor may hand over channels_last input (its layout for convolution
+# activations on CPU), which the kernels take as it is, returning the same layout; with the default
+# constraint inductor would copy into NCHW before every CBAM and back after it.
+_TAGS = (torch.Tag.flexible_layout,)
+_LIB.define(f"cbam_train(Tensor x, {_PARAMS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags=_TAGS)
+_LIB.define(
+    "cbam_backward(Tensor grad, Tensor x, Tensor descriptors, Tensor hidden, Tensor channel_gate, "
+    "Tensor channel_index, Tensor spatial_gate, Tensor pooled, Tensor w1, Tensor w2, Tensor weight, "
+    "bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
+    tags=_TAGS,
+)
+_LIB.define(f"cbam_infer(Tensor x, {_PARAMS}) -> Tensor", tags=_TAGS)
+_LIB.define(f"cbam_infer_(Tensor(a!) x, {_PARAMS}) -> ()", tags=_TAGS)
+
+cbam_train = torch.ops.smp_cbam.cbam_train.default
+cbam_backward = torch.ops.smp_cbam.cbam_backward.default
+cbam_infer = torch.ops.smp_cbam.cbam_infer.default
+cbam_infer_ = torch.ops.smp_cbam.cbam_infer_.default
 
 
-def _cpu(x: Tensor) -> None:
+def _cpu() -> None:
     if not kernels.available():
         raise RuntimeError("smp_cbam's CPU kernels are not built; CBAM only calls this operator where they are")
 
 
-# flexible_layout: inductor may hand over channels_last input (its layout for convolution
-# activations on CPU), which the kernels take as it is, returning the same layout; with the default
-# constraint inductor would copy into NCHW before every CBAM and back after it.
-@torch.library.custom_op(
-    "smp_cbam::cbam_train", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
-)
-def cbam_train(
+def _train_cpu(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, ...]:  # fmt: skip
     """``kernels.cbam_train``: the output and what the backward needs (``kernels.TrainForward``)."""
-    _cpu(x)
+    _cpu()
     return tuple(kernels.cbam_train(_layout(x), w1, b1, w2, b2, weight, bias, residual))
 
 
-@cbam_train.register_fake
+@torch.library.register_fake("smp_cbam::cbam_train", lib=_LIB)
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
     n, c, h, w = x.shape
     hidden = w1.shape[0]
@@ -58,21 +75,18 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the 
     )
 
 
-@torch.library.custom_op(
-    "smp_cbam::cbam_backward", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
-)
-def cbam_backward(
+def _backward_cpu(
     grad: Tensor, x: Tensor, descriptors: Tensor, hidden: Tensor, channel_gate: Tensor, channel_index: Tensor,
     spatial_gate: Tensor, pooled: Tensor, w1: Tensor, w2: Tensor, weight: Tensor, residual: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, ...]:  # fmt: skip
     """``kernels.cbam_backward``: ``kernels.TrainGrads`` (dx always computed here, in ``x``'s layout;
     ``grad`` in any)."""
-    _cpu(x)
+    _cpu()
     saved = kernels.TrainForward(None, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled)
     return tuple(kernels.cbam_backward(grad, _layout(x), saved, w1, w2, weight, residual, True))
 
 
-@cbam_backward.register_fake
+@torch.library.register_fake("smp_cbam::cbam_backward", lib=_LIB)
 def _(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
     c, n_hidden = x.shape[1], hidden.shape[1]
     return (
@@ -104,23 +118,17 @@ def _train_backward(ctx, grad, *unused):  # noqa: ANN001, ANN202 - register_auto
     )  # fmt: skip
 
 
-cbam_train.register_autograd(_train_backward, setup_context=_setup_train)
-
-
-@torch.library.custom_op(
-    "smp_cbam::cbam_infer", mutates_args=(), device_types="cpu", tags=(torch.Tag.flexible_layout,)
-)
-def cbam_infer(
+def _infer_cpu(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
 ) -> Tensor:  # fmt: skip
     """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor of ``x``'s layout (NCHW or
     channels_last; any other strides are made NCHW)."""
-    _cpu(x)
+    _cpu()
     return kernels.cbam_infer(_layout(x), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
 
 
-@cbam_infer.register_fake
+@torch.library.register_fake("smp_cbam::cbam_infer", lib=_LIB)
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return torch.empty_like(_layout(x))
 
@@ -129,17 +137,14 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
 # mode. Inductor's re-inplacing lets it write into the activation buffer when nothing else reads it,
 # so the graph allocates (and, with glibc's defaults, faults in) no output for each CBAM; where x is
 # read again, functionalization keeps the mutation's order, so x reads as the output, as in eager
-# mode's kernel path.
-@torch.library.custom_op(
-    "smp_cbam::cbam_infer_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
-)
-def cbam_infer_(
+# mode's kernel path. (ATen's ADInplaceOrView fallback bumps x's version counter.)
+def _infer_inplace_cpu(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
 ) -> None:  # fmt: skip
     """``cbam_infer`` over ``x``: in place where ``x`` is NCHW- or channels_last-contiguous, else
     (strides a graph may choose under ``flexible_layout``) into a dense copy written back."""
-    _cpu(x)
+    _cpu()
     dense = _layout(x)
     if dense is x:
         kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
@@ -147,9 +152,27 @@ def cbam_infer_(
         x.copy_(kernels.cbam_infer(dense, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False))
 
 
-@cbam_infer_.register_fake
+@torch.library.register_fake("smp_cbam::cbam_infer_", lib=_LIB)
 def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return None
+
+
+def _no_gradient(name: str):  # noqa: ANN202
+    def backward(ctx, *grads):  # noqa: ANN001, ANN202, ARG001 - register_autograd's signature
+        raise RuntimeError(
+            f"smp_cbam::{name} has no gradient: CBAM calls smp_cbam::cbam_train where one is recorded"
+        )
+
+    return backward
+
+
+_LIB.impl("cbam_train", _train_cpu, "CPU")
+_LIB.impl("cbam_backward", _backward_cpu, "CPU")
+_LIB.impl("cbam_infer", _infer_cpu, "CPU")
+_LIB.impl("cbam_infer_", _infer_inplace_cpu, "CPU")
+torch.library.register_autograd("smp_cbam::cbam_train", _train_backward, setup_context=_setup_train, lib=_LIB)
+torch.library.register_autograd("smp_cbam::cbam_backward", _no_gradient("cbam_backward"), lib=_LIB)
+torch.library.register_autograd("smp_cbam::cbam_infer", _no_gradient("cbam_infer"), lib=_LIB)
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
