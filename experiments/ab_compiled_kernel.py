@@ -41,10 +41,16 @@ def build_other(commit: str) -> None:
     load(name="smp_cbam_other", sources=[str(path)], extra_cflags=flags, is_python_module=False)
 
 
-@torch.library.custom_op(
-    "smp_cbam_ab::cbam_infer_other_", mutates_args=("x",), device_types="cpu", tags=(torch.Tag.flexible_layout,)
+# defined as smp_cbam's own operators are (torch.library.Library, ``ops``), so that both arms pay the
+# same dispatch
+_LIB = torch.library.Library("smp_cbam_ab", "DEF")
+_LIB.define(
+    "cbam_infer_other_(Tensor(a!) x, Tensor w1, Tensor w2, Tensor weight, Tensor bias) -> ()",
+    tags=(torch.Tag.flexible_layout,),
 )
-def cbam_infer_other_(
+
+
+def _cbam_infer_other(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> None:
     torch.ops.smp_cbam_other.cbam_infer(
@@ -52,7 +58,11 @@ def cbam_infer_other_(
     )
 
 
-@cbam_infer_other_.register_fake
+_LIB.impl("cbam_infer_other_", _cbam_infer_other, "CPU")
+cbam_infer_other_ = torch.ops.smp_cbam_ab.cbam_infer_other_.default
+
+
+@torch.library.register_fake("smp_cbam_ab::cbam_infer_other_", lib=_LIB)
 def _(x, w1, w2, weight, bias):  # noqa: ANN001, ANN202
     return None
 

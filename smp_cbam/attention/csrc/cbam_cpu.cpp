@@ -68,6 +68,10 @@ constexpr int64_t kChunk = 1024;  // elements summed in Acc<T> before adding to 
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
 constexpr int64_t kAhead = 4;     // channels ahead that pool_span and gate_span prefetch
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead row_mean_max's stream is prefetched
+// How far ahead the channels_last passes prefetch, into L2 only: they read x as one stream, whose
+// few misses in flight the hardware prefetcher alone does not keep the core busy with, and lines
+// fetched into L1 this far ahead would evict the rows being read.
+constexpr int64_t kPrefetchBytesCl = 16384;
 
 template <typename T>
 inline bool beats(T v, T m) {
@@ -160,12 +164,13 @@ int64_t find_first(const T* row, int64_t from, int64_t len, Acc<T> value) {
   return len;
 }
 
-// Prefetches the cache lines kPrefetchBytes past [p, p + len): a stream read through the L2 gets
-// about 0.75x the time with them (measured in the network's order of shapes, cold or in L3).
-template <typename T>
+// Prefetches the cache lines kBytes past [p, p + len) (kLocality: __builtin_prefetch's, 3 for
+// every level, 1 for L2 and below). With kPrefetchBytes, a stream read through the L2 gets about
+// 0.75x the time (measured in the network's order of shapes, cold or in L3).
+template <int64_t kBytes = kPrefetchBytes, int kLocality = 3, typename T>
 inline void prefetch_ahead(const T* p, int64_t len) {
-  const char* ahead = reinterpret_cast<const char*>(p) + kPrefetchBytes;
-  for (int64_t b = 0; b < len * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b);
+  const char* ahead = reinterpret_cast<const char*>(p) + kBytes;
+  for (int64_t b = 0; b < len * int64_t(sizeof(T)); b += 64) __builtin_prefetch(ahead + b, 0, kLocality);
 }
 
 // Mean and max of each of the n rows of x (n, len), and the max's first index when idx is set.
@@ -810,7 +815,7 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
           continue;
         }
         const T* row = x + (p0 + i + q) * c;
-        prefetch_ahead(row, c);
+        prefetch_ahead<kPrefetchBytesCl, 1>(row, c);
         const Vec y = load_acc(row) * Vec::loadu(g);
         vs[q] = y;
         vm[q] = y;
@@ -1184,7 +1189,7 @@ void channel_stats_cl(const T* x, int64_t c, int64_t p0, int64_t p1, int64_t res
   A* top = max + NV * kLanes;
   for (int64_t p = p0; p < p1; ++p) {
     const T* row = x + p * c;
-    prefetch_ahead(row, NV * kLanes + rest);
+    prefetch_ahead<kPrefetchBytesCl, 1>(row, NV * kLanes + rest);
     for (int u = 0; u < NV; ++u) {
       const Vec v = load_acc(row + u * kLanes);
       vs[u] = vs[u] + v;
