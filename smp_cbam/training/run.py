@@ -490,6 +490,7 @@ def run_one(
     row = {
         "status": "ok",
         "precision": str(trainer.precision),
+        "threads": torch.get_num_threads(),  # it orders the run's sums: part of what reproduces it
         "stop_reason": fit["stop_reason"],
         "converged": bool(converged),
         "epochs": len(rows),

@@ -30,7 +30,6 @@ import os
 import shutil
 import statistics
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,7 @@ __all__ = [
 ]  # fmt: skip
 
 RESULT_COLUMNS = [
-    "dataset", "arch", "encoder", "attention", "placement", "seed", "status", "precision", "stop_reason",
+    "dataset", "arch", "encoder", "attention", "placement", "seed", "status", "precision", "threads", "stop_reason",
     "converged", "epochs", "steps", "best_epoch", "val_miou", "test_miou", "test_context_miou", "floor_miou",
     "at_floor", "untrained_miou", "params", "train_seconds", "failure", "run_dir",
 ]  # fmt: skip
@@ -240,10 +239,8 @@ def _grid_step(
     retry_failed: bool,
     eta: Eta | None,
     log: Log,
-    after_epoch: Callable[[dict], None] | None = None,
 ) -> bool:
-    """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran.
-    ``after_epoch`` is called with each epoch's history row."""
+    """Runs ``run`` unless it finished earlier; writes its ``result.json``. Returns whether it ran."""
     output = Path(config.output)
     run_dir = output / "runs" / run.name
     result_path = run_dir / "result.json"
@@ -267,8 +264,6 @@ def _grid_step(
     def on_epoch(row: dict) -> None:
         if eta is not None:
             eta.epoch_done(run, row["seconds"], row["epoch"])
-        if after_epoch is not None:
-            after_epoch(row)
 
     try:
         row = run_one(config, run, run_dir, Log(run_dir / "log.txt"), on_epoch=on_epoch)
@@ -297,19 +292,19 @@ def _grid_step(
     return True
 
 
-_SHARE: tuple[int, int, Any] | None = None  # in a worker: (cores, jobs, the grid's count of unfinished runs)
-
-
 _PARENT: int | None = None  # in a worker: the grid's process id
 
 
-def _worker_init(cores: int, jobs: int, unfinished: Any, parent: int | None = None) -> None:
-    global _SHARE, _PARENT
+def _worker_init(threads: int, parent: int | None = None) -> None:
+    """A worker trains every run on ``threads`` threads, from its first epoch to its last. The
+    thread count orders a run's sums (convolution gradients, batch statistics, the kernels'
+    reductions), so a count that followed the grid's progress (the last run taking the cores that
+    finished runs left idle) would give the same command other numbers on each call."""
+    global _PARENT
     if parent is not None:
         _PARENT = parent
         _die_with_parent(parent)
-    _SHARE = (cores, jobs, unfinished)
-    _share_threads()
+    torch.set_num_threads(threads)
 
 
 def _die_with_parent(parent: int) -> None:
@@ -345,27 +340,14 @@ def _orphaned_exit() -> None:
         os._exit(1)
 
 
-def _share_threads(_row: dict | None = None) -> None:
-    """The cores split among the runs still going: ``cores // jobs`` threads while every worker
-    has a run, more once the grid's last runs are all that is left (a grid's tail otherwise runs
-    on one core while the others idle). Called before each run and after each of its epochs."""
-    if _SHARE is None:
-        return
-    cores, jobs, unfinished = _SHARE
-    threads = max(cores // max(min(jobs, unfinished.value), 1), 1)
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)
-
-
 def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> None:
     import logging
 
     logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
     quiet_lightning_warnings()
     _orphaned_exit()
-    _share_threads()
     try:
-        _grid_step(config, run, tag, retry_failed, None, Log(), after_epoch=_share_threads)
+        _grid_step(config, run, tag, retry_failed, None, Log())
     except SystemExit as stop:
         # SIGTERM (the grid's process ended, see _die_with_parent) stops Lightning at the end of a
         # batch, never inside a checkpoint's write; the run resumes from its last epoch. The worker
@@ -374,18 +356,14 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(stop.code if isinstance(stop.code, int) else 1)
-    finally:
-        if _SHARE is not None:
-            with _SHARE[2].get_lock():
-                _SHARE[2].value -= 1
     _orphaned_exit()
 
 
 def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed: bool, log: Log) -> None:
-    """``jobs`` runs at a time, each in a worker process with its share of the CPU's threads
-    (the whole CPU shared among the last runs, see ``_share_threads``); the report is rewritten
-    here as each run ends. Every run is seeded on its own, so the results equal those of one run
-    at a time (up to the summation order of a different thread count)."""
+    """``jobs`` runs at a time, each in a worker process with ``cores // jobs`` threads for all of
+    its runs (``_worker_init``); the report is rewritten here as each run ends. Every run is seeded
+    on its own, so the results equal those of one run at a time on as many threads, and a second
+    call of the same command gives the same numbers."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
     from concurrent.futures.process import BrokenProcessPool
@@ -395,9 +373,8 @@ def _parallel_steps(config: Config, runs: list[RunSpec], jobs: int, retry_failed
     threads = max(cores // jobs, 1)
     log(f"running {jobs} runs at a time, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # no forked copies of torch's thread pools
-    unfinished = context.Value("i", len(runs))
     with ProcessPoolExecutor(
-        jobs, mp_context=context, initializer=_worker_init, initargs=(cores, jobs, unfinished, os.getpid())
+        jobs, mp_context=context, initializer=_worker_init, initargs=(threads, os.getpid())
     ) as pool:
         futures = {
             pool.submit(_worker_step, config, run, f"[run {i}/{len(runs)}]", retry_failed): run
