@@ -46,11 +46,12 @@ def load_old(ref: str, into: Path) -> type[nn.Module]:
     # the attention modules sit in smp_cbam/attention/ since the package layout, before in smp_cbam/
     attention = "smp_cbam_old.attention" if (package / "attention").is_dir() else "smp_cbam_old"
     for path in [*package.rglob("*.py"), *package.rglob("cbam_cpu.cpp")]:
-        # torch.ops.smp_cbam (custom ops) and .smp_cbam_cpu (the C++ library, since the custom ops)
+        # torch.ops.smp_cbam (the operators) and .smp_cbam_cpu (the C++ library, since the custom ops)
         text = path.read_text().replace("torch.ops.smp_cbam", "torch.ops.smp_cbam_old")
         text = text.replace("TORCH_LIBRARY(smp_cbam,", "TORCH_LIBRARY(smp_cbam_old,")
         text = text.replace("TORCH_LIBRARY(smp_cbam_cpu,", "TORCH_LIBRARY(smp_cbam_old_cpu,")
         text = text.replace('"smp_cbam::', '"smp_cbam_old::')
+        text = text.replace('Library("smp_cbam",', 'Library("smp_cbam_old",')  # ops, since Library
         path.write_text(text.replace('name=f"smp_cbam_cpu_', 'name=f"smp_cbam_old_cpu_'))
     sys.path.insert(0, str(into))
     if not importlib.import_module(f"{attention}.kernels").available():
