@@ -143,7 +143,10 @@ def test_image_bootstrap_is_seeded_and_paired() -> None:
     assert report.image_bootstrap(a, b, 500, seed=8)["low"] != first["low"]
     # the same draw for both arms: an arm against itself never moves
     same = report.image_bootstrap(a, a.copy(), 200)
-    assert same["low"] == same["high"] == same["diff"] == 0.0 and same["p"] == 1.0
+    assert same["low"] == same["high"] == same["diff"] == 0.0 and same["p"] == 1.0 and not same["p_floor"]
+    # every resample on one side: p is the least value 500 resamples give, a bound
+    clear = report.image_bootstrap(random_counts(rng, 1, 30, 3, shift=30), b, 500)
+    assert clear["low"] > 0 and clear["p"] == pytest.approx(2 / 501) and clear["p_floor"]
     # swapping the arms mirrors the interval
     swapped = report.image_bootstrap(b, a, 500, seed=7)
     assert (swapped["low"], swapped["high"]) == pytest.approx((-first["high"], -first["low"]))
@@ -193,9 +196,13 @@ def test_one_seed_gets_the_image_interval_and_never_holds(tmp_path: Path) -> Non
     assert cbam["n_pairs"] == 1 and np.isnan(cbam["ci_low"])
     assert cbam["boot_seeds"] == 1 and cbam["boot_images"] == 40
     assert cbam["boot_low"] > 0 and cbam["boot_p_holm"] < 0.05 and not cbam["holds"]
+    # no resample reached zero: the adjusted p is a bound, and printed as one
+    assert cbam["boot_p_floor"] and cbam["boot_p_bound"]
     scse = diffs[(diffs["attention"] == "scse") & (diffs["baseline"] == "none")].iloc[0]
     assert scse["boot_low"] < 0 < scse["boot_high"] and not scse["holds"]
+    assert not scse["boot_p_floor"] and not scse["boot_p_bound"]
     text = report.write_report(tmp_path)
+    assert f"| ≤{cbam['boot_p_holm']:.3f} |" in text and f"| {scse['boot_p_holm']:.3f} |" in text
     low, high = 100 * cbam["boot_low"], 100 * cbam["boot_high"]
     cell = f"+{100 * cbam['mean_diff']:.2f} (1 seed, images [+{low:.2f}, +{high:.2f}])"
     assert cell in text and f"**{cell}**" not in text

@@ -112,7 +112,9 @@ def image_bootstrap(
     Each resample draws the image ids with replacement (seeded), the same draw for both arms and all
     seeds; the statistic is :func:`mean_miou_difference` of the resampled counts. Returns ``diff``
     (on all images), ``low``/``high`` (the percentile interval) and ``p`` (two-sided:
-    ``2 min(#(d <= 0) + 1, #(d >= 0) + 1) / (R + 1)``, capped at 1) and ``distribution``.
+    ``2 min(#(d <= 0) + 1, #(d >= 0) + 1) / (R + 1)``, capped at 1), ``p_floor`` (no resample fell
+    on the other side of zero: ``p`` is the smallest value R resamples give, a bound on the p-value
+    rather than an estimate of it) and ``distribution``.
     """
     counts_a, counts_b = np.asarray(counts_a), np.asarray(counts_b)
     if counts_a.shape != counts_b.shape or counts_a.ndim != 4 or counts_a.shape[2] != 3:
@@ -141,12 +143,14 @@ def image_bootstrap(
     dist = np.asarray(result.bootstrap_distribution)
     finite = dist[np.isfinite(dist)]
     r = len(finite)
-    p = min(1.0, 2 * min((finite <= 0).sum() + 1, (finite >= 0).sum() + 1) / (r + 1)) if r else np.nan
+    fewer = min((finite <= 0).sum(), (finite >= 0).sum())
+    p = min(1.0, 2 * (fewer + 1) / (r + 1)) if r else np.nan
     return {
         "diff": float(mean_miou_difference(counts_a, counts_b)),
         "low": float(result.confidence_interval.low),
         "high": float(result.confidence_interval.high),
         "p": p,
+        "p_floor": bool(r and fewer == 0),
         "distribution": dist,
     }
 
@@ -274,6 +278,7 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
         "boot_low": np.nan,
         "boot_high": np.nan,
         "boot_p": np.nan,
+        "boot_p_floor": False,
     }
     if not loaded:
         return empty
@@ -306,6 +311,7 @@ def _bootstrap_pairs(pairs: pd.DataFrame, per_image: _PerImage, n_resamples: int
         "boot_low": boot["low"],
         "boot_high": boot["high"],
         "boot_p": boot["p"],
+        "boot_p_floor": boot["p_floor"],
     }
 
 
@@ -355,7 +361,9 @@ def comparisons(
     ``p_holm`` (Holm-adjusted across the group's distinct comparisons: ``cbam`` vs ``none`` and
     ``none`` vs ``cbam`` are one), the image bootstrap from the runs' ``per_image.csv`` under
     ``output_dir`` (``boot_seeds``, ``boot_images``, ``boot_diff``, ``boot_low``, ``boot_high``,
-    ``boot_p``, ``boot_p_holm``; NaN/0 without files), ``holds`` (the rule of the summary's bold),
+    ``boot_p``, ``boot_p_holm``; NaN/0 without files; ``boot_p_floor``: ``boot_p`` is the least
+    value its resamples give, ``boot_p_bound``: ``boot_p_holm`` is therefore only an upper bound),
+    ``holds`` (the rule of the summary's bold),
     ``not_converged`` (some run of the pairs did not converge, or has no record of it),
     ``at_floor`` (some run of the pairs is stuck at the trivial floor), ``failed`` (some run of
     either arm in the group failed: the pairs cover only the seeds where both ran),
@@ -424,11 +432,19 @@ def comparisons(
     out["_pair"] = [tuple(sorted((a, b))) for a, b in zip(out["attention"], out["baseline"])]
     out["p_holm"] = np.nan
     out["boot_p_holm"] = np.nan
+    out["boot_p_bound"] = False
     for _, rows in out.groupby(keys, sort=False) if keys else [((), out)]:
         family = rows.drop_duplicates("_pair")
         for source, target in (("p_value", "p_holm"), ("boot_p", "boot_p_holm")):
             adjusted = dict(zip(family["_pair"], holm(family[source].to_numpy())))
             out.loc[rows.index, target] = rows["_pair"].map(adjusted).to_numpy()
+        # a floored bootstrap p only bounds its p-value from above, and Holm's adjusted values rise
+        # with every p of the family: where they differ with the floored ones set to 0, the
+        # adjusted value is a bound too
+        floored = family["boot_p_floor"].astype(bool).to_numpy()
+        lowest = holm(np.where(floored, 0.0, family["boot_p"].to_numpy(dtype=float)))
+        bound = dict(zip(family["_pair"], lowest < holm(family["boot_p"].to_numpy(dtype=float))))
+        out.loc[rows.index, "boot_p_bound"] = rows["_pair"].map(bound).to_numpy()
     out["selection_metric"] = metric == "val_miou"
     out["holds"] = out.apply(_holds, axis=1).astype(bool)
     return _sort_rows(out[[*cols, *_COMPARISON_COLUMNS]], [*keys, "baseline"]).reset_index(drop=True)
@@ -436,8 +452,8 @@ def comparisons(
 
 _COMPARISON_COLUMNS = (
     "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
-    "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_holm",
-    "holds", "not_converged", "at_floor", "failed", "incomplete", "selection_metric",
+    "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_floor", "boot_p_holm",
+    "boot_p_bound", "holds", "not_converged", "at_floor", "failed", "incomplete", "selection_metric",
 )  # fmt: skip
 
 
@@ -447,6 +463,8 @@ def _empty_comparisons(cols: list[str]) -> pd.DataFrame:
         "n_pairs": int,
         "boot_seeds": int,
         "boot_images": int,
+        "boot_p_floor": bool,
+        "boot_p_bound": bool,
         "holds": bool,
         "not_converged": bool,
         "at_floor": bool,
@@ -467,6 +485,7 @@ _DIFF_SUFFIXES = {
     "boot_low": "_img_low",
     "boot_high": "_img_high",
     "boot_p_holm": "_img_p_holm",
+    "boot_p_bound": "_img_p_bound",
     "holds": "_holds",
     "not_converged": "_not_converged",
     "at_floor": "_at_floor",

@@ -51,10 +51,13 @@ def _interval(low: float, high: float) -> str:
     return f"[{_pp(low, signed=True)}, {_pp(high, signed=True)}]"
 
 
-def _p(p: float) -> str:
+def _p(p: float, bound: bool = False) -> str:
+    """``p`` to three places; ``bound``: ``p`` is an upper bound (a bootstrap's smallest value)."""
     if pd.isna(p):
         return MISSING
-    return "<0.001" if p < 0.001 else f"{p:.3f}"
+    if p < 0.001:
+        return "<0.001"
+    return f"≤{p:.3f}" if bound else f"{p:.3f}"
 
 
 def _fmt_params(x: float) -> str:
@@ -254,7 +257,7 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
             _p(d["p_holm"]),
             _images(d) if boot else MISSING,
             _interval(d["boot_low"], d["boot_high"]) if boot else MISSING,
-            _p(d["boot_p_holm"]) if boot else MISSING,
+            _p(d["boot_p_holm"], bool(d["boot_p_bound"])) if boot else MISSING,
             "**yes**" if d["holds"] else "no",
         ]
         lines.append("| " + " | ".join(cells) + " |")
