@@ -476,6 +476,32 @@ def test_operators_without_a_gradient_say_so_on_backward() -> None:
 
 
 @needs_kernels
+@pytest.mark.parametrize("layout", ["nchw", "strided"])
+def test_the_inplace_operator_bumps_the_version_of_x(layout: str) -> None:
+    # autograd's check that a saved tensor was not changed in place reads the version counter
+    module = _module()
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    x = torch.randn(2, 16, 5, 4) if layout == "nchw" else torch.randn(2, 16, 5, 8)[..., ::2]
+    before = x._version
+    with torch.no_grad():
+        ops.cbam_infer_(x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, False)
+    assert x._version > before
+
+
+def test_reloading_the_operators_module_keeps_them() -> None:
+    import importlib
+
+    before = ops.cbam_infer
+    importlib.reload(ops)
+    assert ops.cbam_infer is torch.ops.smp_cbam.cbam_infer.default and ops.cbam_infer == before
+    x = torch.empty(2, 16, 5, 4, device="meta")
+    w = [torch.empty(4, 16, device="meta"), None, torch.empty(16, 4, device="meta"), None]
+    out = ops.cbam_infer(x, *w, torch.empty(1, 2, 7, 7, device="meta"), None, False)
+    assert out.shape == x.shape
+
+
+@needs_kernels
 def test_compile_under_autocast_runs_the_formula_for_bfloat16_parameters() -> None:
     # a model cast to bfloat16 under autocast: the kernels need float32 parameters, as in eager mode
     module = _module().bfloat16()

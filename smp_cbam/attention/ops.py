@@ -5,14 +5,18 @@ Each has a schema, a fake implementation (output shapes only: used by ``torch.co
 ``torch.export`` and the meta device, so none of them builds the kernels) and the CPU
 implementation, which calls the compiled kernels (``kernels``). ``cbam_train`` has its backward
 registered (``register_autograd``), so a compiled or exported graph keeps the operator and its
-gradient instead of falling back to the formula; the others raise if a gradient is asked of them.
-All take channels_last input as it is (inductor's layout for convolution activations on CPU) and
+gradient instead of falling back to the formula; ``cbam_infer`` and ``cbam_backward`` raise if a
+gradient is asked of them, and ``cbam_infer_``, a mutation, has no autograd kernel at all (a
+backward through it would pass the gradient through unchanged: CBAM calls it only where no
+gradient is recorded). All take channels_last input as it is (inductor's layout for convolution activations on CPU) and
 give their full-size outputs in it; ``cbam_infer_`` writes over ``x`` (through a dense copy where
 ``x`` is neither layout).
 
 They are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the
-latter wraps each call in Python layers of its own (a dynamo guard, autograd and ADInplaceOrView
-kernels, alias checks), and a compiled Unet calls these operators once per CBAM per call.
+latter wraps each call of every operator in Python layers of its own (a dynamo guard, an
+ADInplaceOrView kernel, alias checks, an autograd kernel), and a compiled Unet calls
+``cbam_infer_`` once per CBAM per forward. Here only the operators with a registered backward pass
+through a Python autograd kernel.
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
 the kernels directly, which skips the dispatch to Python altogether.
@@ -22,27 +26,6 @@ import torch
 from torch import Tensor
 
 from . import kernels
-
-_LIB = torch.library.Library("smp_cbam", "DEF")
-_PARAMS = "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, bool residual"
-# flexible_layout: inductor may hand over channels_last input (its layout for convolution
-# activations on CPU), which the kernels take as it is, returning the same layout; with the default
-# constraint inductor would copy into NCHW before every CBAM and back after it.
-_TAGS = (torch.Tag.flexible_layout,)
-_LIB.define(f"cbam_train(Tensor x, {_PARAMS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)", tags=_TAGS)
-_LIB.define(
-    "cbam_backward(Tensor grad, Tensor x, Tensor descriptors, Tensor hidden, Tensor channel_gate, "
-    "Tensor channel_index, Tensor spatial_gate, Tensor pooled, Tensor w1, Tensor w2, Tensor weight, "
-    "bool residual) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
-    tags=_TAGS,
-)
-_LIB.define(f"cbam_infer(Tensor x, {_PARAMS}) -> Tensor", tags=_TAGS)
-_LIB.define(f"cbam_infer_(Tensor(a!) x, {_PARAMS}) -> ()", tags=_TAGS)
-
-cbam_train = torch.ops.smp_cbam.cbam_train.default
-cbam_backward = torch.ops.smp_cbam.cbam_backward.default
-cbam_infer = torch.ops.smp_cbam.cbam_infer.default
-cbam_infer_ = torch.ops.smp_cbam.cbam_infer_.default
 
 
 def _cpu() -> None:
@@ -59,8 +42,7 @@ def _train_cpu(
     return tuple(kernels.cbam_train(_layout(x), w1, b1, w2, b2, weight, bias, residual))
 
 
-@torch.library.register_fake("smp_cbam::cbam_train", lib=_LIB)
-def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
+def _train_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
     n, c, h, w = x.shape
     hidden = w1.shape[0]
     small = _compute_dtype(x)
@@ -86,8 +68,7 @@ def _backward_cpu(
     return tuple(kernels.cbam_backward(grad, _layout(x), saved, w1, w2, weight, residual, True))
 
 
-@torch.library.register_fake("smp_cbam::cbam_backward", lib=_LIB)
-def _(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
+def _backward_fake(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
     c, n_hidden = x.shape[1], hidden.shape[1]
     return (
         torch.empty_like(x, memory_format=_memory_format(x)),
@@ -128,8 +109,7 @@ def _infer_cpu(
     return kernels.cbam_infer(_layout(x), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
 
 
-@torch.library.register_fake("smp_cbam::cbam_infer", lib=_LIB)
-def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
+def _infer_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return torch.empty_like(_layout(x))
 
 
@@ -137,7 +117,7 @@ def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
 # mode. Inductor's re-inplacing lets it write into the activation buffer when nothing else reads it,
 # so the graph allocates (and, with glibc's defaults, faults in) no output for each CBAM; where x is
 # read again, functionalization keeps the mutation's order, so x reads as the output, as in eager
-# mode's kernel path. (ATen's ADInplaceOrView fallback bumps x's version counter.)
+# mode's kernel path. The kernel bumps x's version counter, as any in-place op does.
 def _infer_inplace_cpu(
     x: Tensor, w1: Tensor, b1: Tensor | None, w2: Tensor, b2: Tensor | None, weight: Tensor, bias: Tensor | None,
     residual: bool,
@@ -152,8 +132,7 @@ def _infer_inplace_cpu(
         x.copy_(kernels.cbam_infer(dense, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False))
 
 
-@torch.library.register_fake("smp_cbam::cbam_infer_", lib=_LIB)
-def _(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
+def _infer_inplace_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
     return None
 
 
@@ -166,13 +145,48 @@ def _no_gradient(name: str):  # noqa: ANN202
     return backward
 
 
-_LIB.impl("cbam_train", _train_cpu, "CPU")
-_LIB.impl("cbam_backward", _backward_cpu, "CPU")
-_LIB.impl("cbam_infer", _infer_cpu, "CPU")
-_LIB.impl("cbam_infer_", _infer_inplace_cpu, "CPU")
-torch.library.register_autograd("smp_cbam::cbam_train", _train_backward, setup_context=_setup_train, lib=_LIB)
-torch.library.register_autograd("smp_cbam::cbam_backward", _no_gradient("cbam_backward"), lib=_LIB)
-torch.library.register_autograd("smp_cbam::cbam_infer", _no_gradient("cbam_infer"), lib=_LIB)
+_PARAMS = "Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, bool residual"
+
+
+def _register(lib: torch.library.Library) -> None:
+    # flexible_layout: inductor may hand over channels_last input (its layout for convolution
+    # activations on CPU), which the kernels take as it is, returning the same layout; with the
+    # default constraint inductor would copy into NCHW before every CBAM and back after it
+    tags = (torch.Tag.flexible_layout,)
+    outputs = "(Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    lib.define(f"cbam_train(Tensor x, {_PARAMS}) -> {outputs}", tags=tags)
+    lib.define(
+        "cbam_backward(Tensor grad, Tensor x, Tensor descriptors, Tensor hidden, Tensor channel_gate, "
+        "Tensor channel_index, Tensor spatial_gate, Tensor pooled, Tensor w1, Tensor w2, Tensor weight, "
+        f"bool residual) -> {outputs}",
+        tags=tags,
+    )
+    lib.define(f"cbam_infer(Tensor x, {_PARAMS}) -> Tensor", tags=tags)
+    lib.define(f"cbam_infer_(Tensor(a!) x, {_PARAMS}) -> ()", tags=tags)
+    for name, cpu, fake in (
+        ("cbam_train", _train_cpu, _train_fake),
+        ("cbam_backward", _backward_cpu, _backward_fake),
+        ("cbam_infer", _infer_cpu, _infer_fake),
+        ("cbam_infer_", _infer_inplace_cpu, _infer_inplace_fake),
+    ):
+        lib.impl(name, cpu, "CPU")
+        torch.library.register_fake(f"smp_cbam::{name}", fake, lib=lib)
+    torch.library.register_autograd("smp_cbam::cbam_train", _train_backward, setup_context=_setup_train, lib=lib)
+    torch.library.register_autograd("smp_cbam::cbam_backward", _no_gradient("cbam_backward"), lib=lib)
+    torch.library.register_autograd("smp_cbam::cbam_infer", _no_gradient("cbam_infer"), lib=lib)
+
+
+# importlib.reload runs this module again while its first Library still holds the namespace
+# (torch refuses a second "DEF"): the first registrations stay, and their functions read this
+# module's globals, which reload refreshes
+if "_LIB" not in globals():
+    _LIB = torch.library.Library("smp_cbam", "DEF")
+    _register(_LIB)
+
+cbam_train = torch.ops.smp_cbam.cbam_train.default
+cbam_backward = torch.ops.smp_cbam.cbam_backward.default
+cbam_infer = torch.ops.smp_cbam.cbam_infer.default
+cbam_infer_ = torch.ops.smp_cbam.cbam_infer_.default
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:

@@ -68,9 +68,9 @@ constexpr int64_t kChunk = 1024;  // elements summed in Acc<T> before adding to 
 constexpr int64_t kTile = 1024;   // pixels per task in the passes that loop over channels
 constexpr int64_t kAhead = 4;     // channels ahead that pool_span and gate_span prefetch
 constexpr int64_t kPrefetchBytes = 4096;  // how far ahead row_mean_max's stream is prefetched
-// How far ahead the channels_last passes prefetch, into L2 only: they read x as one stream, whose
-// few misses in flight the hardware prefetcher alone does not keep the core busy with, and lines
-// fetched into L1 this far ahead would evict the rows being read.
+// How far ahead the channels_last passes prefetch, with the hint for L2: they read x as one
+// stream, which the hardware prefetcher alone, stopping at every 4 KiB page, keeps too few lines
+// ahead of, and lines fetched into L1 this far ahead would evict the rows being read.
 constexpr int64_t kPrefetchBytesCl = 16384;
 
 template <typename T>
@@ -164,9 +164,10 @@ int64_t find_first(const T* row, int64_t from, int64_t len, Acc<T> value) {
   return len;
 }
 
-// Prefetches the cache lines kBytes past [p, p + len) (kLocality: __builtin_prefetch's, 3 for
-// every level, 1 for L2 and below). With kPrefetchBytes, a stream read through the L2 gets about
-// 0.75x the time (measured in the network's order of shapes, cold or in L3).
+// Prefetches the cache lines kBytes past [p, p + len) (kLocality: __builtin_prefetch's hint, 3 for
+// every level, 1 for L2 and below; CPUs may treat the hints alike). The hardware prefetcher alone
+// leaves a stream read through the L2 waiting (measured in the network's order of shapes, cold or
+// in L3).
 template <int64_t kBytes = kPrefetchBytes, int kLocality = 3, typename T>
 inline void prefetch_ahead(const T* p, int64_t len) {
   const char* ahead = reinterpret_cast<const char*>(p) + kBytes;
