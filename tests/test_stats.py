@@ -51,6 +51,24 @@ def test_holm_matches_closed_testing_brute_force(m: int) -> None:
         assert report.holm(p) == pytest.approx(holm_by_closed_testing(list(p)))
 
 
+def test_holm_bound_flags_every_value_a_floored_p_moves() -> None:
+    from smp_cbam.report.stats import holm_bound
+
+    # 0.001 is floored; 0.0012 is not, but its adjusted value is the floored one's 2 x 0.001
+    assert list(holm_bound([0.001, 0.0012], [True, False])) == [True, True]
+    # far from the floored one, 0.04 adjusts to itself
+    assert list(holm_bound([0.001, 0.04], [True, False])) == [True, False]
+    assert list(holm_bound([0.001, 0.04], [False, False])) == [False, False]
+    assert list(holm_bound([0.001, np.nan], [True, False])) == [True, False]
+
+
+def test_a_bound_is_rounded_up() -> None:
+    from smp_cbam.report.tables import _p
+
+    assert _p(0.0124, bound=True) == "≤0.013" and _p(0.0124) == "0.012"
+    assert _p(0.005, bound=True) == "≤0.005" and _p(2 / 2001 * 5, bound=True) == "≤0.005"
+
+
 def test_holm_ignores_missing_p_values() -> None:
     adjusted = report.holm([0.01, np.nan, 0.04])
     assert np.isnan(adjusted[1])

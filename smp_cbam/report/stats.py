@@ -61,6 +61,16 @@ def holm(p_values) -> np.ndarray:
     return out
 
 
+def holm_bound(p_values, floored) -> np.ndarray:
+    """Which of :func:`holm`'s adjusted values are only upper bounds, where the p-values marked
+    ``floored`` are themselves upper bounds (a bootstrap's least value): Holm's adjusted values
+    rise with every p of the family, so an adjusted value is exact only where setting the floored
+    p-values to 0 leaves it unchanged."""
+    p = np.asarray(p_values, dtype=float)
+    lowest = holm(np.where(np.asarray(floored, dtype=bool), 0.0, p))
+    return lowest < holm(p)  # NaN compares False: no p-value, no bound
+
+
 def miou_from_counts(counts: np.ndarray) -> np.ndarray:
     """Dataset mIoU from summed confusion counts of shape (..., 3, C) (tp, fp, fn per class).
 
@@ -438,12 +448,8 @@ def comparisons(
         for source, target in (("p_value", "p_holm"), ("boot_p", "boot_p_holm")):
             adjusted = dict(zip(family["_pair"], holm(family[source].to_numpy())))
             out.loc[rows.index, target] = rows["_pair"].map(adjusted).to_numpy()
-        # a floored bootstrap p only bounds its p-value from above, and Holm's adjusted values rise
-        # with every p of the family: where they differ with the floored ones set to 0, the
-        # adjusted value is a bound too
         floored = family["boot_p_floor"].astype(bool).to_numpy()
-        lowest = holm(np.where(floored, 0.0, family["boot_p"].to_numpy(dtype=float)))
-        bound = dict(zip(family["_pair"], lowest < holm(family["boot_p"].to_numpy(dtype=float))))
+        bound = dict(zip(family["_pair"], holm_bound(family["boot_p"].to_numpy(dtype=float), floored)))
         out.loc[rows.index, "boot_p_bound"] = rows["_pair"].map(bound).to_numpy()
     out["selection_metric"] = metric == "val_miou"
     out["holds"] = out.apply(_holds, axis=1).astype(bool)

@@ -6,6 +6,7 @@ through :func:`escape_markdown` or :func:`_name`, so a name cannot break a table
 
 from __future__ import annotations
 
+import math
 import re
 
 import numpy as np
@@ -57,7 +58,8 @@ def _p(p: float, bound: bool = False) -> str:
         return MISSING
     if p < 0.001:
         return "<0.001"
-    return f"≤{p:.3f}" if bound else f"{p:.3f}"
+    # a bound rounded down would claim less than it knows
+    return f"≤{math.ceil(p * 1000 - 1e-9) / 1000:.3f}" if bound else f"{p:.3f}"
 
 
 def _fmt_params(x: float) -> str:
