@@ -12,7 +12,8 @@ inductor's default layout constraint (the strides eager mode would give), which 
 each CBAM's input into NCHW and its output back; the "formula" is CBAM's plain formula
 (``impl="reference"``), which inductor compiles and fuses. Every model is compiled once (in the
 warm-up) and called in interleaved rounds; the table gives each model's median time and the median
-over rounds of its time over ``none``'s in the same mode. ``--bf16`` runs every model under CPU
+over rounds of its time over ``none``'s in the same mode, as a percentage and (``adds ms``) as the
+median of the per-round differences. ``--bf16`` runs every model under CPU
 bf16 autocast (compiled and eager CBAM then call the kernels on bfloat16 activations; the formula
 runs its ops under autocast's rules). ``--keep-heap`` applies the runner's glibc malloc setting
 (``smp_cbam.training.malloc``): with glibc's defaults every large buffer a call allocates is
@@ -96,11 +97,12 @@ def main() -> None:
         f"Unet resnet18 inference, batch {args.batch}, 3x{args.size}x{args.size}, 1 thread, "
         f"{'bf16 autocast' if args.bf16 else 'fp32'}, median of {args.rounds} interleaved rounds, malloc {'keep_heap' if args.keep_heap else 'default'}"
     )
-    print(f"{'model':<36}{'ms':>8}{'vs none (same mode)':>22}")
+    print(f"{'model':<36}{'ms':>8}{'vs none (same mode)':>22}{'adds ms':>9}")
     for name, values in times.items():
         reference = "none compiled" if "compiled" in name else "none eager"
         ratio = paired_ratio(times, name, reference)
-        print(f"{name:<36}{statistics.median(values) * 1e3:8.1f}{100 * (ratio - 1):+21.1f}%")
+        added = statistics.median(a - b for a, b in zip(values, times[reference], strict=True)) * 1e3
+        print(f"{name:<36}{statistics.median(values) * 1e3:8.1f}{100 * (ratio - 1):+21.1f}%{added:+9.1f}")
 
 
 if __name__ == "__main__":
