@@ -283,13 +283,17 @@ def test_channels_last_nan_like_nchw(dtype: torch.dtype, ops: object) -> None:
     torch.testing.assert_close(cl[1], nchw[1], **tol)
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("shape", [(1, 300, 5, 5), (3, 40, 9, 7), (1, 16, 40, 41)])
-def test_channels_last_forward_does_not_depend_on_the_thread_count(shape: tuple[int, ...], ops: object) -> None:
-    # the thread count decides how the passes split channels and rows among tasks (300 channels,
-    # one image: four groups of blocks on two threads); every pixel and channel is summed the same
-    # way in any split
+def test_the_forward_does_not_depend_on_the_thread_count(
+    shape: tuple[int, ...], layout: torch.memory_format, ops: object
+) -> None:
+    # the thread count decides how the passes split channels and rows among tasks (channels_last,
+    # 300 channels, one image: four groups of blocks on two threads); every pixel and channel is
+    # summed the same way in any split, so a run's numbers do not depend on its thread count
+    # through CBAM
     _, params = _module_and_params(shape[1], torch.float32, False)
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
     threads = torch.get_num_threads()
     results = []
     try:
