@@ -8,9 +8,9 @@ registered (``register_autograd``), so a compiled or exported graph keeps the op
 gradient instead of falling back to the formula; ``cbam_infer`` and ``cbam_backward`` raise if a
 gradient is asked of them, and ``cbam_infer_``, a mutation, has no autograd kernel at all (a
 backward through it would pass the gradient through unchanged: CBAM calls it only where no
-gradient is recorded). All take channels_last input as it is (inductor's layout for convolution activations on CPU) and
-give their full-size outputs in it; ``cbam_infer_`` writes over ``x`` (through a dense copy where
-``x`` is neither layout).
+gradient is recorded). All take channels_last input as it is (inductor's layout for convolution
+activations on CPU) and give their full-size outputs in it; ``cbam_infer_`` writes over ``x``
+(through a dense copy where ``x`` is neither layout).
 
 They are defined with ``torch.library.Library`` rather than ``torch.library.custom_op``: the
 latter wraps each call of every operator in Python layers of its own (a dynamo guard, an
