@@ -22,7 +22,14 @@ from torch.utils.cpp_extension import load
 
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
-from smp_cbam.benchmarks.cbam_bench import build_bench_model, cbam_unet, infer_fn, interleaved_times, paired_ratio
+from smp_cbam.benchmarks.cbam_bench import (
+    bench_operator,
+    build_bench_model,
+    cbam_unet,
+    infer_fn,
+    interleaved_times,
+    paired_ratio,
+)
 from smp_cbam.training.malloc import keep_heap
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +48,6 @@ def build_other(commit: str) -> None:
     load(name="smp_cbam_other", sources=[str(path)], extra_cflags=flags, is_python_module=False)
 
 
-# defined as smp_cbam's own operators are (torch.library.Library, ``ops``), so that both arms pay the
-# same dispatch
-_LIB = torch.library.Library("smp_cbam_ab", "DEF")
-_LIB.define(
-    "cbam_infer_other_(Tensor(a!) x, Tensor w1, Tensor w2, Tensor weight, Tensor bias) -> ()",
-    tags=(torch.Tag.flexible_layout,),
-)
-
-
 def _cbam_infer_other(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> None:
@@ -58,13 +56,12 @@ def _cbam_infer_other(
     )
 
 
-_LIB.impl("cbam_infer_other_", _cbam_infer_other, "CPU")
-cbam_infer_other_ = torch.ops.smp_cbam_ab.cbam_infer_other_.default
-
-
-@torch.library.register_fake("smp_cbam_ab::cbam_infer_other_", lib=_LIB)
-def _(x, w1, w2, weight, bias):  # noqa: ANN001, ANN202
-    return None
+cbam_infer_other_ = bench_operator(
+    "smp_cbam_ab::cbam_infer_other_",
+    "(Tensor(a!) x, Tensor w1, Tensor w2, Tensor weight, Tensor bias) -> ()",
+    _cbam_infer_other,
+    lambda x, w1, w2, weight, bias: None,
+)
 
 
 class OtherKernelCBAM(CBAM):

@@ -29,20 +29,31 @@ import torch
 
 from smp_cbam import CBAM
 from smp_cbam.attention import kernels
-from smp_cbam.benchmarks.cbam_bench import build_bench_model, cbam_unet, infer_fn, interleaved_times, paired_ratio
+from smp_cbam.benchmarks.cbam_bench import (
+    bench_operator,
+    build_bench_model,
+    cbam_unet,
+    infer_fn,
+    interleaved_times,
+    paired_ratio,
+)
 from smp_cbam.training.malloc import keep_heap
 
 
-@torch.library.custom_op("smp_cbam_bench::cbam_infer_nchw", mutates_args=(), device_types="cpu")
-def cbam_infer_nchw(
+def _cbam_infer_nchw(
     x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 ) -> torch.Tensor:
     return kernels.cbam_infer(x.contiguous(), w1, None, w2, None, weight, bias, 1.0, 0.0, False, False)
 
 
-@cbam_infer_nchw.register_fake
-def _(x, w1, w2, weight, bias):  # noqa: ANN001, ANN202
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+# inductor's default layout constraint: it copies each CBAM's input into NCHW and the output back
+cbam_infer_nchw = bench_operator(
+    "smp_cbam_bench::cbam_infer_nchw",
+    "(Tensor x, Tensor w1, Tensor w2, Tensor weight, Tensor bias) -> Tensor",
+    _cbam_infer_nchw,
+    lambda x, w1, w2, weight, bias: torch.empty_like(x, memory_format=torch.contiguous_format),
+    flexible_layout=False,
+)
 
 
 class NchwOperatorCBAM(CBAM):

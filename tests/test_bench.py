@@ -152,3 +152,17 @@ def test_compile_section_prints_compiled_and_eager_rows(monkeypatch: pytest.Monk
                 row = rf"^{setting} {precision}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$"
                 assert re.search(row, out, re.M), out
         assert seen and set(seen) == {amp or torch.float32}, set(seen)
+
+
+def test_bench_operator_is_a_library_operator_with_its_fake_and_layout_tag() -> None:
+    from smp_cbam.benchmarks.cbam_bench import bench_operator
+
+    double = bench_operator("smp_cbam_test_bench::double", "(Tensor x) -> Tensor", lambda x: 2 * x, torch.empty_like)
+    fixed = bench_operator(
+        "smp_cbam_test_bench::triple", "(Tensor x) -> Tensor", lambda x: 3 * x, torch.empty_like, flexible_layout=False
+    )
+    assert torch.Tag.flexible_layout in double.tags and torch.Tag.flexible_layout not in fixed.tags
+    x = torch.randn(2, 3)
+    assert torch.equal(double(x), 2 * x) and torch.equal(fixed(x), 3 * x)
+    assert double(torch.empty(2, 3, device="meta")).shape == (2, 3)  # the fake, with no CPU kernel run
+    torch.testing.assert_close(torch.compile(lambda t: double(t) + 1, fullgraph=True)(x), 2 * x + 1)

@@ -98,6 +98,29 @@ def build_bench_model(arch: str, attention: str, **kwargs: object) -> nn.Module:
     return model
 
 
+def bench_operator(
+    qualname: str,
+    schema: str,
+    cpu: Callable[..., object],
+    fake: Callable[..., object],
+    flexible_layout: bool = True,
+) -> torch._ops.OpOverload:
+    """A CPU operator for a benchmark's contender (``qualname`` "namespace::name", a namespace of
+    its own), defined as smp_cbam's operators are (``smp_cbam.attention.ops``: torch.library.Library),
+    so that every contender pays the same dispatch; without ``flexible_layout`` inductor hands it
+    the strides eager mode would. The Library lives as long as the process."""
+    namespace, name = qualname.split("::")
+    lib = torch.library.Library(namespace, "FRAGMENT")  # several operators may share a namespace
+    lib.define(f"{name}{schema}", tags=(torch.Tag.flexible_layout,) if flexible_layout else ())
+    lib.impl(name, cpu, "CPU")
+    torch.library.register_fake(qualname, fake, lib=lib)
+    _BENCH_LIBRARIES.append(lib)
+    return getattr(getattr(torch.ops, namespace), name).default
+
+
+_BENCH_LIBRARIES: list[torch.library.Library] = []  # a Library's registrations end with the object
+
+
 def cbam_unet(cls: type[CBAM] = CBAM, impl: str = "auto", inplace: bool = True) -> nn.Module:
     """The benchmark's CBAM Unet (seed 0) with every CBAM of class ``cls`` (a subclass that calls
     another operator in captured graphs), implementation ``impl`` (``"reference"``: the formula,
