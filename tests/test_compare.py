@@ -29,6 +29,7 @@ from smp_cbam.training.run import (
     PlateauStopping,
     RunCheckpoint,
     RunCSVLogger,
+    epoch_threads,
     floor_miou,
     plateau_reached,
     write_per_image,
@@ -99,6 +100,7 @@ def test_compare_writes_results_per_contract(finished: Path) -> None:
         best = history.loc[history["val_miou"].idxmax()]
         assert row["best_epoch"] == best["epoch"] and row["val_miou"] == pytest.approx(best["val_miou"])
         assert row["train_seconds"] == pytest.approx(history["seconds"].sum())
+        assert set(history["threads"]) == {row["threads"]} == {torch.get_num_threads()}
         # the stopping rule: Lightning's EarlyStopping, and the same rule recomputed from the history
         plateau = plateau_reached(history["val_miou"], patience=2, min_delta=0.001, floor=row["floor_miou"] + 0.01)
         assert row["stop_reason"] == ("plateau" if plateau else "max_epochs") and row["converged"] == plateau
@@ -374,6 +376,17 @@ def test_plateau_rule_is_lightnings_early_stopping() -> None:
         # with no floor in reach, the runner's callback is EarlyStopping itself
         plain = PlateauStopping("m", floor=-1.0, patience=patience, min_delta=min_delta)
         assert any(plain._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values) == stopped
+
+
+def test_a_run_records_every_thread_count_its_epochs_trained_on() -> None:
+    assert epoch_threads([{"threads": 2}] * 3, current=1) == 2
+    # resumed under another count: the counts in the order the epochs took them
+    assert epoch_threads([{"threads": 1}, {"threads": 1}, {"threads": 2}], current=2) == "1,2"
+    assert epoch_threads([{"threads": 2}, {"threads": 1}, {"threads": 2}], current=2) == "2,1,2"
+    # rows of a history written before the column existed (read back by pandas: NaN) count as now
+    assert epoch_threads([{"threads": math.nan}, {"threads": 2.0}], current=2) == 2
+    assert epoch_threads([{}, {"threads": 1}], current=2) == "2,1"
+    assert epoch_threads([], current=4) == 4
 
 
 def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:

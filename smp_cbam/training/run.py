@@ -2,7 +2,8 @@
 
 Files of a run (``OUT/runs/<name>/``)::
 
-    history.csv      one row per epoch: losses, val metrics, the mean lr of the epoch's steps, seconds
+    history.csv      one row per epoch: losses, val metrics, the mean lr of the epoch's steps, seconds,
+                     intra-op threads
     log.txt          what the run printed
     logs/            Lightning's loggers (CSV always, TensorBoard when installed, others by config)
     checkpoints/     best.ckpt (best val mIoU) and last.ckpt (resumes an interrupted run)
@@ -86,7 +87,9 @@ class Log:
 class EpochHistory(pl.Callback):
     """Writes ``history.csv`` (one row per epoch) and keeps its rows in the checkpoints, so a
     resumed run continues the same file. ``lr`` is the mean learning rate of the epoch's optimizer
-    steps: the rate the epoch trained with, also under per-step schedules."""
+    steps: the rate the epoch trained with, also under per-step schedules. ``threads`` is the
+    intra-op thread count the epoch trained on: it orders the sums, so a run resumed under another
+    count shows where its numbers stop being those of one call."""
 
     def __init__(self, path: Path, on_epoch: Callable[[dict], None] | None = None):
         self.path = path
@@ -95,10 +98,12 @@ class EpochHistory(pl.Callback):
         self._losses: list[float] = []
         self._lrs: list[float] = []
         self._started = 0.0
+        self._threads = 0
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._losses, self._lrs = [], []
         self._started = time.perf_counter()
+        self._threads = torch.get_num_threads()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
@@ -120,6 +125,7 @@ class EpochHistory(pl.Callback):
             "val_dice": float(metrics["val_dice"]),
             "lr": statistics.fmean(self._lrs),
             "seconds": time.perf_counter() - self._started,
+            "threads": self._threads,
         }
         if "val_context_miou" in metrics:
             row["val_context_miou"] = float(metrics["val_context_miou"])
@@ -136,6 +142,21 @@ class EpochHistory(pl.Callback):
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.rows = list(state_dict["rows"])
+
+
+def epoch_threads(rows: Sequence[dict], current: int) -> int | str:
+    """The thread count a run's epochs trained on (``history.csv``'s ``threads``): one number when
+    they all share it, else the counts in the order the epochs took them, e.g. ``"1,2"``. Rows
+    written before the column existed count as ``current``."""
+    counts: list[int] = []
+    for row in rows:
+        value = row.get("threads")
+        count = current if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+        if not counts or counts[-1] != count:
+            counts.append(count)
+    if len(set(counts)) <= 1:
+        return counts[0] if counts else current
+    return ",".join(str(c) for c in counts)
 
 
 def plateau_reached(values: Sequence[float], patience: int, min_delta: float, floor: float = -math.inf) -> bool:
@@ -484,13 +505,19 @@ def run_one(
         f"{stage}_miou"
     ]
     example = next(iter(datamodule.val_dataloader()))[0][:1]
+    threads = epoch_threads(rows, torch.get_num_threads())
+    if isinstance(threads, str):
+        log(
+            f"  note: the epochs trained on {threads} threads (a run resumed under another count); "
+            "a call with one count would not give exactly these numbers"
+        )
     converged = fit["stop_reason"] == "plateau" or plateau_reached(
         values, config.train.patience, config.train.min_delta, stuck
     )
     row = {
         "status": "ok",
         "precision": str(trainer.precision),
-        "threads": torch.get_num_threads(),  # it orders the run's sums: part of what reproduces it
+        "threads": threads,  # it orders the run's sums: part of what reproduces it
         "stop_reason": fit["stop_reason"],
         "converged": bool(converged),
         "epochs": len(rows),
