@@ -166,3 +166,28 @@ def test_bench_operator_is_a_library_operator_with_its_fake_and_layout_tag() -> 
     assert torch.equal(double(x), 2 * x) and torch.equal(fixed(x), 3 * x)
     assert double(torch.empty(2, 3, device="meta")).shape == (2, 3)  # the fake, with no CPU kernel run
     torch.testing.assert_close(torch.compile(lambda t: double(t) + 1, fullgraph=True)(x), 2 * x + 1)
+
+
+def test_the_compiled_inference_floors_take_every_cbams_place() -> None:
+    import importlib.util
+
+    path = AB_SCRIPT.with_name("bench_compiled_inference.py")
+    spec = importlib.util.spec_from_file_location("bench_compiled_inference", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    cbams = sum(isinstance(m, CBAM) for m in cbam_bench.cbam_unet().modules())
+    assert cbams >= 9
+    for floor in (script.ChannelGateFloor, script.TwoGatesFloor, script.NoopOperator):
+        model = script.with_floor(cbam_bench.cbam_unet(), floor)
+        assert not any(isinstance(m, CBAM) for m in model.modules())
+        assert sum(isinstance(m, floor) for m in model.modules()) == cbams
+    x = torch.randn(2, 3, 4, 5)
+    channel = x * torch.sigmoid(x.mean((2, 3), keepdim=True))
+    torch.testing.assert_close(script.ChannelGateFloor()(x), channel)
+    torch.testing.assert_close(script.TwoGatesFloor()(x), channel * torch.sigmoid(channel.mean(1, keepdim=True)))
+    # the no-op operator leaves x as it is, also inside a compiled graph
+    before = x.clone()
+    assert script.NoopOperator()(x) is x and torch.equal(x, before)
+    torch.testing.assert_close(
+        torch.compile(lambda t: script.NoopOperator()(t.relu()) + 1, fullgraph=True)(x), x.relu() + 1
+    )
