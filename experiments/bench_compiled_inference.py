@@ -14,11 +14,12 @@ each CBAM's input into NCHW and its output back; the "formula" is CBAM's plain f
 cheaper attention of plain ops that inductor fuses into its neighbours: the "channel gate"
 (``x * sigmoid(mean over the image)``, the least a global channel attention does) and the "two gates"
 (CBAM's channel and pixel gates without the MLP and the 7x7 convolution, from means). What they add
-to the compiled ``none`` is about the least any CBAM, fused or not, could add to it. The "no-op
-in-place operator" takes CBAM's place with an operator that writes over its input and does nothing:
-what the opaque operator costs the compiled graph before its kernel does any work. Every model is
-compiled once (in the warm-up) and called in interleaved rounds; the table gives each model's median
-time and the median over rounds of its time over ``none``'s in the same mode, as a percentage and
+to the compiled ``none`` approximates the least any CBAM, fused or not, could add to it (they do
+less than CBAM, so they bound it only as far as the rounds' noise allows). The "no-op in-place
+operator" takes CBAM's place with an operator that writes over its input and does nothing: what the
+opaque operator costs the compiled graph before its kernel does any work. Every model is compiled
+once (in the warm-up) and called in interleaved rounds; the table gives each model's median time and
+the median over rounds of its time over ``none``'s in the same mode, as a percentage and
 (``adds ms``) as the median of the per-round differences. ``--bf16`` runs every model under CPU bf16
 autocast (compiled and eager CBAM then call the kernels on bfloat16 activations; the formula runs
 its ops under autocast's rules). ``--keep-heap`` applies the runner's glibc malloc setting

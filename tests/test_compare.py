@@ -192,9 +192,19 @@ def test_runs_in_parallel_give_the_results_of_one_at_a_time(finished: Path, tmp_
 def test_a_run_killed_after_training_only_evaluates_again(finished: Path, tmp_path: Path, capsys) -> None:
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     (tmp_path / "runs" / "unet-cbam-s0" / "result.json").unlink()
+    # as if its last epoch had trained on another thread count (resumed under another grid.jobs)
+    history_path = tmp_path / "runs" / "unet-cbam-s0" / "history.csv"
+    history = pd.read_csv(history_path)
+    count = int(history["threads"].iloc[0])
+    history.loc[history.index[-1], "threads"] = count + 1
+    history.to_csv(history_path, index=False)
     capsys.readouterr()
     again = compare(tiny_config(tmp_path))
-    assert "training finished earlier; evaluating" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "training finished earlier; evaluating" in out
+    assert f"the epochs trained on {count},{count + 1} threads in turn" in out
+    threads = json.loads((history_path.parent / "result.json").read_text())["threads"]
+    assert threads == f"{count},{count + 1}"
     first = pd.read_csv(finished / "results.csv")
     pd.testing.assert_frame_equal(again[METRICS].astype(float), first[METRICS].astype(float), rtol=0, atol=1e-7)
     assert list(again["stop_reason"]) == list(first["stop_reason"])
@@ -383,10 +393,38 @@ def test_a_run_records_every_thread_count_its_epochs_trained_on() -> None:
     # resumed under another count: the counts in the order the epochs took them
     assert epoch_threads([{"threads": 1}, {"threads": 1}, {"threads": 2}], current=2) == "1,2"
     assert epoch_threads([{"threads": 2}, {"threads": 1}, {"threads": 2}], current=2) == "2,1,2"
-    # rows of a history written before the column existed (read back by pandas: NaN) count as now
-    assert epoch_threads([{"threads": math.nan}, {"threads": 2.0}], current=2) == 2
-    assert epoch_threads([{}, {"threads": 1}], current=2) == "2,1"
+    # rows of a history written before the column existed (read back by pandas: NaN) are unknown
+    assert epoch_threads([{"threads": math.nan}, {"threads": 2.0}], current=2) == "?,2"
+    assert epoch_threads([{}, {}, {"threads": 1}], current=1) == "?,1"
+    # a history with no count at all: the run's present count, as before the column
+    assert epoch_threads([{"threads": math.nan}, {}], current=4) == 4
     assert epoch_threads([], current=4) == 4
+
+
+def test_the_history_records_the_threads_an_epoch_started_with(tmp_path: Path) -> None:
+    history = run_module.EpochHistory(tmp_path / "history.csv")
+    trainer = SimpleNamespace(
+        state=SimpleNamespace(fn="fit"),
+        sanity_checking=False,
+        current_epoch=0,
+        global_step=2,
+        callback_metrics={"val_loss": 0.5, "val_miou": 0.25, "val_dice": 0.5},
+        optimizers=[SimpleNamespace(param_groups=[{"lr": 0.1}])],
+        is_global_zero=True,
+        loggers=[],
+    )
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        history.on_train_epoch_start(trainer, None)
+        history.on_train_batch_start(trainer, None, None, 0)
+        history.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 0)
+        torch.set_num_threads(1)  # changed before the epoch's validation ends: the epoch trained on 2
+        history.on_validation_end(trainer, None)
+    finally:
+        torch.set_num_threads(before)
+    assert history.rows[0]["threads"] == 2
+    assert list(pd.read_csv(tmp_path / "history.csv")["threads"]) == [2]
 
 
 def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:

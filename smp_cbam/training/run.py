@@ -147,15 +147,19 @@ class EpochHistory(pl.Callback):
 def epoch_threads(rows: Sequence[dict], current: int) -> int | str:
     """The thread count a run's epochs trained on (``history.csv``'s ``threads``): one number when
     they all share it, else the counts in the order the epochs took them, e.g. ``"1,2"``. Rows
-    written before the column existed count as ``current``."""
-    counts: list[int] = []
+    written before the column existed are unknown, ``"?"``, where later rows have a count; a
+    history with none (a run of an older version only evaluated again) gives ``current``."""
+    counts: list[int | str] = []
     for row in rows:
         value = row.get("threads")
-        count = current if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
+        count = "?" if value is None or (isinstance(value, float) and math.isnan(value)) else int(value)
         if not counts or counts[-1] != count:
             counts.append(count)
-    if len(set(counts)) <= 1:
-        return counts[0] if counts else current
+    known = [c for c in counts if c != "?"]
+    if not known:
+        return current
+    if len(counts) == 1:
+        return known[0]
     return ",".join(str(c) for c in counts)
 
 
@@ -508,8 +512,8 @@ def run_one(
     threads = epoch_threads(rows, torch.get_num_threads())
     if isinstance(threads, str):
         log(
-            f"  note: the epochs trained on {threads} threads (a run resumed under another count); "
-            "a call with one count would not give exactly these numbers"
+            f"  note: the epochs trained on {threads} threads in turn (resumed under another count; "
+            "'?': not recorded); a call with one count would not give exactly these numbers"
         )
     converged = fit["stop_reason"] == "plateau" or plateau_reached(
         values, config.train.patience, config.train.min_delta, stuck
