@@ -788,12 +788,41 @@ inline at::vec::Vectorized<float> combine16(const at::vec::Vectorized<float>* v,
   const __m512 a = half[0], b = half[1];
   return op(Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(2, 0, 2, 0))), Vec(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 1, 3, 1))));
 }
+template <typename Op>
+inline at::vec::Vectorized<float> combine_pixels(const at::vec::Vectorized<float>* v, const Op& op) {
+  return combine16(v, op);
+}
+#define SMP_CBAM_COMBINE_LANES 16
+#elif defined(CPU_CAPABILITY_AVX2)
+// combine16's tree for AVX2's 8 float lanes: lane i of the result is v[i]'s lanes combined by op,
+// for 8 vectors at once.
+template <typename Op>
+inline at::vec::Vectorized<float> combine8(const at::vec::Vectorized<float>* v, const Op& op) {
+  using Vec = at::vec::Vectorized<float>;
+  Vec pair[4], quad[2];
+  // pair[i], 128-bit lane j: v[2i] and v[2i + 1] interleaved, each over pairs of lane j's elements
+  for (int i = 0; i < 4; ++i) {
+    pair[i] = op(Vec(_mm256_unpacklo_ps(v[2 * i], v[2 * i + 1])), Vec(_mm256_unpackhi_ps(v[2 * i], v[2 * i + 1])));
+  }
+  // quad[i], 128-bit lane j: v[4i], ..., v[4i + 3], each over all four of lane j's elements
+  for (int i = 0; i < 2; ++i) {
+    const __m256 a = pair[2 * i], b = pair[2 * i + 1];
+    quad[i] = op(Vec(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0))), Vec(_mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2))));
+  }
+  const __m256 a = quad[0], b = quad[1];
+  return op(Vec(_mm256_permute2f128_ps(a, b, 0x20)), Vec(_mm256_permute2f128_ps(a, b, 0x31)));
+}
+template <typename Op>
+inline at::vec::Vectorized<float> combine_pixels(const at::vec::Vectorized<float>* v, const Op& op) {
+  return combine8(v, op);
+}
+#define SMP_CBAM_COMBINE_LANES 8
 #endif
 
 // Mean and max over the c channels of x * g (x: one channels_last image, (HW, C); g: its (C) gate)
 // for each pixel of [p0, p0 + len), into sum and max: a pixel's channels are one contiguous row,
-// summed in vector lanes, then across them; where AVX512 holds 16 float lanes, 16 pixels' lanes
-// are combined together (combine16), since one reduction per pixel costs more than reading it.
+// summed in vector lanes, then across them; with AVX512 (AVX2) 16 (8) pixels' lanes are combined
+// together (combine16, combine8), since one reduction per pixel costs more than reading it.
 template <typename T>
 void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t len, Acc<T>* sum, Acc<T>* max) {
   using A = Acc<T>;
@@ -801,10 +830,10 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
   constexpr int64_t kLanes = Vec::size();
   const A inf = std::numeric_limits<A>::infinity();
   int64_t i = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-  if constexpr (std::is_same_v<A, float> && kLanes == 16) {
+#if defined(SMP_CBAM_COMBINE_LANES)
+  if constexpr (std::is_same_v<A, float> && kLanes == SMP_CBAM_COMBINE_LANES) {
     const int64_t full = c - c % kLanes;
-    // the last group may hold fewer than 16 pixels: the others' lanes are left out of the stores,
+    // the last group may hold fewer than kLanes pixels: the others' lanes are left out of the stores,
     // so that every pixel goes through the same tree, however the rows are split among tasks
     for (; full > 0 && i < len; i += kLanes) {
       const int64_t count = std::min(kLanes, len - i);
@@ -829,8 +858,8 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
       const auto add = [](const Vec& a, const Vec& b) { return a + b; };
       const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
       A total[kLanes], most[kLanes];
-      combine16(vs, add).store(total);
-      combine16(vm, top).store(most);
+      combine_pixels(vs, add).store(total);
+      combine_pixels(vm, top).store(most);
       for (int64_t q = 0; q < count; ++q) {
         const T* row = x + (p0 + i + q) * c;
         for (int64_t j = full; j < c; ++j) {
