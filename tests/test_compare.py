@@ -425,6 +425,20 @@ def test_the_history_records_the_threads_an_epoch_started_with(tmp_path: Path) -
         torch.set_num_threads(before)
     assert history.rows[0]["threads"] == 2
     assert list(pd.read_csv(tmp_path / "history.csv")["threads"]) == [2]
+    # resumed from a checkpoint whose rows predate the column: theirs blank, the new ones whole numbers
+    old_row = {k: v for k, v in history.rows[0].items() if k != "threads"}
+    history.load_state_dict({"rows": [old_row]})
+    trainer.current_epoch = 1
+    history.on_train_epoch_start(trainer, None)
+    history.on_train_batch_start(trainer, None, None, 0)
+    history.on_train_batch_end(trainer, None, torch.tensor(1.0), None, 0)
+    history.on_validation_end(trainer, None)
+    written = (tmp_path / "history.csv").read_text().splitlines()
+    threads = written[0].split(",").index("threads")
+    assert [line.split(",")[threads] for line in written[1:]] == ["", str(torch.get_num_threads())]
+    assert epoch_threads(pd.read_csv(tmp_path / "history.csv").to_dict("records"), current=9) == (
+        f"?,{torch.get_num_threads()}"
+    )
 
 
 def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:

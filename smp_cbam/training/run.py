@@ -131,7 +131,11 @@ class EpochHistory(pl.Callback):
             row["val_context_miou"] = float(metrics["val_context_miou"])
         self.rows = [r for r in self.rows if r["epoch"] < row["epoch"]] + [row]
         if trainer.is_global_zero:
-            atomic_write_csv(pd.DataFrame(self.rows), self.path)
+            frame = pd.DataFrame(self.rows)
+            # rows resumed from a checkpoint older than the column have none: blank, and the others
+            # stay whole numbers rather than pandas' 1.0 for a column with gaps
+            frame["threads"] = frame["threads"].astype("Int64")
+            atomic_write_csv(frame, self.path)
             for logger in trainer.loggers:  # the loggers' files up to date with the checkpoint saved next
                 logger.save()
         if self.on_epoch is not None:
