@@ -103,7 +103,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     # a bad ref is named before anything is built
-    check = subprocess.run(["git", "rev-parse", "--verify", "--quiet", f"{args.ref}^{{commit}}"], cwd=ROOT, capture_output=True)
+    check = subprocess.run(
+        ["git", "rev-parse", "--verify", "--quiet", f"{args.ref}^{{commit}}"], cwd=ROOT, capture_output=True
+    )
     if check.returncode:
         raise SystemExit(f"cannot export smp_cbam at {args.ref!r}: not a commit of {ROOT}")
     if not kernels.available():

@@ -39,14 +39,22 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=["synthetic", "camvid", "pets", "folder"], help="dataset")
     add("--data-root", help="dataset root folder")
     add("--classes", type=int, help="number of classes (folder datasets; 2 = binary)")
-    add("--void-label", type=int, help="the value void pixels have in the mask files, ignored in loss and metrics (e.g. 255)")
+    add(
+        "--void-label",
+        type=int,
+        help="the value void pixels have in the mask files, ignored in loss and metrics (e.g. 255)",
+    )
     add("--ignore-index", type=int, help="the index batches carry at void and padding pixels (not a class index)")
     add("--image-size", type=int, nargs=2, metavar=("H", "W"), help="resize every image to H x W")
     add("--crop", type=int, nargs=2, metavar=("H", "W"), help="training crop size")
     add("--batch-size", type=int, help="batch size per device")
     add("--num-workers", type=int, help="data loader worker processes")
     add("--encoder", help="smp encoder name, e.g. resnet18")
-    add("--epochs", type=int, help="maximum training epochs of every run (train.max_epochs); runs stop earlier at a plateau unless train.stop is fixed")
+    add(
+        "--epochs",
+        type=int,
+        help="maximum training epochs of every run (train.max_epochs); runs stop earlier at a plateau unless train.stop is fixed",
+    )
     add("--accelerator", help="Lightning accelerator: cpu, gpu, auto")
     add("--devices", help="Lightning devices per node, e.g. 1, 2 or auto")
     add("--num-nodes", type=int, help="Lightning num_nodes (multi-node DDP, see docs/cli.md)")

@@ -191,7 +191,9 @@ def _bf16_data(shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _float64_formula(reference: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _float64_formula(
+    reference: torch.nn.Module, x: torch.Tensor, grad: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The float64 reference's output for ``x`` and, after backward of ``grad``, its input (with ``.grad``)."""
     x64 = x.detach().double().requires_grad_()
     expected = reference(x64)

@@ -263,7 +263,9 @@ def test_unreadable_files_are_listed(tmp_path):
     (root / "masks" / "img4.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DatasetError, match="could not be read") as error:
         SegmentationDataModule("folder", str(root), num_classes=3).setup()
-    assert str(root / "images" / "img1.png") in str(error.value) and str(root / "masks" / "img4.png") in str(error.value)
+    assert str(root / "images" / "img1.png") in str(error.value) and str(root / "masks" / "img4.png") in str(
+        error.value
+    )
 
 
 def test_size_mismatch(tmp_path):
@@ -516,13 +518,18 @@ def test_resolved_attributes_right_after_init_and_in_the_hparams(tmp_path):
     cases = {
         "synthetic": SegmentationDataModule(synthetic=SMALL),
         "camvid": SegmentationDataModule("camvid", str(make_camvid(tmp_path / "camvid"))),
-        "folder": SegmentationDataModule("folder", str(make_folder(tmp_path / "folder", [f"i{k}" for k in range(5)])), num_classes=3),
+        "folder": SegmentationDataModule(
+            "folder", str(make_folder(tmp_path / "folder", [f"i{k}" for k in range(5)])), num_classes=3
+        ),
     }
     for name, dm in cases.items():
         resolved = (dm.num_classes, dm.in_channels, dm.class_names, dm.ignore_index)
         assert all(value is not None for value in resolved), name
         assert isinstance(dm.class_names, tuple) and isinstance(dm.ignore_index, int)
-        assert tuple(dm.hparams_initial[k] for k in ("num_classes", "in_channels", "class_names", "ignore_index")) == resolved
+        assert (
+            tuple(dm.hparams_initial[k] for k in ("num_classes", "in_channels", "class_names", "ignore_index"))
+            == resolved
+        )
         again = SegmentationDataModule(**dm.hparams_initial)  # the saved values re-create the same data module
         assert dict(again.hparams_initial) == dict(dm.hparams_initial), name
     assert cases["camvid"].hparams_initial["ignore_index"] == 11 and cases["folder"].hparams_initial["in_channels"] == 3
@@ -533,7 +540,9 @@ def test_module_and_data_module_in_a_users_trainer_with_a_logger(tmp_path):
 
     from smp_cbam.training.module import SegmentationModule
 
-    dm = SegmentationDataModule(batch_size=8, synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 8, "n_test": 8})
+    dm = SegmentationDataModule(
+        batch_size=8, synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 8, "n_test": 8}
+    )
     module = SegmentationModule(
         arch="unet", encoder="resnet18", attention="scse", encoder_depth=3, decoder_channels=[32, 16, 16],
         num_classes=dm.num_classes, in_channels=dm.in_channels, class_names=dm.class_names, ignore_index=dm.ignore_index,

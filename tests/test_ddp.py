@@ -29,7 +29,9 @@ TINY = {
 def test_every_trainable_parameter_gets_a_gradient(arch: str, attention: str | None) -> None:
     """DDP's condition: a depth-3 encoder's stages 4-5 and Unet's skip-less attention1 never run."""
     decoder = None if arch == "fpn" else [32, 16, 16]
-    model = build_model(arch, "resnet18", attention, in_channels=3, classes=4, decoder_channels=decoder, seed=0, encoder_depth=3)
+    model = build_model(
+        arch, "resnet18", attention, in_channels=3, classes=4, decoder_channels=decoder, seed=0, encoder_depth=3
+    )
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     assert any(name.startswith("encoder.layer4.") for name in frozen)
     assert not any(name.startswith(("encoder.layer1.", "encoder.layer2.", "encoder.conv1")) for name in frozen)
@@ -44,12 +46,16 @@ def test_every_trainable_parameter_gets_a_gradient(arch: str, attention: str | N
 def test_freezing_keeps_the_state_dict_and_the_paired_init() -> None:
     import segmentation_models_pytorch as smp
 
-    model = build_model("unet", "resnet18", "cbam", in_channels=3, classes=4, decoder_channels=[32, 16, 16], seed=3, encoder_depth=3)
+    model = build_model(
+        "unet", "resnet18", "cbam", in_channels=3, classes=4, decoder_channels=[32, 16, 16], seed=3, encoder_depth=3
+    )
     torch.manual_seed(3)
     plain = smp.create_model("unet", "resnet18", encoder_depth=3, encoder_weights=None, classes=4,
                              decoder_channels=[32, 16, 16], decoder_attention_type="cbam")  # fmt: skip
     assert model.state_dict().keys() == plain.state_dict().keys()
-    reference = build_model("unet", "resnet18", None, in_channels=3, classes=4, decoder_channels=[32, 16, 16], seed=3, encoder_depth=3)
+    reference = build_model(
+        "unet", "resnet18", None, in_channels=3, classes=4, decoder_channels=[32, 16, 16], seed=3, encoder_depth=3
+    )
     for name, value in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], value, rtol=0, atol=0)
 

@@ -22,13 +22,10 @@ from smp_cbam import CBAM
 SMALL_DECODER = (64, 32, 16, 16, 16)
 
 
-
 def _model(arch: str, seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
     kwargs = {"decoder_channels": SMALL_DECODER, **kwargs}
-    model = getattr(smp, arch)(
-        "resnet18", encoder_weights=None, decoder_attention_type="cbam", **kwargs
-    )
+    model = getattr(smp, arch)("resnet18", encoder_weights=None, decoder_attention_type="cbam", **kwargs)
     assert any(isinstance(m, CBAM) for m in model.decoder.modules())
     return model
 

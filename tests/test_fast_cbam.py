@@ -141,9 +141,7 @@ def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool, channels
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
     params = tuple(module.parameters())
-    assert torch.autograd.gradcheck(
-        lambda x, *p: function.apply(x, module, *p), (x, *params), fast_mode=fast_mode
-    )
+    assert torch.autograd.gradcheck(lambda x, *p: function.apply(x, module, *p), (x, *params), fast_mode=fast_mode)
 
 
 def test_float64_matches_plain(path: str) -> None:

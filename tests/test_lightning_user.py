@@ -18,7 +18,11 @@ from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from smp_cbam import SegmentationDataModule, SegmentationModule
 from smp_cbam.training.models import used_parameters
 
-DATA = dict(dataset="synthetic", batch_size=4, synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 4, "n_test": 6})
+DATA = dict(
+    dataset="synthetic",
+    batch_size=4,
+    synthetic={"size": 48, "cue_rows": 2, "gap": 8, "n_train": 8, "n_val": 4, "n_test": 6},
+)
 MODEL = dict(encoder="resnet18", encoder_depth=3, decoder_channels=(32, 16, 16))
 QUIET = dict(enable_model_summary=False, enable_progress_bar=False)
 DEPTH2 = {**MODEL, "encoder_depth": 2, "decoder_channels": (32, 16)}

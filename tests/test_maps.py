@@ -69,8 +69,12 @@ def record_wrappers(model: torch.nn.Module) -> tuple[dict, list]:
     for name, wrapper in model.named_modules():
         if isinstance(wrapper, Attention):
             key = f"{name}.attention"
-            handles.append(wrapper.register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, a[0].clone())))
-            handles.append(wrapper.register_forward_hook(lambda m, a, out, key=key: seen.__setitem__(key, (inputs[key], out))))
+            handles.append(
+                wrapper.register_forward_pre_hook(lambda m, a, key=key: inputs.__setitem__(key, a[0].clone()))
+            )
+            handles.append(
+                wrapper.register_forward_hook(lambda m, a, out, key=key: seen.__setitem__(key, (inputs[key], out)))
+            )
     return seen, handles
 
 
@@ -93,7 +97,10 @@ def test_maps_equal_hand_computed_gates_and_reproduce_the_output(arch: str, atte
     modules = dict(model.named_modules())
     for name, (x, y) in seen.items():
         got = maps[name]
-        assert (got.channel is not None, got.spatial is not None) == (attention in HAS_CHANNEL, attention in HAS_SPATIAL)
+        assert (got.channel is not None, got.spatial is not None) == (
+            attention in HAS_CHANNEL,
+            attention in HAS_SPATIAL,
+        )
         if got.channel is not None:
             assert got.channel.shape == x.shape[:2] and not got.channel.requires_grad
         if got.spatial is not None:
@@ -190,8 +197,14 @@ def test_added_attention_maps_equal_hand_computed_gates(attention: str) -> None:
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
     for name in smp_cbam.insertion_points(model, "both"):  # copies: CBAM and the blocks run in place
-        handles.append(modules[name].register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].clone())))
-        handles.append(modules[name].register_forward_hook(lambda m, a, out, name=name: seen.__setitem__(name, (inputs[name], out.clone()))))
+        handles.append(
+            modules[name].register_forward_pre_hook(lambda m, a, name=name: inputs.__setitem__(name, a[0].clone()))
+        )
+        handles.append(
+            modules[name].register_forward_hook(
+                lambda m, a, out, name=name: seen.__setitem__(name, (inputs[name], out.clone()))
+            )
+        )
     with torch.no_grad(), capture_attention(model) as maps:
         model(images())
     for handle in handles:

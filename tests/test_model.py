@@ -46,7 +46,9 @@ def test_a_shallower_encoder_without_decoder_channels_is_named(arch: str) -> Non
     # smp's own error speaks of decoder_channels the user never passed
     with pytest.raises(ValueError, match=r"encoder_depth=3 needs decoder_channels with 3 entries"):
         SegmentationModule(arch=arch, encoder="resnet18", num_classes=3, encoder_depth=3).configure_model()
-    module = SegmentationModule(arch=arch, encoder="resnet18", num_classes=3, encoder_depth=3, decoder_channels=[32, 16, 8])
+    module = SegmentationModule(
+        arch=arch, encoder="resnet18", num_classes=3, encoder_depth=3, decoder_channels=[32, 16, 8]
+    )
     module.configure_model()
     assert module(torch.zeros(1, 3, 32, 32)).shape == (1, 3, 32, 32)
 
@@ -94,7 +96,7 @@ def test_the_loss_is_float32_under_bf16_autocast(num_classes: int, monkeypatch: 
     image, mask = _batch(num_classes, 255)
     with torch.no_grad():
         logits = module(image).bfloat16()  # what a model's last layer gives under autocast
-    monkeypatch.setattr(module, "_model", lambda: (lambda x: logits))
+    monkeypatch.setattr(module, "_model", lambda: lambda x: logits)
     monkeypatch.setattr(module, "log", lambda *args, **kwargs: None)  # no Trainer here
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = module._step((image, mask), "train")

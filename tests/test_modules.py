@@ -89,9 +89,7 @@ def ref_spatial_gate(y: torch.Tensor, module: nn.Module, spatial_bn: bool) -> to
         else:
             mean = bn.running_mean.reshape(1, 1, 1, 1)
             var = bn.running_var.reshape(1, 1, 1, 1)
-        z = (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.reshape(1, 1, 1, 1) + bn.bias.reshape(
-            1, 1, 1, 1
-        )
+        z = (z - mean) / torch.sqrt(var + bn.eps) * bn.weight.reshape(1, 1, 1, 1) + bn.bias.reshape(1, 1, 1, 1)
     else:
         assert not bns
     return torch.sigmoid(z)
@@ -150,9 +148,7 @@ CBAM_VARIANTS = [
     pytest.param(dict(kernel_size=3), id="k3"),
     pytest.param(dict(kernel_size=5, reduction=4), id="k5-r4"),
     pytest.param(dict(kernel_size=1, reduction=1), id="k1-r1"),
-    pytest.param(
-        dict(kernel_size=3, reduction=2, mlp_bias=True, spatial_bn=True, residual=True), id="all"
-    ),
+    pytest.param(dict(kernel_size=3, reduction=2, mlp_bias=True, spatial_bn=True, residual=True), id="all"),
 ]
 
 

@@ -327,9 +327,7 @@ def test_compiled_inplace_cbam_writes_over_its_activations(residual: bool, monke
         assert [t for t in recorder.targets if "smp_cbam" in str(t)] == [torch.ops.smp_cbam.cbam_infer_.default]
         written = []
         infer = kernels.cbam_infer
-        monkeypatch.setattr(
-            kernels, "cbam_infer", lambda x, *a: written.append((x.stride(), a[-1])) or infer(x, *a)
-        )
+        monkeypatch.setattr(kernels, "cbam_infer", lambda x, *a: written.append((x.stride(), a[-1])) or infer(x, *a))
         with torch._inductor.config.patch(force_disable_caches=True):
             torch._dynamo.reset()
             out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x)

@@ -40,7 +40,7 @@ BUILTIN = {
 ARCHS = ["Unet", "UnetPlusPlus"]
 
 # Shared by this process (smp_cbam imported) and a subprocess that never imports smp_cbam.
-BUILD_NATIVE = '''
+BUILD_NATIVE = """
 def build_native(smp, torch):
     results = {}
     for arch in ("Unet", "UnetPlusPlus"):
@@ -58,10 +58,10 @@ def build_native(smp, torch):
                 "out": out,
             }
     return results
-'''
+"""
 
 SCRIPT = (
-    '''
+    """
 import json
 import sys
 from pathlib import Path
@@ -73,9 +73,9 @@ mode, out_dir = sys.argv[1], Path(sys.argv[2])
 if mode == "before":
     import smp_cbam
 import segmentation_models_pytorch as smp
-'''
+"""
     + BUILD_NATIVE
-    + '''
+    + """
 result = {"smp_version": smp.__version__}
 if mode == "after":
     assert "smp_cbam" not in sys.modules
@@ -93,7 +93,7 @@ for arch in ("Unet", "UnetPlusPlus"):
         out = model.eval()(torch.randn(1, 3, 64, 64))
     result[arch] = [sum(isinstance(m, CBAM) for m in model.modules()), list(out.shape)]
 (out_dir / "result.json").write_text(json.dumps(result))
-'''
+"""
 )
 
 
@@ -130,7 +130,6 @@ def script_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[dic
 def _isolated_registry(monkeypatch: pytest.MonkeyPatch) -> None:
     """Registrations made by a test are dropped after it."""
     monkeypatch.setattr(smp_cbam.registry, "_FACTORIES", dict(smp_cbam.registry._FACTORIES))
-
 
 
 def _decoder_modules(model: nn.Module, cls: type) -> list[nn.Module]:

@@ -593,7 +593,11 @@ def test_summary_reports_epochs_and_training_time_per_arm() -> None:
     results.loc[cbam, "train_seconds"] = [600.0, 1800.0, 1200.0]
     text = report.summary_markdown(results)
     section = text.split("## Training", 1)[1].split("\n## ", 1)[0]
-    rows = {line.split(" | ")[0] + " | " + line.split(" | ")[1]: line for line in section.splitlines() if line.startswith("| unet")}
+    rows = {
+        line.split(" | ")[0] + " | " + line.split(" | ")[1]: line
+        for line in section.splitlines()
+        if line.startswith("| unet")
+    }
     # median [min-max] of the epochs and best epochs; median minutes per run, the arm's total
     assert rows["| unet | `cbam`"] == "| unet | `cbam` | 3 | 20 [12-30] | 8 [0-18] | 20 | 60 |"
     assert rows["| unet | `none`"] == "| unet | `none` | 3 | 10 | 7 | 1 | 3 |"

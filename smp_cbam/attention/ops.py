@@ -68,7 +68,9 @@ def _backward_cpu(
     return tuple(kernels.cbam_backward(grad, _layout(x), saved, w1, w2, weight, residual, True))
 
 
-def _backward_fake(grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual):  # noqa: ANN001, ANN202
+def _backward_fake(
+    grad, x, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight, residual
+):  # noqa: ANN001, ANN202
     c, n_hidden = x.shape[1], hidden.shape[1]
     return (
         torch.empty_like(x, memory_format=_memory_format(x)),
@@ -138,9 +140,7 @@ def _infer_inplace_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN
 
 def _no_gradient(name: str):  # noqa: ANN202
     def backward(ctx, *grads):  # noqa: ANN001, ANN202, ARG001 - register_autograd's signature
-        raise RuntimeError(
-            f"smp_cbam::{name} has no gradient: CBAM calls smp_cbam::cbam_train where one is recorded"
-        )
+        raise RuntimeError(f"smp_cbam::{name} has no gradient: CBAM calls smp_cbam::cbam_train where one is recorded")
 
     return backward
 

@@ -143,8 +143,7 @@ def module_benchmark(shapes: Sequence[tuple[int, ...]], rounds: int, device: tor
     names = ("eager", "plain", "timm", "scse", "copy")
     lines = [
         "## 1. module forward+backward (median ms; fast CBAM over each, median of paired rounds)",
-        f"{'shape':<20}{'cbam':>8}" + "".join(f"{n:>8}" for n in names)
-        + "".join(f"{'/' + n:>7}" for n in names),
+        f"{'shape':<20}{'cbam':>8}" + "".join(f"{n:>8}" for n in names) + "".join(f"{'/' + n:>7}" for n in names),
     ]
     ratios: dict[str, list[float]] = {name: [] for name in names}
     for shape in shapes:
@@ -236,9 +235,7 @@ def step_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int 
         times = interleaved_times(fns, setting_rounds, device, warmup=1)
         lines.append(
             f"{label:<22}{statistics.median(times['none']) * 1e3:9.1f}"
-            + "".join(
-                f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in STEP_TYPES[1:]
-            )
+            + "".join(f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in STEP_TYPES[1:])
         )
     return "\n".join(lines)
 
@@ -333,9 +330,7 @@ def compile_benchmark(
 PROCESS_TYPES = ("none", "scse", "cbam")
 
 
-def process_step_ms(
-    arch: str, attention: str, heap: bool, steps: int, batch: int, size: int, warmup: int = 2
-) -> float:
+def process_step_ms(arch: str, attention: str, heap: bool, steps: int, batch: int, size: int, warmup: int = 2) -> float:
     """Median ms of a training step in this process; ``heap`` applies ``keep_heap`` first."""
     if heap and not keep_heap():
         raise RuntimeError("keep_heap needs glibc")
@@ -388,10 +383,7 @@ def process_benchmark(rounds: int, steps: int, batch: int = 4, size: int = 160) 
             lines.append(
                 f"{arch + ' train':<22}{'keep_heap' if heap else 'default':<11}"
                 f"{statistics.median(by_type['none']):9.1f}"
-                + "".join(
-                    f"{100 * (paired_ratio(by_type, t, 'none') - 1):+8.1f}%"
-                    for t in PROCESS_TYPES[1:]
-                )
+                + "".join(f"{100 * (paired_ratio(by_type, t, 'none') - 1):+8.1f}%" for t in PROCESS_TYPES[1:])
             )
     return "\n".join(lines)
 
@@ -421,9 +413,7 @@ class _MallocPeak(TorchDispatchMode):
         return out
 
 
-def peak_memory_of_step(
-    arch: str, attention: str, device: torch.device, batch: int = 4, size: int = 160
-) -> float:
+def peak_memory_of_step(arch: str, attention: str, device: torch.device, batch: int = 4, size: int = 160) -> float:
     """MiB a training step needs above what is live before it (after a warm-up step).
 
     CUDA: ``torch.cuda.max_memory_allocated``; CPU: glibc's in-use bytes sampled after each op.
@@ -446,15 +436,10 @@ def peak_memory_of_step(
 def memory_benchmark(device: torch.device, batch: int = 4, size: int = 160) -> str:
     """Peak memory of a training step per attention type."""
     how = "torch.cuda.max_memory_allocated" if device.type == "cuda" else "glibc mallinfo2, per op"
-    lines = [
-        f"## 3. peak memory of a training step above its start, MiB ({how}; "
-        f"batch {batch}, 3x{size}x{size})"
-    ]
+    lines = [f"## 3. peak memory of a training step above its start, MiB ({how}; batch {batch}, 3x{size}x{size})"]
     lines.append(f"{'arch':<14}" + "".join(f"{t:>12}" for t in STEP_TYPES))
     for arch in ARCHS:
-        peaks = [
-            peak_memory_of_step(arch, attention, device, batch, size) for attention in STEP_TYPES
-        ]
+        peaks = [peak_memory_of_step(arch, attention, device, batch, size) for attention in STEP_TYPES]
         lines.append(f"{arch:<14}" + "".join(f"{p:12.1f}" for p in peaks))
     return "\n".join(lines)
 

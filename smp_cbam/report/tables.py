@@ -165,8 +165,8 @@ def _reading(diffs: pd.DataFrame, tables: int = 1) -> list[str]:
         )
     if tables > 1 and any(n >= MIN_SEEDS_FOR_TEST for n in ns):
         lines.append(
-            f"Each of the {tables} tables is adjusted on its own. Read across tables (e.g. \"does CBAM beat "
-            f"`none` in any architecture?\"), the chance of at least one false difference is up to {tables} "
+            f'Each of the {tables} tables is adjusted on its own. Read across tables (e.g. "does CBAM beat '
+            f'`none` in any architecture?"), the chance of at least one false difference is up to {tables} '
             f"times {ALPHA}; a difference that holds in only one table answers only for that table."
         )
     if 2 in ns:
@@ -329,7 +329,9 @@ def _training_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
         ),
         "",
     ]
-    cols = [*keys, "attention", "runs", "epochs", "best epoch"] + (["minutes/run", "minutes in all"] if has_time else [])
+    cols = [*keys, "attention", "runs", "epochs", "best epoch"] + (
+        ["minutes/run", "minutes in all"] if has_time else []
+    )
     lines += _table_head(cols, len(keys) + 1)
 
     def spread(values: pd.Series) -> str:

@@ -231,7 +231,6 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     return results
 
 
-
 def _grid_step(
     config: Config,
     run: RunSpec,
@@ -261,6 +260,7 @@ def _grid_step(
     run_dir.mkdir(parents=True, exist_ok=True)
     left = f"  (grid time left ~{format_seconds(eta.seconds_left())})" if eta is not None else ""
     log(f"{tag} {run.name}{left}")
+
     def on_epoch(row: dict) -> None:
         if eta is not None:
             eta.epoch_done(run, row["seconds"], row["epoch"])
@@ -273,7 +273,9 @@ def _grid_step(
         row = {"status": "failed", "failure": f"{type(err).__name__}: {err}"}
         log(f"  {run.name} failed: {row['failure']}")
     if row["status"] == "ok" and not row["converged"]:
-        log(f"  {run.name} not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving")
+        log(
+            f"  {run.name} not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving"
+        )
     if row["status"] == "ok" and row["at_floor"]:
         log(f"  {run.name} stuck at the trivial floor: best val mIoU {row['val_miou']:.4f} vs {row['floor_miou']:.4f}")
     ident = {
@@ -352,7 +354,9 @@ def _worker_step(config: Config, run: RunSpec, tag: str, retry_failed: bool) -> 
         # SIGTERM (the grid's process ended, see _die_with_parent) stops Lightning at the end of a
         # batch, never inside a checkpoint's write; the run resumes from its last epoch. The worker
         # ends here rather than wait for a task from a grid that is gone.
-        print(f"{tag} {run.name}: worker stopped (SystemExit {stop.code}); the same command resumes it", file=sys.stderr)
+        print(
+            f"{tag} {run.name}: worker stopped (SystemExit {stop.code}); the same command resumes it", file=sys.stderr
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(stop.code if isinstance(stop.code, int) else 1)
