@@ -528,7 +528,7 @@ def test_resolved_attributes_right_after_init_and_in_the_hparams(tmp_path):
         assert isinstance(dm.class_names, tuple) and isinstance(dm.ignore_index, int)
         assert (
             tuple(dm.hparams_initial[k] for k in ("num_classes", "in_channels", "class_names", "ignore_index"))
-            == resolved
+            == (*resolved[:2], list(resolved[2]), resolved[3])  # a list in the hparams, as YAML reads it back
         )
         again = SegmentationDataModule(**dm.hparams_initial)  # the saved values re-create the same data module
         assert dict(again.hparams_initial) == dict(dm.hparams_initial), name

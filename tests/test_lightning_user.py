@@ -11,6 +11,7 @@ import pytest
 import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import torch
+import yaml
 from pytorch_lightning.callbacks import LearningRateMonitor
 from pytorch_lightning.core.saving import load_hparams_from_yaml
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
@@ -317,6 +318,54 @@ def test_lightning_cli_sets_every_argument_of_both_classes(tmp_path) -> None:
     assert cli.model.num_classes == 4 and cli.model.hparams.lr == 0.005
     assert "val_miou" in cli.trainer.callback_metrics
     assert (tmp_path / "lightning_logs" / "version_0" / "config.yaml").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cli_class", ["LightningCLI", "TrainCLI"])
+def test_lightning_cli_tests_and_resumes_from_a_checkpoint_with_a_logger(tmp_path, cli_class) -> None:
+    # Lightning's CLI hands the module the checkpoint's hyperparameters; logging them beside the data
+    # module's failed ("Error while merging hparams") while the two kept class_names as list and tuple.
+    # TrainCLI's own --ckpt_path clashed with the subcommands' when used with them.
+    from pytorch_lightning.cli import LightningCLI
+
+    from smp_cbam.training.cli import TrainCLI
+
+    cli_type = TrainCLI if cli_class == "TrainCLI" else LightningCLI
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"""
+model:
+  attention: cbam
+  encoder_depth: 3
+  decoder_channels: [32, 16, 16]
+data:
+  batch_size: 4
+  synthetic: {DATA["synthetic"]}
+trainer:
+  default_root_dir: {tmp_path}
+  max_epochs: 1
+  enable_progress_bar: false
+  enable_model_summary: false
+"""
+    )
+    fit = cli_type(SegmentationModule, SegmentationDataModule, args=["fit", f"--config={config}"])
+    checkpoint = fit.trainer.checkpoint_callback.best_model_path
+    logged = yaml.safe_load(Path(fit.trainer.logger.log_dir, "hparams.yaml").read_text())  # plain YAML
+    assert logged["class_names"] == list(SegmentationDataModule(**DATA).class_names)
+    names = ",".join(logged["class_names"])
+    for args, metric in (
+        (["test", f"--ckpt_path={checkpoint}"], "test_miou"),
+        (["fit", f"--ckpt_path={checkpoint}", "--trainer.max_epochs=2"], "val_miou"),
+        # TrainCLI links the names from the data module: --model.class_names is LightningCLI's only
+        (
+            ["validate", f"--model.class_names=[{names}]" if cli_type is LightningCLI else "--data.batch_size=2"],
+            "val_miou",
+        ),
+    ):
+        cli = cli_type(SegmentationModule, SegmentationDataModule, args=[args[0], f"--config={config}", *args[1:]])
+        assert cli.model.class_names == logged["class_names"] and metric in cli.trainer.callback_metrics, args
+        if args[0] == "fit":  # resumed after the checkpoint's epoch, not from scratch
+            assert cli.trainer.current_epoch == 2 and cli.trainer.global_step == 2 * fit.trainer.global_step
 
 
 DDP_SCRIPT = """

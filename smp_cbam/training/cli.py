@@ -36,13 +36,20 @@ class TrainError(ValueError):
 
 class TrainCLI(LightningCLI):
     """``LightningCLI(SegmentationModule, SegmentationDataModule)`` plus a best-val-mIoU
-    checkpoint, ``--ckpt_path`` (resume), ``--test`` and ``--malloc_default``."""
+    checkpoint and ``--malloc_default``. With ``run=False`` (``smp-cbam train``) also
+    ``--ckpt_path`` (resume) and ``--test``, which :func:`run` uses; with subcommands (``fit``,
+    ``test``, ...) each takes Lightning's own ``--ckpt_path``."""
+
+    def setup_parser(self, add_subcommands: bool, main_kwargs: dict, subparser_kwargs: dict) -> None:
+        self._subcommands = add_subcommands
+        super().setup_parser(add_subcommands, main_kwargs, subparser_kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.set_defaults({f"checkpoint.{k}": v for k, v in CHECKPOINT_DEFAULTS.items()})
-        parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume fitting from")
-        parser.add_argument("--test", type=bool, default=True, help="test the best checkpoint after fitting")
+        if not self._subcommands:  # a subcommand's own ckpt_path would clash with this one
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="checkpoint to resume fitting from")
+            parser.add_argument("--test", type=bool, default=True, help="test the best checkpoint after fitting")
         parser.add_argument(
             "--malloc_default",
             type=bool,
@@ -52,17 +59,20 @@ class TrainCLI(LightningCLI):
         module_args = inspect.signature(SegmentationModule.__init__).parameters
         for key in DATA_TO_MODEL:
             if key in module_args:
-                parser.link_arguments(f"data.{key}", f"model.{key}", apply_on="instantiate")
+                # class_names as a list, as the data module's hyperparameters keep it: Lightning logs
+                # both and refuses values that differ, in type too
+                compute = _as_list if key == "class_names" else None
+                parser.link_arguments(f"data.{key}", f"model.{key}", compute_fn=compute, apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         # Lightning replaces configure_optimizers only when an optimizer is given: a scheduler alone
         # would be dropped without a word, and the module's own schedule would run
-        if self.config.get("lr_scheduler") is not None and self.config.get("optimizer") is None:
+        if self._get(self.config, "lr_scheduler") is not None and self._get(self.config, "optimizer") is None:
             raise TrainError(
                 "--lr_scheduler needs --optimizer: Lightning replaces the module's AdamW and schedule "
                 "only when an optimizer is given"
             )
-        if not self.config.malloc_default:
+        if not self._get(self.config, "malloc_default"):
             malloc.keep_heap()
 
     def instantiate_classes(self) -> None:
@@ -72,6 +82,10 @@ class TrainCLI(LightningCLI):
             super().instantiate_classes()
         except (KeyError, TypeError, ValueError) as err:
             raise TrainError(_one_line(err)) from err
+
+
+def _as_list(names: Sequence[str] | None) -> list[str] | None:
+    return None if names is None else list(names)
 
 
 def _one_line(err: BaseException) -> str:

@@ -4,9 +4,10 @@ of :mod:`smp_cbam.training.sources` (``"synthetic"``, ``"camvid"``, ``"pets"``, 
 Files are read by :mod:`smp_cbam.training.readers` (EXIF orientation, palette masks, grey/colour
 rules), both by the check in :meth:`SegmentationDataModule.setup` and by training.
 
-``num_classes``, ``in_channels``, ``class_names`` (a tuple) and ``ignore_index`` (an int) are
-resolved by ``__init__`` and saved in the data module's hyperparameters with their resolved values,
-so Lightning's merge with a module's hyperparameters never conflicts, and
+``num_classes``, ``in_channels``, ``class_names`` (a tuple; a list in the hyperparameters, as YAML
+and Lightning's CLI give it) and ``ignore_index`` (an int) are resolved by ``__init__`` and saved in
+the data module's hyperparameters with their resolved values, so Lightning's merge with a module's
+hyperparameters never conflicts (also when the CLI hands the module a checkpoint's values), and
 ``SegmentationDataModule(**dm.hparams)`` builds the same data module. ``void_label`` is the value
 void pixels have in the mask files (CamVid 11; none by default elsewhere); ``ignore_index`` is the
 index batches carry for void and padded pixels: the given one, else the void label where masks
@@ -532,6 +533,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             num_classes=self.num_classes, class_names=self.class_names, ignore_index=self.ignore_index,
             void_label=classes.void, in_channels=self.in_channels, resize=self.resize, crop=self.crop, scale=self.scale,
         )  # fmt: skip
+        # lists, not tuples: the types Lightning's CLI gives the module (its hparams must equal these when
+        # both are logged), and what yaml.safe_load reads back from hparams.yaml
+        resolved = {key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()}
         self.save_hyperparameters({**self.hparams, **resolved})
 
     @staticmethod

@@ -157,7 +157,7 @@ class SegmentationModule(pl.LightningModule):
         if model is not None and not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if class_names is not None:
-            class_names = tuple(str(name) for name in class_names)  # saved as the data module saves it
+            class_names = [str(name) for name in class_names]  # a list, as the data module and YAML keep it
             if num_classes is not None and len(class_names) != num_classes:
                 raise ValueError(f"class_names has {len(class_names)} names for num_classes={num_classes}")
         if decoder_channels is not None:
@@ -214,9 +214,10 @@ class SegmentationModule(pl.LightningModule):
             given = self._given[key]
             found = getattr(datamodule, key, None) if datamodule is not None else None
             current = getattr(self, key, None)
-            if key == "class_names":
-                found = None if found is None else tuple(str(name) for name in found)
-                current = tuple(current) if current else None
+            if key == "class_names":  # compared as lists: a YAML file, the CLI and the data module give lists
+                given = None if given is None else list(given)
+                found = None if found is None else [str(name) for name in found]
+                current = list(current) if current else None
             if given is not None and found is not None and given != found:
                 raise ValueError(
                     f"{key}={given!r} was given to SegmentationModule, but the data module has {key}={found!r}; "
@@ -235,7 +236,7 @@ class SegmentationModule(pl.LightningModule):
         if resolved["in_channels"] is None and self.model is None:
             resolved["in_channels"] = 3
         # the data modules' names for unnamed classes, so a checkpoint fits the data module later
-        names = resolved["class_names"] or tuple(f"class_{i}" for i in range(resolved["num_classes"]))
+        names = resolved["class_names"] or [f"class_{i}" for i in range(resolved["num_classes"])]
         if len(names) != resolved["num_classes"]:
             raise ValueError(f"class_names has {len(names)} names for num_classes={resolved['num_classes']}")
         resolved["class_names"] = names

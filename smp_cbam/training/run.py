@@ -344,7 +344,7 @@ def module_kwargs(config: Config, run: RunSpec, datamodule: SegmentationDataModu
         "in_channels": datamodule.in_channels,
         "num_classes": datamodule.num_classes,
         "ignore_index": datamodule.ignore_index,
-        "class_names": datamodule.class_names,  # as the data module holds it: Lightning compares the hparams
+        "class_names": datamodule.class_names,
         **dataclasses.asdict(config.model),
         **config.train.module_kwargs(),
     }
@@ -371,6 +371,7 @@ def align_hparams(datamodule: SegmentationDataModule) -> None:
     that Lightning's merge with the module's never conflicts; a no-op where it saves them itself."""
     keys = ("num_classes", "in_channels", "class_names", "ignore_index")
     resolved = {key: getattr(datamodule, key) for key in keys if key in datamodule.hparams_initial}
+    resolved = {key: list(value) if isinstance(value, tuple) else value for key, value in resolved.items()}
     if any(datamodule.hparams_initial[key] != value for key, value in resolved.items()):
         datamodule.save_hyperparameters({**datamodule.hparams_initial, **resolved})
 
