@@ -181,6 +181,35 @@ def test_max_steps_gets_a_schedule_of_that_many_steps() -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+@pytest.mark.parametrize("scheduler", ["cosine", "poly"])
+def test_a_fit_resumed_for_longer_decays_over_its_new_length(tmp_path, scheduler) -> None:
+    # the checkpoint's schedule has the first fit's length: restored as it is, the cosine climbed
+    # back to the initial rate after its end
+    seen: list[float] = []
+
+    class RecordLR(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def fit(max_steps: int, ckpt_path: str | None = None) -> pl.Trainer:
+        module = SegmentationModule(arch="unet", attention="cbam", lr=0.01, scheduler=scheduler, **MODEL)
+        trainer = pl.Trainer(
+            max_steps=max_steps, default_root_dir=tmp_path, logger=False, callbacks=[RecordLR()], limit_val_batches=0,
+            **QUIET,
+        )  # fmt: skip
+        trainer.fit(module, datamodule=SegmentationDataModule(**DATA), ckpt_path=ckpt_path)
+        return trainer
+
+    def rate(k: int, total: int) -> float:
+        return 0.01 * ((1 + math.cos(math.pi * k / total)) / 2 if scheduler == "cosine" else (1 - k / total) ** 0.9)
+
+    first = fit(2)  # one epoch of 2 steps, decayed to 0
+    with pytest.warns(UserWarning, match="resumed at step 2 with 6 optimizer steps in all where the checkpoint"):
+        resumed = fit(6, first.checkpoint_callback.best_model_path)
+    np.testing.assert_allclose(seen, [rate(k, 2) for k in range(2)] + [rate(k, 6) for k in range(2, 6)], rtol=1e-6)
+    assert resumed.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
 def test_prebuilt_smp_model_trains_and_reloads(tmp_path) -> None:
     datamodule = SegmentationDataModule(**DATA)
     model = smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(16, 8, 8), classes=4)

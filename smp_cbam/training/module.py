@@ -11,12 +11,14 @@ The number of classes, input channels, class names and ignore index come from th
 module when they are not given (see :class:`SegmentationModule`).
 """
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 import pytorch_lightning as pl
 import segmentation_models_pytorch as smp
 import torch
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix, MulticlassJaccardIndex
 
@@ -99,7 +101,8 @@ class SegmentationModule(pl.LightningModule):
 
     Optimisation: AdamW; ``scheduler`` ``"cosine"`` or ``"poly"`` decays the learning rate to 0
     over ``trainer.estimated_stepping_batches`` optimizer steps and is stepped every step
-    (``Trainer(max_steps=N)`` gets an N-step schedule); ``"none"`` keeps it constant.
+    (``Trainer(max_steps=N)`` gets an N-step schedule; a fit resumed under another length gets
+    the new length from where it resumes); ``"none"`` keeps it constant.
 
     Logged: ``train_loss`` (per step and per epoch, progress bar), ``{stage}_loss``; on val and
     test, per-class IoU, mean IoU and mean Dice accumulated over the whole epoch as
@@ -181,6 +184,7 @@ class SegmentationModule(pl.LightningModule):
         self._counts: list[torch.Tensor] = []
         self._context_seen = dict.fromkeys(STAGES, False)
         self._unused_keys: list[str] = []
+        self._schedule: torch.optim.lr_scheduler.LRScheduler | None = None  # the one configure_optimizers made
         if num_classes is not None and (model is not None or in_channels is not None):
             self._setup_from(None)
 
@@ -510,4 +514,37 @@ class SegmentationModule(pl.LightningModule):
             scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps)
         else:
             scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=steps, power=0.9)
+        self._schedule = scheduler
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        """A fit resumed from a checkpoint under another length (``max_epochs``/``max_steps``)
+        restores the checkpoint's schedule, whose length is the old one: the cosine would climb
+        back to the initial rate past its end, the polynomial stay at 0. The module's own schedule
+        is stretched (or shrunk) to this fit's length instead, from the step it resumes at, with a
+        warning: the rate then jumps to where the new schedule has it."""
+        scheduler = self._schedule
+        configs = self.trainer.lr_scheduler_configs
+        if scheduler is None or not any(config.scheduler is scheduler for config in configs):
+            return  # no schedule of the module's own (scheduler="none", or replaced by the user)
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        cosine = isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR)
+        length = scheduler.T_max if cosine else scheduler.total_iters
+        if length == total:
+            return
+        step = scheduler.last_epoch
+        if cosine:
+            scheduler.T_max = total
+            factor = (1 + math.cos(math.pi * min(step, total) / total)) / 2
+        else:
+            scheduler.total_iters = total
+            factor = (1 - min(step, total) / total) ** scheduler.power
+        before = scheduler.get_last_lr()[0]
+        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * factor if cosine else base * factor
+        scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
+        rank_zero_warn(
+            f"resumed at step {step} with {total} optimizer steps in all where the checkpoint's {self.hparams.scheduler} "
+            f"schedule had {length}: the schedule now spans {total} steps (learning rate {before:.3g} -> "
+            f"{scheduler.get_last_lr()[0]:.3g})"
+        )
