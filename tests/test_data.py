@@ -153,6 +153,30 @@ def test_camvid_layout_and_eval_padding(tmp_path):
     assert image.shape == (2, 3, 32, 64) and set(mask.unique().tolist()) == set(range(11)) | {255}
 
 
+def test_predictions_back_at_each_images_size(tmp_path):
+    root = make_camvid(tmp_path / "camvid")  # 40x50 frames
+    dm = SegmentationDataModule("camvid", str(root), batch_size=2)
+    assert dm.predict_split == "test"  # no setup() by hand: the loaders and this build the splits
+    batches = [mask for _, mask in dm.predict_dataloader()]
+    assert batches[0].shape == (2, 64, 64)  # padded for the network
+    labels = dm.to_image_size(batches)
+    stored = cv2.imread(str(root / "testannot" / "test_001.png"), cv2.IMREAD_UNCHANGED)
+    assert len(labels) == 2 and torch.equal(labels[1], torch.from_numpy(stored).long())
+    probabilities = dm.to_image_size(torch.rand(2, 11, 64, 64))
+    assert probabilities[0].shape == (11, 40, 50)
+    with pytest.raises(ValueError, match="3 predictions for the 2 images of the test split"):
+        dm.to_image_size(torch.zeros(3, 64, 64, dtype=torch.long))
+
+    resized = SegmentationDataModule("camvid", str(root), batch_size=2, resize=(32, 32))
+    frames = torch.full((2, 32, 32), 7)
+    frames[:, :16] = 3  # top half 3, bottom half 7
+    labels = resized.to_image_size(frames, split="val")
+    assert labels[0].dtype == torch.long and labels[0].shape == (40, 50)
+    assert (labels[0][:20] == 3).all() and (labels[0][20:] == 7).all()
+    uniform = resized.to_image_size(torch.full((2, 11, 32, 32), 1 / 11))[1]
+    assert uniform.shape == (11, 40, 50) and torch.allclose(uniform.sum(0), torch.ones(40, 50))
+
+
 def test_pets_layout(tmp_path):
     root = make_pets(tmp_path / "pets")
     dm = SegmentationDataModule("pets", str(root), batch_size=2, resize=(32, 32), val_fraction=0.2)

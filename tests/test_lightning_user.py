@@ -181,6 +181,17 @@ def test_max_steps_gets_a_schedule_of_that_many_steps() -> None:
     assert trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_predicted_probabilities_are_float32_under_bf16_and_back_at_image_size() -> None:
+    datamodule = SegmentationDataModule(**DATA)
+    module = SegmentationModule(num_classes=4, in_channels=3, predict_output="probabilities", **MODEL)
+    trainer = pl.Trainer(precision="bf16-mixed", logger=False, **QUIET)
+    batches = trainer.predict(module, datamodule=datamodule)
+    assert batches[0].dtype == torch.float32 and batches[0].shape[1:] == (4, 64, 64)  # 48x48 padded
+    images = datamodule.to_image_size(batches)
+    assert len(images) == 6 and images[0].shape == (4, 48, 48)
+    torch.testing.assert_close(images[0], batches[0][0, :, :48, :48])
+
+
 @pytest.mark.parametrize("scheduler", ["cosine", "poly"])
 def test_a_fit_resumed_for_longer_decays_over_its_new_length(tmp_path, scheduler) -> None:
     # the checkpoint's schedule has the first fit's length: restored as it is, the cosine climbed

@@ -59,6 +59,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from albumentations.pytorch import ToTensorV2
+from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from .readers import DatasetError, FileInfo, ReadError, check_exif_rule, file_info, read_image, read_mask
@@ -220,6 +221,10 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        """(height, width) of a sample's image as stored, before any resize or padding."""
+        raise NotImplementedError
+
     def context(self, index: int) -> np.ndarray | None:
         """The (H, W) bool map of context pixels of a sample, or None when the dataset has none."""
         return None
@@ -256,6 +261,9 @@ class ArrayDataset(SegmentationDataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return self.images[index], self.masks[index]
 
+    def image_size(self, index: int) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
     def context(self, index: int) -> np.ndarray | None:
         return None if self.contexts is None else self.contexts[index]
 
@@ -280,6 +288,9 @@ class FileDataset(SegmentationDataset):
     @property
     def ids(self) -> list[str]:
         return [pair.image.stem for pair in self.pairs]
+
+    def image_size(self, index: int) -> tuple[int, int]:
+        return file_info(self.pairs[index].image).size(self.exif)  # as read_image turns it
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         if self.cache is not None and index in self.cache:
@@ -671,6 +682,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return 1, 0
 
     def train_dataloader(self) -> DataLoader:
+        self.setup()  # the Trainer has called it; a loader asked for by hand builds the splits itself
         train = self.datasets["train"]
         num_replicas, rank = self._replicas()
         sampler = SeededSampler(len(train), self.seed, num_replicas, rank)
@@ -688,6 +700,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
+        self.setup()
         if not self.has_test:
             raise DatasetError(
                 f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0."
@@ -696,10 +709,53 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def predict_dataloader(self) -> DataLoader:
         """The test split's loader (the validation split's when there is no test split), for
-        ``trainer.predict``; the order is that of the split's ``ids``."""
-        return self._eval_loader("test" if self.has_test else "val")
+        ``trainer.predict``; the order is that of the split's ``ids``. Its frames are padded (and
+        resized) as for evaluation: :meth:`to_image_size` gives predictions each image's size."""
+        return self._eval_loader(self.predict_split)
+
+    @property
+    def predict_split(self) -> str:
+        """The split :meth:`predict_dataloader` serves: ``"test"``, else ``"val"``."""
+        self.setup()
+        return "test" if self.has_test else "val"
+
+    def to_image_size(
+        self, predictions: torch.Tensor | Sequence[torch.Tensor], split: str | None = None
+    ) -> list[torch.Tensor]:
+        """Predictions for ``split``'s frames (default :attr:`predict_split`; ``trainer.predict``'s
+        list of batches, or one tensor), one per image in the split's order, back at each image's
+        own size: cropped to the frame before padding and, where the data module resizes, resized
+        to the stored image (nearest for class indices, bilinear for probabilities or logits).
+        Each is ``(..., H, W)`` as given: labels ``(H, W)``, probabilities ``(C, H, W)``."""
+        self.setup()
+        split = split or self.predict_split
+        if split not in self.datasets:
+            raise ValueError(f"split must be one of {sorted(self.datasets)}, got {split!r}")
+        dataset = self.datasets[split]
+        batches = [predictions] if isinstance(predictions, torch.Tensor) else list(predictions)
+        items = [item for batch in batches for item in batch]
+        if len(items) != len(dataset):
+            raise ValueError(
+                f"{len(items)} predictions for the {len(dataset)} images of the {split} split: pass the predictions "
+                f"of its whole loader, in order"
+            )
+        restored = []
+        for index, item in enumerate(items):
+            size = tuple(dataset.image_size(index))
+            frame = tuple(self.resize) if self.resize else size
+            item = item[..., : frame[0], : frame[1]]
+            if frame != size:
+                flat = item.reshape(-1, 1, *frame).float()  # any leading dims, resized as channels
+                if item.is_floating_point():
+                    flat = F.interpolate(flat, size=size, mode="bilinear", align_corners=False)
+                else:  # class indices: the nearest, as the masks were resized
+                    flat = F.interpolate(flat, size=size, mode="nearest-exact")
+                item = flat.reshape(*item.shape[:-2], *size).to(item.dtype)
+            restored.append(item)
+        return restored
 
     def _eval_loader(self, split: str) -> DataLoader:
+        self.setup()
         return DataLoader(
             self.datasets[split],
             batch_size=self.batch_size,

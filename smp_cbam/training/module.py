@@ -410,7 +410,7 @@ class SegmentationModule(pl.LightningModule):
         logits = self(image)
         if self.predict_output == "labels":
             return self.predict_labels(logits)
-        return self.probabilities(logits)
+        return self.probabilities(logits.float())  # float32 also under bf16/fp16 precision, as the loss
 
     def on_validation_epoch_start(self) -> None:
         self._one_loader("val", self.trainer.num_val_batches)
