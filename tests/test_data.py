@@ -264,6 +264,25 @@ def test_folder_split_folders(tmp_path):
     assert split_images(dm)["test"] == ["t0.png"] and len(dm.datasets["train"]) == 10
 
 
+def test_a_folder_without_train_serves_evaluation_only(tmp_path):
+    root = tmp_path / "held_out"
+    make_folder(root / "test", ["t0", "t1", "t2"])
+    dm = SegmentationDataModule("folder", str(root), num_classes=3, batch_size=2)  # a checkpoint to evaluate
+    dm.setup("test")
+    assert sorted(dm.datasets) == ["test"] and dm.predict_split == "test"
+    assert [m.shape for _, m in dm.test_dataloader()] == [(2, 64, 64), (1, 64, 64)]
+    dm.setup("predict")
+    with pytest.raises(DatasetError, match=r"the train split of .*held_out is empty. Fix: add a train folder"):
+        dm.setup("fit")
+    with pytest.raises(DatasetError, match="the val split of .*held_out is empty"):
+        dm.val_dataloader()
+    with pytest.raises(DatasetError, match="the train split"):
+        dm.setup()  # what the runner calls before it writes anything: every split training needs
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="(?s)required folders are missing.*empty/train/images"):
+        SegmentationDataModule("folder", str(tmp_path / "empty"), num_classes=3)
+
+
 def test_seeded_split_is_deterministic_and_disjoint(tmp_path):
     root = make_folder(tmp_path / "data", [f"img{i:02d}" for i in range(20)], size=(8, 8))
     runs = []

@@ -570,21 +570,22 @@ class SegmentationDataModule(pl.LightningDataModule):
             return None  # reported by setup's check
 
     def setup(self, stage: str | None = None) -> None:
-        """Build all splits once, reading and validating every file; raise DatasetError on bad input."""
-        if self.datasets:
-            return
+        """Build every split the data has, once, reading and validating every file; then check that
+        the splits ``stage`` needs are there (``"fit"`` and ``None``: train and val; ``"validate"``:
+        val; ``"test"``: test; ``"predict"``: test or val). Raises DatasetError on bad input."""
+        if not self.datasets:
+            self._build()
+        needed = {"validate": ("val",), "test": ("test",), "predict": (self.predict_split,)}.get(
+            stage, ("train", "val")
+        )
+        for split in needed:
+            self._dataset(split)
+
+    def _build(self) -> None:
         if self.source.in_memory:
             raw, frame = self._setup_arrays()
         else:
             raw, frame = self._setup_files()
-        for split in ("train", "val"):
-            if split not in raw:
-                fix = (
-                    f"set synthetic n_{split} > 0"
-                    if self.source.in_memory
-                    else f"add a {split} folder or set {split}_fraction > 0"
-                )
-                raise DatasetError(f"the {split} split of {self.root or 'the synthetic data'} is empty. Fix: {fix}.")
         self.has_test = "test" in raw
         frame = self.resize or frame
         resize = self.resize if self.source.in_memory else None  # file datasets resize (and cache) as they load
@@ -596,6 +597,24 @@ class SegmentationDataModule(pl.LightningDataModule):
         }
         for split, make in raw.items():
             self.datasets[split] = make(transform=transforms["train" if split == "train" else "eval"])
+
+    def _dataset(self, split: str) -> "SegmentationDataset":
+        """A split's dataset, the splits built first if they are not (the Trainer calls setup; a loader
+        asked for by hand does not need it); DatasetError, naming the fix, for a split the data lacks."""
+        if not self.datasets:
+            self._build()
+        if split in self.datasets:
+            return self.datasets[split]
+        where = self.root or "the synthetic data"
+        if self.source.in_memory:
+            fix = f"set synthetic n_{split} > 0"
+        elif split == "train":
+            fix = "add a train folder (training needs one; evaluating a checkpoint does not)"
+        else:
+            fix = f"add a {split} folder or set {split}_fraction > 0"
+        if split == "test":
+            raise DatasetError(f"{where} has no test split. Fix: {fix}.")
+        raise DatasetError(f"the {split} split of {where} is empty. Fix: {fix}.")
 
     def _setup_arrays(self) -> tuple[dict, tuple[int, int]]:
         arrays = _synthetic_splits(tuple(sorted(self.synthetic_options.items())))
@@ -642,9 +661,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
         make = functools.partial(FileDataset, lut=self.lut, in_channels=self.in_channels, ignore_index=self.ignore_index,
                                  exif=self.exif, resize=self.resize, cache=cached)  # fmt: skip
-        return {split: functools.partial(make, found) for split, found in pairs.items()}, infos["train"][0].image.size(
-            self.exif
-        )
+        first = next(iter(infos.values()))[0]  # the frame: every image has its size unless resized
+        return {split: functools.partial(make, found) for split, found in pairs.items()}, first.image.size(self.exif)
 
     def _warn_conversions(self, rows: list[tuple[Pair, PairInfo]]) -> None:
         """One warning naming the files turned by their EXIF orientation, one naming the images
@@ -682,8 +700,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return 1, 0
 
     def train_dataloader(self) -> DataLoader:
-        self.setup()  # the Trainer has called it; a loader asked for by hand builds the splits itself
-        train = self.datasets["train"]
+        train = self._dataset("train")
         num_replicas, rank = self._replicas()
         sampler = SeededSampler(len(train), self.seed, num_replicas, rank)
         return DataLoader(
@@ -700,11 +717,6 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._eval_loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        self.setup()
-        if not self.has_test:
-            raise DatasetError(
-                f"{self.root or 'the synthetic data'} has no test split. Fix: add one, or set test_fraction / n_test > 0."
-            )
         return self._eval_loader("test")
 
     def predict_dataloader(self) -> DataLoader:
@@ -716,7 +728,8 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def predict_split(self) -> str:
         """The split :meth:`predict_dataloader` serves: ``"test"``, else ``"val"``."""
-        self.setup()
+        if not self.datasets:
+            self._build()
         return "test" if self.has_test else "val"
 
     def to_image_size(
@@ -727,11 +740,10 @@ class SegmentationDataModule(pl.LightningDataModule):
         own size: cropped to the frame before padding and, where the data module resizes, resized
         to the stored image (nearest for class indices, bilinear for probabilities or logits).
         Each is ``(..., H, W)`` as given: labels ``(H, W)``, probabilities ``(C, H, W)``."""
-        self.setup()
         split = split or self.predict_split
-        if split not in self.datasets:
-            raise ValueError(f"split must be one of {sorted(self.datasets)}, got {split!r}")
-        dataset = self.datasets[split]
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        dataset = self._dataset(split)
         batches = [predictions] if isinstance(predictions, torch.Tensor) else list(predictions)
         items = [item for batch in batches for item in batch]
         if len(items) != len(dataset):
@@ -755,9 +767,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return restored
 
     def _eval_loader(self, split: str) -> DataLoader:
-        self.setup()
         return DataLoader(
-            self.datasets[split],
+            self._dataset(split),
             batch_size=self.batch_size,
             collate_fn=collate,
             num_workers=self.num_workers,

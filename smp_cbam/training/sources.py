@@ -292,7 +292,7 @@ class PetsSource(DataSource):
 @register_source
 class FolderSource(DataSource):
     name = "folder"
-    layout = "ROOT/images/* with ROOT/masks/<stem>.png, or ROOT/{train,val,test}/{images,masks} (val, test optional)"
+    layout = "ROOT/images/* with ROOT/masks/<stem>.png, or ROOT/{train,val,test}/{images,masks} (val, test split off train where absent)"
     void_labels = None  # any stored value that is not a class index
 
     def pairs(self, root: Path, val_fraction: float, test_fraction: float, split_seed: int) -> dict[str, list[Pair]]:
@@ -301,9 +301,12 @@ class FolderSource(DataSource):
             require_dirs(root, ["masks"], self.layout)
             pool = pair_folder(root / "images", root / "masks")
             return seeded_split(pool, {"val": val_fraction, "test": test_fraction}, split_seed)
-        present = [s for s in ("train", "val", "test") if s == "train" or (root / s).is_dir()]
+        # without train/ the folder serves evaluation only (setup("fit") names what is missing)
+        present = [s for s in ("train", "val", "test") if (root / s).is_dir()] or ["train"]
         require_dirs(root, [f"{s}/{d}" for s in present for d in ("images", "masks")], self.layout)
         given = {s: pair_folder(root / s / "images", root / s / "masks") for s in present}
+        if "train" not in given:
+            return given
         missing = {s: f for s, f in (("val", val_fraction), ("test", test_fraction)) if s not in given}
         return seeded_split(given.pop("train"), missing, split_seed) | given
 
