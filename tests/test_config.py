@@ -136,6 +136,28 @@ def test_switching_dataset_starts_afresh_from_the_general_setup(tmp_path: Path) 
     assert load_config(overrides={"data": {"dataset": "camvid", "root": str(tmp_path)}}).model.encoder_depth == 5
 
 
+def test_a_dataset_named_on_the_command_line_keeps_the_users_file(tmp_path: Path) -> None:
+    # switching dataset replaced the whole configuration, the user's file included, silently
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(
+        "output: runs/exp1\n"
+        "grid: {attentions: [none, cbam], seeds: [3]}\n"
+        "data: {batch_size: 4}\n"
+        "model: {encoder: resnet34}\n"
+        "train: {max_epochs: 5}\n"
+    )
+    switch = {"data": {"dataset": "folder", "root": str(tmp_path), "num_classes": 3}}
+    config = load_config(mine, switch)
+    assert (config.output, config.grid.attentions, config.grid.seeds) == ("runs/exp1", ["none", "cbam"], [3])
+    assert (config.model.encoder, config.train.max_epochs, config.data["batch_size"]) == ("resnet34", 5, 4)
+    assert config.dataset == "folder" and config.model.encoder_depth == 5  # the general setup under the file
+    # a data section written for another dataset does not carry over to the one named last
+    camvid = tmp_path / "camvid.yaml"
+    camvid.write_text(f"data: {{dataset: camvid, root: {tmp_path}, resize: [96, 128]}}\n")
+    assert load_config(camvid, switch).data.get("resize") is None
+    assert load_config(camvid, {"data": {"dataset": "synthetic"}}).data == load_config().data
+
+
 def test_sections_map_onto_constructor_arguments() -> None:
     module = inspect.signature(SegmentationModule).parameters
     for f in dataclasses.fields(ModelConfig):  # model_kwargs: only in modules that take extra smp arguments

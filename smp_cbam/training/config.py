@@ -576,25 +576,38 @@ def load_config(path: str | os.PathLike | None = None, overrides: dict | None = 
     """The default configuration (the main job), updated by the YAML file at ``path`` and then by
     ``overrides`` (the same nested layout), checked and typed.
 
-    A layer that switches to another dataset starts afresh from the general setup of
-    ``experiments/configs/folder.yaml`` (the main job's depth-2 encoder, schedule and CPU Trainer
-    are sized for its generated task), with the data section empty (the data module's own defaults)
-    and ``output`` ``runs/<dataset>``.
+    A configuration whose dataset (the last one named) is not the main job's starts from the
+    general setup of ``experiments/configs/folder.yaml`` instead of the main job's (whose depth-2
+    encoder, schedule and CPU Trainer are sized for its generated task), with its data section
+    empty (the data module's own defaults) and ``output`` ``runs/<dataset>``; the file and the
+    overrides then apply on top, all but a data section written for another dataset: a layer that
+    names another dataset than the layers before it starts the data section afresh.
     """
     layers = [read_yaml(path)] if path is not None else []
     layers.append(overrides or {})
-    raw = _rename_epochs(read_yaml(DEFAULT_CONFIG_PATH))
     for layer in layers:
         if not isinstance(layer, dict):
             raise ConfigError(f"overrides must be a mapping of sections, got {layer!r}")
-        layer = _rename_epochs(layer)
-        unknown = [k for k in layer if k not in SECTIONS]
+        unknown = [k for k in _rename_epochs(layer) if k not in SECTIONS]
         if unknown:
             raise _unknown_key(unknown[0], list(SECTIONS))
+    layers = [_rename_epochs(layer) for layer in layers]
+    named = [
+        layer["data"]["dataset"]
+        for layer in layers
+        if isinstance(layer.get("data"), dict) and "dataset" in layer["data"]
+    ]
+    raw = _rename_epochs(read_yaml(DEFAULT_CONFIG_PATH))
+    if named and named[-1] != raw.get("data", {}).get("dataset"):
+        raw = {**_rename_epochs(read_yaml(DATASET_CONFIG_PATH)), "data": {}, "output": f"runs/{named[-1]}"}
+    base_data = raw.get("data") or {}
+    for layer in layers:
         data = layer.get("data")
         dataset = data.get("dataset") if isinstance(data, dict) else None
-        if dataset is not None and dataset != raw.get("data", {}).get("dataset"):
-            raw = {**_rename_epochs(read_yaml(DATASET_CONFIG_PATH)), "data": {}, "output": f"runs/{dataset}"}
+        current = (raw.get("data") or {}).get("dataset")
+        if dataset is not None and current is not None and dataset != current:
+            # data options belong to their dataset: the base's where it is for this one, else none
+            raw = {**raw, "data": copy.deepcopy(base_data) if base_data.get("dataset") == dataset else {}}
         raw = _merge(raw, layer)
     return from_dict(raw)
 
