@@ -117,6 +117,15 @@ def test_output_that_is_a_file_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     assert str(blocker) in line and "output" in line
 
 
+def test_output_holding_other_files_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "summary.md").write_text("my notes")
+    assert main(["compare", "--output", str(notes), "--epochs", "1", "--seeds", "0", "--attentions", "none"]) == 2
+    assert "holds files and no config.yaml" in _error_line(capsys)
+    assert (notes / "summary.md").read_text() == "my notes" and sorted(p.name for p in notes.iterdir()) == ["summary.md"]
+
+
 def test_spawning_strategies_are_refused_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["compare", "--strategy", "ddp_spawn", "--devices", "2", "--output", str(tmp_path / "out")]) == 2
     assert "trainer.strategy 'ddp_spawn'" in _error_line(capsys)

@@ -110,6 +110,11 @@ def check_resumable(config: Config, output: Path) -> bool:
     started no run. Raises ConfigError when runs of another configuration are there."""
     path = output / "config.yaml"
     if not path.exists():
+        if output.is_dir() and any(output.iterdir()):  # its summary.md, results.csv, ... would be written over
+            raise ConfigError(
+                f"output {str(output)!r} holds files and no config.yaml, so it is not a results folder of "
+                "smp-cbam compare; choose a new or empty --output"
+            )
         return True
     try:
         saved = yaml.safe_load(path.read_text())
