@@ -63,9 +63,20 @@ def test_quick_run_prints_ratios(capsys: pytest.CaptureFixture[str]) -> None:
         assert row, f"no row for {setting} in:\n{out}"
 
 
-def test_unknown_section_is_an_error() -> None:
-    with pytest.raises(SystemExit):
-        main(["--sections", "module,nope"])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--sections", "module,nope"], "unknown sections: nope"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),  # was torch's RuntimeError, exit 1
+        (["--repeats", "-1"], "--repeats must be >= 1, got -1"),
+    ],
+)
+def test_bad_options_are_usage_errors(args: list[str], message: str, capsys: pytest.CaptureFixture) -> None:
+    threads = torch.get_num_threads()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert torch.get_num_threads() == threads
 
 
 @pytest.mark.slow

@@ -123,7 +123,34 @@ def test_output_holding_other_files_is_refused(tmp_path: Path, capsys: pytest.Ca
     (notes / "summary.md").write_text("my notes")
     assert main(["compare", "--output", str(notes), "--epochs", "1", "--seeds", "0", "--attentions", "none"]) == 2
     assert "holds files and no config.yaml" in _error_line(capsys)
-    assert (notes / "summary.md").read_text() == "my notes" and sorted(p.name for p in notes.iterdir()) == ["summary.md"]
+    assert (notes / "summary.md").read_text() == "my notes" and sorted(p.name for p in notes.iterdir()) == [
+        "summary.md"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--batch-size", "0"], "batch_size must be an integer >= 1, got 0"),
+        (["--devices", "abc"], "trainer: `devices`"),
+        (["--archs", "fpn"], "the model of arch 'fpn', attention 'none' cannot be built"),
+        (["--config", "DIR/channels.yaml"], "decoder_channels"),
+        (["--config", "DIR/scheduler.yaml"], "train.scheduler must be one of"),
+    ],
+    ids=["batch-size", "devices", "fpn-depth", "decoder-channels", "scheduler"],
+)
+def test_values_that_would_fail_every_run_are_refused_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], named: str
+) -> None:
+    # they passed the typed check, and every run then failed (exit 1, the output written)
+    (tmp_path / "channels.yaml").write_text("model: {decoder_channels: [32]}\n")
+    (tmp_path / "scheduler.yaml").write_text("train: {scheduler: foo}\n")
+    args = [a.replace("DIR", str(tmp_path)) for a in args]
+    output = tmp_path / "out"
+    assert (
+        main(["compare", *args, "--output", str(output), "--seeds", "0", "--attentions", "none", "--epochs", "1"]) == 2
+    )
+    assert named in _error_line(capsys) and not output.exists()
 
 
 def test_spawning_strategies_are_refused_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

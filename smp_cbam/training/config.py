@@ -651,6 +651,10 @@ def _check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.min_delta must be >= 0, got {train.min_delta}")
     if not train.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {train.lr}")
+    from .module import SCHEDULERS
+
+    if train.scheduler not in SCHEDULERS:
+        raise ConfigError(f"train.scheduler must be one of {', '.join(SCHEDULERS)}, got {train.scheduler!r}")
 
 
 def _check_data(raw: Any) -> dict:

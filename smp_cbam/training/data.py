@@ -511,6 +511,9 @@ class SegmentationDataModule(pl.LightningDataModule):
     ):
         super().__init__()
         self.save_hyperparameters()  # the arguments as given; their resolved values replace them below
+        for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         self.source: DataSource = get_source(dataset)
         if not self.source.in_memory and root is None:
             raise ValueError(f"dataset={dataset!r} needs root= the dataset folder")

@@ -407,6 +407,26 @@ def _test_ids(datamodule: SegmentationDataModule, n: int) -> list[str]:
     return [str(i) for i in ids] if ids is not None else [str(i) for i in range(n)]
 
 
+def check_arms(config: Config, runs: Sequence[RunSpec], datamodule: SegmentationDataModule) -> None:
+    """Builds each arm's module (model included) and the Trainer once, before anything is
+    written: a value the types let through but smp, the module or Lightning refuse (an encoder
+    depth an architecture does not take, decoder channels, an accelerator, a device count) is a
+    ConfigError naming it now, not a failure of every run."""
+    arms = {(run.arch, run.attention, run.placement): run for run in runs}
+    for (arch, attention, placement), run in arms.items():
+        try:
+            SegmentationModule(**module_kwargs(config, run, datamodule))
+        except (ValueError, TypeError, KeyError, AssertionError, RuntimeError) as err:
+            where = f"arch {arch!r}, attention {attention!r}" + (
+                f", placement {placement!r}" if placement != "decoder" else ""
+            )
+            raise ConfigError(f"the model of {where} cannot be built from this configuration: {err}") from err
+    try:
+        _trainer(config, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+    except Exception as err:  # Lightning's MisconfigurationException among them
+        raise ConfigError(f"trainer: {err} (trainer section: {config.trainer})") from err
+
+
 def _trainer(config: Config, **kwargs: Any) -> pl.Trainer:
     trainer_kwargs = {k: v for k, v in config.trainer.items() if k != "logger"}
     return pl.Trainer(enable_model_summary=False, num_sanity_val_steps=0, **trainer_kwargs, **kwargs)

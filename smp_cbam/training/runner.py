@@ -46,7 +46,7 @@ from .config import (
     from_dict,
     load_config,
 )
-from .run import Log, RunSpec, is_writer, make_datamodule, quiet_lightning_warnings, run_one
+from .run import Log, RunSpec, check_arms, is_writer, make_datamodule, quiet_lightning_warnings, run_one
 
 __all__ = [
     "RESULT_COLUMNS", "Config", "ConfigError", "RunSpec", "collect_results", "compare", "default_precision",
@@ -196,6 +196,7 @@ def compare(config: Config, retry_failed: bool = False) -> pd.DataFrame:
     write_config = check_resumable(config, output)
     datamodule = make_datamodule(config, seed=0)
     datamodule.setup("fit")  # reads and checks the data once, before anything is written
+    check_arms(config, grid_runs(config), datamodule)
     output.mkdir(parents=True, exist_ok=True)
     if is_writer():
         record = config.to_dict()
