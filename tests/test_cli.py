@@ -29,9 +29,10 @@ def _python(code: str) -> subprocess.CompletedProcess:
 def _error_line(capsys: pytest.CaptureFixture) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    first = err.splitlines()[0]
-    assert first.startswith("smp-cbam: error: "), err
-    return first
+    # one error line; torch may log a line of its own first (cpp_extension's CUDA notice on first import)
+    lines = [line for line in err.splitlines() if line.startswith("smp-cbam: error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +152,29 @@ def test_values_that_would_fail_every_run_are_refused_first(
         main(["compare", *args, "--output", str(output), "--seeds", "0", "--attentions", "none", "--epochs", "1"]) == 2
     )
     assert named in _error_line(capsys) and not output.exists()
+
+
+@pytest.mark.parametrize("problem", ["data", "checkpoint"])
+def test_train_names_bad_data_or_checkpoint_before_writing_logs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, problem: str
+) -> None:
+    # Lightning's loggers make their folders before the data module's setup and the checkpoint load
+    import cv2
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    for name, size in (("a", 32), ("b", 40), ("c", 32)):  # b's size differs: they cannot be batched
+        for folder, shape in (("images", (size, size, 3)), ("masks", (size, size))):
+            (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str(tmp_path / "data" / folder / f"{name}.png"), np.zeros(shape, np.uint8))
+    if problem == "data":
+        args = ["--data.dataset", "folder", "--data.root", "data", "--data.num_classes", "2"]
+        named = "differ in size"
+    else:
+        args, named = [*TINY_TRAIN, "--ckpt_path", "nowhere.ckpt"], "--ckpt_path nowhere.ckpt: no such checkpoint file"
+    assert main(["train", *args, "--malloc_default", "true"]) == 2
+    assert named in _error_line(capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no lightning_logs
 
 
 def test_spawning_strategies_are_refused_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

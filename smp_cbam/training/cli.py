@@ -14,6 +14,7 @@ import inspect
 import sys
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from jsonargparse import ArgumentError
 from pytorch_lightning.callbacks import ModelCheckpoint
@@ -123,8 +124,13 @@ def train(argv: Sequence[str] | None = None) -> int:
 def run(cli: TrainCLI) -> int:
     """Fits, then tests the best checkpoint when there is a test split and ``--test`` is true."""
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
+    ckpt_path = cli.config.ckpt_path
+    if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+        raise TrainError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cli.config.ckpt_path)
+        # the data read and checked before fit: Lightning's loggers make their folders before its setup
+        datamodule.setup("fit")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except DatasetError as err:
         raise TrainError(str(err)) from err
     if cli.config.test and getattr(datamodule, "has_test", True):
