@@ -36,6 +36,7 @@ writes; :func:`install` wraps the ``__init__`` of smp's architectures so that ``
 
 import functools
 import inspect
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -373,8 +374,9 @@ def add_attention(model: nn.Module, attention: AttentionSpec = "cbam", where: st
     Raises ValueError naming the architecture or encoder when the placement is not supported,
     or when a place already holds attention; the model is left unchanged then. A model with
     attention added by name saves with ``save_pretrained`` and loads with ``from_pretrained``
-    (after ``import smp_cbam``); one built from an unregistered factory saves, but loading it
-    raises (register the factory with :func:`smp_cbam.register_attention` and pass its name).
+    (after ``import smp_cbam``); one built from an unregistered factory saves with a warning, and
+    loading it raises (register the factory with :func:`smp_cbam.register_attention` and pass its
+    name).
     """
     return _add(model, attention, where, record=True)
 
@@ -464,9 +466,32 @@ def _wrap_init(cls: type) -> None:
     cls.__init__ = __init__
 
 
+def _wrap_save(cls: type) -> None:
+    save = cls.save_pretrained
+    if getattr(save, "_smp_cbam", False):
+        return
+
+    @functools.wraps(save)
+    def save_pretrained(self: nn.Module, *args, **kwargs):
+        factories = [spec for spec in self._hub_mixin_config.get(CONFIG_KEY, []) if spec.get("factory")]
+        if factories:  # saved all the same: the weights are worth keeping
+            warnings.warn(
+                f"this {type(self).__name__} has attention from the unregistered factory {factories[0]['factory']} "
+                f"({factories[0]['where']}): from_pretrained cannot rebuild it. Register the factory with "
+                "smp_cbam.register_attention(name, factory) and add the attention by name to save a model that loads.",
+                stacklevel=2,
+            )
+        return save(self, *args, **kwargs)
+
+    save_pretrained._smp_cbam = True
+    cls.save_pretrained = save_pretrained
+
+
 def install() -> None:
     """Wrap the ``__init__`` of every smp architecture (idempotent): ``decoder_attention_type``
     builds decoder attention through :func:`add_attention` where smp has no native support,
-    and attention recorded in a saved config is added again by ``from_pretrained``."""
+    and attention recorded in a saved config is added again by ``from_pretrained``; and their
+    ``save_pretrained``, which warns of attention that ``from_pretrained`` cannot rebuild."""
     for cls in smp.MODEL_ARCHITECTURES_MAPPING.values():
         _wrap_init(cls)
+    _wrap_save(SegmentationModel)

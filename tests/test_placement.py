@@ -1,6 +1,7 @@
 """Attention in every smp architecture: ``add_attention``, ``decoder_attention_type``, persistence."""
 
 import json
+import warnings
 
 import pytest
 import segmentation_models_pytorch as smp
@@ -352,11 +353,16 @@ def test_fresh_process_loads_with_smp_cbam_and_fails_loudly_without(tmp_path) ->
         assert torch.equal(torch.load(tmp_path / "out.pt"), model(x))
 
 
-def test_unregistered_factory_saves_but_loading_names_it(tmp_path) -> None:
+def test_unregistered_factory_saves_with_a_warning_and_loading_names_it(tmp_path) -> None:
     model = add_attention(make("fpn"), lambda c: CBAM(c, reduction=4))
-    model.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="unregistered factory .*<lambda> \\(decoder\\): from_pretrained cannot"):
+        model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()  # the weights are kept
     with pytest.raises(ValueError, match="register_attention"):
         smp.from_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # by name: no warning
+        add_attention(make("fpn"), "cbam").save_pretrained(tmp_path / "named")
 
 
 def test_registered_user_name_round_trips(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
