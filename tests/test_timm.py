@@ -48,7 +48,7 @@ def test_rd_arguments_set_the_hidden_width(layer: type) -> None:
     assert hidden(layer(64, rd_channels=5)) == 5
     with pytest.raises(ValueError, match="rd_ratio must be in"):
         layer(64, rd_ratio=0.0)
-    with pytest.raises(ValueError, match="rd_channels must be >= 1"):
+    with pytest.raises(ValueError, match="rd_channels must be an integer >= 1"):
         layer(64, rd_channels=0)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from . import cbam_fused, kernels, ops
 from .cbam_fused import fetch as _fetch
-from .checks import check_channels, check_choice, check_positive
+from .checks import check_channels, check_choice, check_flag, check_positive
 
 # How the gates' last layers start. "default": PyTorch's initialisation, so each gate starts
 # input-dependent around 0.5. "neutral": the layers that feed each sigmoid start at zero (the
@@ -153,8 +153,11 @@ class SpatialAttention(nn.Module):
     ):
         super().__init__()
         check_positive("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if kernel_size % 2 == 0:  # also SpatialAttention(channels), as timm's attn_layer calls it
+            raise ValueError(
+                f"kernel_size must be odd, got {kernel_size}. SpatialAttention takes no channel count: as timm's "
+                "attn_layer use smp_cbam.timm_attention('cbam_spatial'), with add_attention the name 'cbam_spatial'"
+            )
         check_choice("init", init, INITS)
         factory = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn, **factory)
@@ -273,6 +276,13 @@ class CBAM(nn.Module):
     ):
         super().__init__()
         check_choice("impl", impl, IMPLS)
+        for name, flag in (
+            ("mlp_bias", mlp_bias),
+            ("spatial_bn", spatial_bn),
+            ("residual", residual),
+            ("inplace", inplace),
+        ):
+            check_flag(name, flag)
         factory = {"device": device, "dtype": dtype}
         self.channel = ChannelAttention(
             in_channels, reduction, mlp_bias, init, rd_ratio=rd_ratio, rd_channels=rd_channels, **factory

@@ -1,11 +1,19 @@
 """Argument and input checks shared by the attention modules; errors name the argument."""
 
+import numbers
+
 import torch
 
 
 def check_positive(name: str, value: int) -> None:
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
+    """An integer >= 1 (numpy's too); not a float or a bool, which torch would take or refuse later."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def check_flag(name: str, value: bool) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:
@@ -14,6 +22,8 @@ def check_choice(name: str, value: object, choices: tuple) -> None:
 
 
 def check_channels(x: torch.Tensor, in_channels: int) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"expected a 4-D (N, C, H, W) input, got shape {list(x.shape)}")
     if x.shape[1] != in_channels:
         raise ValueError(
             f"expected an input with {in_channels} channels, got {x.shape[1]} (input shape {list(x.shape)})"
