@@ -208,6 +208,13 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+# the import names of pyproject.toml's train extras (and what they bring): the commands need them
+TRAIN_EXTRAS = frozenset(
+    {"pytorch_lightning", "lightning_fabric", "torchmetrics", "albumentations", "cv2", "pandas", "scipy", "matplotlib",
+     "yaml", "tensorboard", "jsonargparse"}
+)  # fmt: skip
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean a wrong configuration, data or path (not a bug): reported as one
     message with exit status 2. Imported here, after the command ran, so nothing loads early."""
@@ -254,6 +261,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in TRAIN_EXTRAS:
+            raise
+        print(
+            f"{PROG}: error: {args.command} needs the train extras (no module named {err.name!r}): "
+            "pip install -e '.[train]' in a clone of smp-cbam",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     except Exception as err:
         if not isinstance(err, _user_errors()):
             raise

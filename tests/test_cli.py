@@ -177,6 +177,24 @@ def test_train_names_bad_data_or_checkpoint_before_writing_logs(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no lightning_logs
 
 
+def test_a_command_without_the_train_extras_says_how_to_install_them() -> None:
+    # pandas hidden from a fresh interpreter, as in an install without [train]
+    code = (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'pandas':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+        "from smp_cbam.cli import main\n"
+        "sys.exit(main(['report', '.']))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "smp-cbam: error: report needs the train extras (no module named 'pandas')" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_spawning_strategies_are_refused_for_compare(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["compare", "--strategy", "ddp_spawn", "--devices", "2", "--output", str(tmp_path / "out")]) == 2
     assert "trainer.strategy 'ddp_spawn'" in _error_line(capsys)

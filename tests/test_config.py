@@ -55,7 +55,7 @@ def test_a_yaml_file_as_a_user_writes_it_is_typed(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("data:\n  batch_size: '4'\n", r"data.batch_size must be an integer, got '4' \(a quoted string in YAML\)"),
-        ("train:\n  lr: fast\n", r"train.lr must be a number, got 'fast'"),
+        ("train:\n  lr: fast\n", r"train.lr must be a number, got 'fast'$"),  # not quoted: no hint of quotes
         ("train:\n  epochz: 3\n", r"unknown config key 'train.epochz'"),
         ("train:\n  patiense: 3\n", r"'train.patiense' \(did you mean 'patience'\?\)"),
         ("trainr:\n  devices: 1\n", r"unknown config key 'trainr' \(did you mean 'trainer'\?\)"),

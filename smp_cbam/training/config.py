@@ -268,8 +268,16 @@ def coerce(value: Any, annotation: Any, key: str) -> Any:
 
 
 def _type_error(key: str, annotation: Any, value: Any) -> ConfigError:
-    quoted = " (a quoted string in YAML)" if isinstance(value, str) else ""
+    quoted = " (a quoted string in YAML)" if isinstance(value, str) and not isinstance(_yaml_scalar(value), str) else ""
     return ConfigError(f"{key} must be {describe(annotation)}, got {value!r}{quoted}")
+
+
+def _yaml_scalar(text: str) -> Any:
+    """What ``text`` would be in YAML without quotes (a string that reads as another type was quoted)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 def _unknown_key(key: str, valid: Sequence[str]) -> ConfigError:
