@@ -165,6 +165,9 @@ def image_bootstrap(
     }
 
 
+IDENTICAL_SPREAD = 1e-7  # mIoU (a fraction): differences that vary less only vary by rounding
+
+
 def paired_stats(diffs: pd.Series) -> pd.Series:
     """The mean of paired differences (one per seed) with its 95% t-interval and the one-sample
     t-test's p-value: ``n_pairs``, ``mean_diff``, ``ci_low``, ``ci_high``, ``p_value`` (NaN
@@ -180,9 +183,10 @@ def paired_stats(diffs: pd.Series) -> pd.Series:
         test = stats.ttest_1samp(diffs.to_numpy(), 0.0)
     sd = diffs.std(ddof=1)
     mean = diffs.mean()
-    if not sd > 0:
-        # identical differences: t = ±inf and a zero-width interval would claim certainty that a
-        # handful of seeds cannot give (real training never repeats a difference exactly)
+    if not sd > IDENTICAL_SPREAD:
+        # identical differences (to within rounding): t = ±inf, or a huge t from float noise, and a
+        # zero-width interval would claim certainty that a handful of seeds cannot give (real
+        # training never repeats a difference exactly)
         return pd.Series({"n_pairs": n, "mean_diff": mean, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan})
     # mean ± t_{0.975, n-1} · sd / sqrt(n), the t-interval of the mean paired difference
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / np.sqrt(n)
@@ -377,8 +381,9 @@ def comparisons(
     ``not_converged`` (some run of the pairs did not converge, or has no record of it),
     ``at_floor`` (some run of the pairs is stuck at the trivial floor), ``failed`` (some run of
     either arm in the group failed: the pairs cover only the seeds where both ran),
-    ``incomplete`` (the pairs lack a seed that another run of the group has, or one of
-    ``planned_seeds``: a run not finished, lost or without a metric) and ``selection_metric`` (the
+    ``incomplete`` (some pair of the group lacks a seed that another run of the group has, or one
+    of ``planned_seeds``: a run not finished, lost or without a metric; unless a failed run is
+    why, the whole group is then interim) and ``selection_metric`` (the
     metric is ``val_miou``, the one that chose each run's checkpoint).
 
     ``planned_seeds``: the seeds the study set out to run (``config.yaml``'s ``grid.seeds``); until
@@ -451,6 +456,13 @@ def comparisons(
         floored = family["boot_p_floor"].astype(bool).to_numpy()
         bound = dict(zip(family["_pair"], holm_bound(family["boot_p"].to_numpy(dtype=float), floored)))
         out.loc[rows.index, "boot_p_bound"] = rows["_pair"].map(bound).to_numpy()
+    # a table in progress marks nothing, its complete pairs included: reading them while other arms'
+    # seeds are still to come, and stopping when one looks significant, is the interim look that
+    # inflates the error rate (and the Interim line says nothing is marked)
+    # (a seed lost to a failed run is not to come: its pairs are marked failed, the others stand)
+    for _, rows in out.groupby(keys, sort=False) if keys else [((), out)]:
+        if (rows["incomplete"] & ~rows["failed"]).any():
+            out.loc[rows.index, "incomplete"] = True
     out["selection_metric"] = metric == "val_miou"
     out["holds"] = out.apply(_holds, axis=1).astype(bool)
     return _sort_rows(out[[*cols, *_COMPARISON_COLUMNS]], [*keys, "baseline"]).reset_index(drop=True)

@@ -162,6 +162,14 @@ def _reading(diffs: pd.DataFrame, tables: int = 1) -> list[str]:
             + ", every run of its pairs converged above the trivial floor, and it has every seed of its table"
             " and of the study's plan. A difference not in bold is not shown to exist: an interval that"
             " contains 0 means no detectable difference with these runs, not evidence that there is none."
+            " The intervals are each comparison's own 95%, not adjusted for the table's several comparisons:"
+            " one that excludes 0 may still not hold after Holm."
+            + (
+                " The image intervals treat the test images as independent draws; frames of one video or one"
+                " scene are not, and their intervals are then too narrow."
+                if has_boot
+                else ""
+            )
         )
     if tables > 1 and any(n >= MIN_SEEDS_FOR_TEST for n in ns):
         lines.append(
@@ -207,9 +215,9 @@ def _reading(diffs: pd.DataFrame, tables: int = 1) -> list[str]:
         )
     if diffs["incomplete"].any():
         lines.append(
-            f"{INCOMPLETE_MARK}: the pair lacks seeds that other runs of its table have or that the study "
-            "planned (config.yaml's `grid.seeds`): runs still to come, lost, or without a metric. An interim "
-            "difference is not marked; read it when every seed is in."
+            f"{INCOMPLETE_MARK}: the pair, or another pair of its table, lacks seeds that other runs of the table "
+            "have or that the study planned (config.yaml's `grid.seeds`): runs still to come, lost, or without a "
+            "metric. The table is interim and none of its differences is marked; read them when every seed is in."
         )
     if diffs["selection_metric"].any() and ns:
         lines.append(
@@ -428,7 +436,9 @@ def _plan_line(df: pd.DataFrame, metric: str, keys: list[str], config: dict | No
     if not planned or df.empty:
         return []
     ok = _ok_runs(df, metric)
-    have = ok[ok["seed"].isin(planned)].groupby([*keys, "attention"])["seed"].nunique().rename("have")
+    # a failed run is not to come (its pairs are marked failed): interim means runs still missing
+    done = pd.concat([ok, df[df["status"] != "ok"]]) if "status" in df else ok
+    have = done[done["seed"].isin(planned)].groupby([*keys, "attention"])["seed"].nunique().rename("have")
     arms = df[[*keys, "attention"]].drop_duplicates()
     counts = arms.merge(have.reset_index(), how="left")["have"].fillna(0).astype(int).tolist()
     if min(counts) >= len(planned):
@@ -436,7 +446,7 @@ def _plan_line(df: pd.DataFrame, metric: str, keys: list[str], config: dict | No
     span = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     return [
         f"**Interim**: the study plans {len(planned)} seeds per arm (config.yaml's `grid.seeds`); the arms "
-        f"here have {span} of them with a result. No difference is marked before every seed is in.",
+        f"here have {span} of them with a result or a failure. No difference is marked before every seed is in.",
         "",
     ]
 
