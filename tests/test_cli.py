@@ -127,6 +127,13 @@ def test_output_holding_other_files_is_refused(tmp_path: Path, capsys: pytest.Ca
     assert (notes / "summary.md").read_text() == "my notes" and sorted(p.name for p in notes.iterdir()) == [
         "summary.md"
     ]
+    # a folder kept in git by a dot-file is as good as empty
+    from smp_cbam.training.runner import check_resumable, load_config
+
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    (kept / ".gitkeep").write_text("")
+    assert check_resumable(load_config(overrides={"output": str(kept)}), kept)
 
 
 @pytest.mark.parametrize(

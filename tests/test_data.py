@@ -277,7 +277,7 @@ def test_a_folder_without_train_serves_evaluation_only(tmp_path):
     with pytest.raises(DatasetError, match="the val split of .*held_out is empty"):
         dm.val_dataloader()
     with pytest.raises(DatasetError, match="the train split"):
-        dm.setup()  # what the runner calls before it writes anything: every split training needs
+        dm.setup()  # None, like the runner's "fit" before it writes anything: every split training needs
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match="(?s)required folders are missing.*empty/train/images"):
         SegmentationDataModule("folder", str(tmp_path / "empty"), num_classes=3)

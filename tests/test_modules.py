@@ -436,6 +436,7 @@ def test_cbam_bn_running_stats_follow_one_update() -> None:
         (lambda: SqueezeExcite(8.0), "in_channels must be an integer"),
         # timm's attn_layer(channels): SpatialAttention has none
         (lambda: SpatialAttention(64), "SpatialAttention takes no channel count"),
+        (lambda: ChannelAttention(8, mlp_bias="no"), "mlp_bias must be True or False"),
     ],
 )
 def test_invalid_arguments_raise(make, argument: str) -> None:
@@ -443,8 +444,12 @@ def test_invalid_arguments_raise(make, argument: str) -> None:
         make()
 
 
-def test_numpy_integers_are_channel_counts() -> None:
-    assert CBAM(np.int64(16), reduction=np.int32(4)).channel.in_channels == 16
+def test_numpy_integers_and_bools_are_arguments_torchscript_takes() -> None:
+    cbam = CBAM(np.int64(16), reduction=np.int32(4), kernel_size=np.int64(3), residual=np.bool_(True))
+    assert type(cbam.channel.in_channels) is int and cbam.residual is True
+    x = torch.randn(2, 16, 5, 5)
+    for module in (cbam, SqueezeExcite(np.int64(16)), ECA(np.int64(16))):
+        torch.testing.assert_close(torch.jit.script(module)(x), module(x))
 
 
 @pytest.mark.parametrize("make", [CBAM, SqueezeExcite, ECA], ids=["cbam", "se", "eca"])

@@ -189,6 +189,17 @@ def test_while_one_arm_lacks_a_seed_no_pair_of_its_table_is_marked() -> None:
     assert not diffs["holds"].any()
     text = report.summary_markdown(waiting, config={"grid": {"seeds": [0, 1, 2, 3, 4]}})
     assert "**Interim**" in text and "**yes**" not in text
+    # a failed run of the same arm does not hide the seed still to come
+    failed = waiting.copy()
+    failed.loc[(failed["attention"] == "cbam") & (failed["seed"] == 3), ["status", "test_miou"]] = ["failed", np.nan]
+    assert not report.comparisons(failed, planned_seeds=range(5))["holds"].any()
+    # a seed lost to a failure is not to come: the pairs without the failed arm stand
+    done = three.copy()
+    done.loc[(done["attention"] == "cbam") & (done["seed"] == 3), ["status", "test_miou"]] = ["failed", np.nan]
+    diffs = report.comparisons(done, planned_seeds=range(5))
+    holds = dict(zip(zip(diffs["attention"], diffs["baseline"]), diffs["holds"]))
+    assert holds[("scse", "none")] and not holds[("cbam", "none")]
+    assert "Interim" not in report.summary_markdown(done, config={"grid": {"seeds": [0, 1, 2, 3, 4]}})
 
 
 def test_write_report_reads_the_planned_seeds_from_config_yaml(tmp_path: Path) -> None:

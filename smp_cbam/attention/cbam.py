@@ -44,14 +44,12 @@ def hidden_channels(
     """The MLP's hidden width: ``rd_channels``, else ``round(in_channels * rd_ratio)``, else
     ``in_channels // reduction``; at least 1. timm's attention layers name the first two."""
     if rd_channels is not None:
-        check_positive("rd_channels", rd_channels)
-        return rd_channels
+        return check_positive("rd_channels", rd_channels)
     if rd_ratio is not None:
         if not 0 < rd_ratio <= 1:
             raise ValueError(f"rd_ratio must be in (0, 1], got {rd_ratio}")
         return max(round(in_channels * rd_ratio), 1)
-    check_positive("reduction", reduction)
-    return max(in_channels // reduction, 1)
+    return max(in_channels // check_positive("reduction", reduction), 1)
 
 
 def reset_gates(model: nn.Module) -> nn.Module:
@@ -97,7 +95,8 @@ class ChannelAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        check_positive("in_channels", in_channels)
+        in_channels = check_positive("in_channels", in_channels)
+        mlp_bias = check_flag("mlp_bias", mlp_bias)
         check_choice("init", init, INITS)
         self.in_channels = in_channels
         hidden = hidden_channels(in_channels, reduction, rd_ratio, rd_channels)
@@ -152,12 +151,17 @@ class SpatialAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ):
         super().__init__()
-        check_positive("kernel_size", kernel_size)
-        if kernel_size % 2 == 0:  # also SpatialAttention(channels), as timm's attn_layer calls it
-            raise ValueError(
-                f"kernel_size must be odd, got {kernel_size}. SpatialAttention takes no channel count: as timm's "
-                "attn_layer use smp_cbam.timm_attention('cbam_spatial'), with add_attention the name 'cbam_spatial'"
+        kernel_size = check_positive("kernel_size", kernel_size)
+        spatial_bn = check_flag("spatial_bn", spatial_bn)
+        if kernel_size % 2 == 0:
+            # a channel count, as timm's attn_layer and add_attention's factories pass it, is likely
+            hint = (
+                ". SpatialAttention takes no channel count: as timm's attn_layer use "
+                "smp_cbam.timm_attention('cbam_spatial'), with add_attention the name 'cbam_spatial'"
+                if kernel_size >= 16
+                else ""
             )
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}{hint}")
         check_choice("init", init, INITS)
         factory = {"device": device, "dtype": dtype}
         self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=not spatial_bn, **factory)
@@ -276,13 +280,7 @@ class CBAM(nn.Module):
     ):
         super().__init__()
         check_choice("impl", impl, IMPLS)
-        for name, flag in (
-            ("mlp_bias", mlp_bias),
-            ("spatial_bn", spatial_bn),
-            ("residual", residual),
-            ("inplace", inplace),
-        ):
-            check_flag(name, flag)
+        residual, inplace = check_flag("residual", residual), check_flag("inplace", inplace)  # the others: the parts
         factory = {"device": device, "dtype": dtype}
         self.channel = ChannelAttention(
             in_channels, reduction, mlp_bias, init, rd_ratio=rd_ratio, rd_channels=rd_channels, **factory

@@ -2,18 +2,23 @@
 
 import numbers
 
+import numpy as np
 import torch
 
 
-def check_positive(name: str, value: int) -> None:
-    """An integer >= 1 (numpy's too); not a float or a bool, which torch would take or refuse later."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+def check_positive(name: str, value: int) -> int:
+    """``value`` as a Python int >= 1 (numpy's integers too: TorchScript keeps only Python ints); a
+    float or a bool, which torch would refuse later or take, is a ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return int(value)
 
 
-def check_flag(name: str, value: bool) -> None:
-    if not isinstance(value, bool):
+def check_flag(name: str, value: bool) -> bool:
+    """``value`` as a Python bool (numpy's too)."""
+    if not isinstance(value, (bool, np.bool_)):
         raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_choice(name: str, value: object, choices: tuple) -> None:

@@ -27,7 +27,7 @@ class ECA(nn.Module):
     ):
         """``device``/``dtype`` as for torch's layers, so timm can build it as ``attn_layer``."""
         super().__init__()
-        check_positive("in_channels", in_channels)
+        in_channels = check_positive("in_channels", in_channels)
         if kernel_size is None:
             kernel_size = eca_kernel_size(in_channels)
         if kernel_size < 1 or kernel_size % 2 == 0:

@@ -23,7 +23,7 @@ class SqueezeExcite(nn.Module):
         """``rd_ratio``/``rd_channels`` (timm's names) replace ``reduction``; ``device``/``dtype``
         as for torch's layers, so timm can build it as ``attn_layer``."""
         super().__init__()
-        check_positive("in_channels", in_channels)
+        in_channels = check_positive("in_channels", in_channels)
         self.in_channels = in_channels
         hidden = hidden_channels(in_channels, reduction, rd_ratio, rd_channels)
         factory = {"device": device, "dtype": dtype}

@@ -436,7 +436,11 @@ def comparisons(
         arms = df["attention"].isin([row["attention"], row["baseline"]]).to_numpy()
         info["failed"] = bool((in_group & arms & not_ok).any())
         expected = planned | {int(s) for s in df.loc[in_group, "seed"].dropna()}
-        info["incomplete"] = bool(expected - {int(s) for s in pairs["seed"]})
+        missing = expected - {int(s) for s in pairs["seed"]}
+        info["incomplete"] = bool(missing)
+        # seeds still to come: missing, and not lost to a failed run of either arm
+        lost = {int(s) for s in df.loc[in_group & arms & not_ok, "seed"].dropna()}
+        info["_to_come"] = bool(missing - lost)
         extra.append(info)
     if out.empty:  # e.g. the first finished run of a grid: nothing to compare yet
         return _empty_comparisons(cols)
@@ -461,7 +465,7 @@ def comparisons(
     # inflates the error rate (and the Interim line says nothing is marked)
     # (a seed lost to a failed run is not to come: its pairs are marked failed, the others stand)
     for _, rows in out.groupby(keys, sort=False) if keys else [((), out)]:
-        if (rows["incomplete"] & ~rows["failed"]).any():
+        if rows["_to_come"].any():
             out.loc[rows.index, "incomplete"] = True
     out["selection_metric"] = metric == "val_miou"
     out["holds"] = out.apply(_holds, axis=1).astype(bool)

@@ -85,6 +85,11 @@ class TrainCLI(LightningCLI):
             raise TrainError(_one_line(err)) from err
 
 
+def _is_remote(path: str) -> bool:
+    """A path Lightning reads through fsspec (``s3://``, ``https://``, ...) or its model registry."""
+    return "://" in path or path.startswith("registry")
+
+
 def _as_list(names: Sequence[str] | None) -> list[str] | None:
     return None if names is None else list(names)
 
@@ -125,7 +130,8 @@ def run(cli: TrainCLI) -> int:
     """Fits, then tests the best checkpoint when there is a test split and ``--test`` is true."""
     trainer, module, datamodule = cli.trainer, cli.model, cli.datamodule
     ckpt_path = cli.config.ckpt_path
-    if ckpt_path is not None and ckpt_path not in ("last", "best") and not Path(ckpt_path).is_file():
+    local = ckpt_path is not None and ckpt_path not in ("last", "best", "hpc") and not _is_remote(ckpt_path)
+    if local and not Path(ckpt_path).is_file():
         raise TrainError(f"--ckpt_path {ckpt_path}: no such checkpoint file")
     try:
         # the data read and checked before fit: Lightning's loggers make their folders before its setup

@@ -46,6 +46,7 @@ import os
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations checks PyPI on import otherwise
 
 import functools
+import numbers
 import random
 import warnings
 from collections.abc import Iterator, Sequence
@@ -512,8 +513,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()  # the arguments as given; their resolved values replace them below
         for name, value, least in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        batch_size, num_workers = int(batch_size), int(num_workers)
         self.source: DataSource = get_source(dataset)
         if not self.source.in_memory and root is None:
             raise ValueError(f"dataset={dataset!r} needs root= the dataset folder")

@@ -11,7 +11,6 @@ The number of classes, input channels, class names and ignore index come from th
 module when they are not given (see :class:`SegmentationModule`).
 """
 
-import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -532,16 +531,12 @@ class SegmentationModule(pl.LightningModule):
         length = scheduler.T_max if cosine else scheduler.total_iters
         if length == total:
             return
-        step = scheduler.last_epoch
-        if cosine:
-            scheduler.T_max = total
-            factor = (1 + math.cos(math.pi * min(step, total) / total)) / 2
-        else:
-            scheduler.total_iters = total
-            factor = (1 - min(step, total) / total) ** scheduler.power
-        before = scheduler.get_last_lr()[0]
-        for group, base in zip(scheduler.optimizer.param_groups, scheduler.base_lrs):
-            group["lr"] = scheduler.eta_min + (base - scheduler.eta_min) * factor if cosine else base * factor
+        step, before = scheduler.last_epoch, scheduler.get_last_lr()[0]
+        setattr(scheduler, "T_max" if cosine else "total_iters", total)
+        # the rate at this step of the new length (the schedulers' closed form); their recursion
+        # goes on from it
+        for group, lr in zip(scheduler.optimizer.param_groups, scheduler._get_closed_form_lr()):
+            group["lr"] = lr
         scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]
         rank_zero_warn(
             f"resumed at step {step} with {total} optimizer steps in all where the checkpoint's {self.hparams.scheduler} "

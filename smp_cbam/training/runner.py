@@ -110,7 +110,8 @@ def check_resumable(config: Config, output: Path) -> bool:
     started no run. Raises ConfigError when runs of another configuration are there."""
     path = output / "config.yaml"
     if not path.exists():
-        if output.is_dir() and any(output.iterdir()):  # its summary.md, results.csv, ... would be written over
+        # its summary.md, results.csv, ... would be written over (a .gitkeep and the like are not)
+        if output.is_dir() and any(not p.name.startswith(".") for p in output.iterdir()):
             raise ConfigError(
                 f"output {str(output)!r} holds files and no config.yaml, so it is not a results folder of "
                 "smp-cbam compare; choose a new or empty --output"
