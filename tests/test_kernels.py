@@ -294,20 +294,29 @@ def test_the_forward_does_not_depend_on_the_thread_count(
     # through CBAM
     _, params = _module_and_params(shape[1], torch.float32, False)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).contiguous(memory_format=layout)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(1)).contiguous(memory_format=layout)
+    w1, _, w2, _, weight, _ = params
     threads = torch.get_num_threads()
     results = []
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            results.append(
-                (kernels.cbam_infer(x, *params, 1.0, 0.0, False, False), kernels.cbam_train(x, *params, False))
-            )
+            train = kernels.cbam_train(x, *params, False)
+            backward = kernels.cbam_backward(grad, x, train, w1, w2, weight, False, True)
+            results.append((kernels.cbam_infer(x, *params, 1.0, 0.0, False, False), train, backward))
     finally:
         torch.set_num_threads(threads)
-    (infer_1, train_1), (infer_2, train_2) = results
+    (infer_1, train_1, backward_1), (infer_2, train_2, backward_2) = results
     assert torch.equal(infer_1, infer_2)
     for name in kernels.TrainForward._fields:
         assert torch.equal(getattr(train_1, name), getattr(train_2, name)), name
+    if layout == torch.channels_last:
+        # and its backward (which combines pixels' lanes in groups within fixed tiles), but for
+        # dL/dbias, ATen's sum of the spatial map's gradient; the NCHW backward's dL/dx does depend
+        # on the thread count
+        for name in kernels.TrainGrads._fields:
+            if name != "bias":
+                assert torch.equal(getattr(backward_1, name), getattr(backward_2, name)), name
 
 
 @pytest.mark.parametrize("shape", CL_SHAPES)

@@ -1455,6 +1455,83 @@ MlpGrads mlp_backward(const at::Tensor& d_g, const at::Tensor& g, const at::Tens
   return out;
 }
 
+// Pass 1 of backward_channels_last for the pixels [p0, p1) of one image (its rows from base = image
+// times HW), 16 (8) pixels at a time: their lanes combined by one tree each (combine_pixels) for
+// d_s, the max of x g and the max's channel, since three reductions per pixel cost more than its
+// row at few channels. The arithmetic per lane is the per-pixel loop's; every pixel of a tile goes
+// through the same tree, the last group's missing pixels left out, whatever the thread count.
+// Returns the first pixel left to that loop (p0 where there is no tree for T).
+template <typename T>
+int64_t gate_pixels_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>* sp, int64_t base, int64_t c,
+                       int64_t p0, int64_t p1, Acc<T>* acc, Acc<T>* dup, int64_t* ap, Acc<T>* xap) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t kLanes = Vec::size();
+  int64_t p = p0;
+#if defined(SMP_CBAM_COMBINE_LANES)
+  if constexpr (std::is_same_v<A, float> && kLanes == SMP_CBAM_COMBINE_LANES) {
+    const A inf = std::numeric_limits<A>::infinity();
+    const Vec lane = Vec::arange(A(0), A(1));
+    const int64_t full = c - c % kLanes;
+    const auto add = [](const Vec& a, const Vec& b) { return a + b; };
+    const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
+    const auto low = [](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); };
+    for (; full > 0 && p < p1; p += kLanes) {
+      const int64_t count = std::min(kLanes, p1 - p);
+      Vec vds[kLanes], vmax[kLanes], vbase[kLanes], channels[kLanes];
+      for (int64_t k = 0; k < kLanes; ++k) {
+        vds[k] = Vec(A(0));
+        vmax[k] = Vec(A(0));
+        vbase[k] = Vec(A(0));
+        if (k >= count) continue;
+        const int64_t q = base + p + k;
+        const T* row = xp + q * c;
+        const T* grow = gp + q * c;
+        const Vec vsq(sp[q]);
+        vmax[k] = Vec(-inf);
+        for (int64_t j = 0; j < full; j += kLanes) {
+          const Vec xv = load_acc(row + j), gx = load_acc(grow + j) * xv, w = Vec::loadu(gb + j);
+          vds[k] = vds[k] + gx * w;
+          (Vec::loadu(acc + j) + gx * vsq).store(acc + j);
+          const Vec y = xv * w, up = beats(y, vmax[k]);
+          vmax[k] = Vec::blendv(vmax[k], y, up);
+          vbase[k] = Vec::blendv(vbase[k], Vec(static_cast<A>(j)), up);
+        }
+      }
+      A ds[kLanes], best[kLanes], channel[kLanes];
+      combine_pixels(vds, add).store(ds);
+      combine_pixels(vmax, top).store(best);  // NaN where any lane holds one
+      for (int64_t k = 0; k < kLanes; ++k) {
+        const Vec hit = best[k] != best[k] ? vmax[k] != vmax[k] : vmax[k] == Vec(best[k]);
+        channels[k] = k < count ? Vec::blendv(Vec(static_cast<A>(c)), vbase[k] + lane, hit) : Vec(A(0));
+      }
+      combine_pixels(channels, low).store(channel);
+      for (int64_t k = 0; k < count; ++k) {
+        const int64_t q = base + p + k;
+        const T* row = xp + q * c;
+        const T* grow = gp + q * c;
+        const A sq = sp[q];
+        A d = ds[k], most = best[k];
+        int64_t best_ch = static_cast<int64_t>(channel[k]);
+        for (int64_t j = full; j < c; ++j) {
+          const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
+          d += gx * gb[j];
+          acc[j] += gx * sq;
+          if (beats(y, most)) {
+            most = y;
+            best_ch = j;
+          }
+        }
+        dup[q] = d * sq * (A(1) - sq);
+        ap[q] = best_ch;
+        xap[q] = static_cast<A>(row[best_ch]);
+      }
+    }
+  }
+#endif
+  return p;
+}
+
 // cbam_backward for channels_last x (memory N, H, W, C), the NCHW passes' arithmetic over pixel
 // rows: (1) per pixel d_s = sum_c G x g, hence d_u = d_s s (1 - s), the channel of max_c x g with x
 // there, and per channel sum G x s; (2) the convolution's gradients from the whole d_u map; (3) P's
@@ -1502,7 +1579,8 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
         const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
         const A* gb = gate + bi * c;
         std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t p = p0; p < p1; ++p) {
+        int64_t p = gate_pixels_cl<T>(xp, gp, gb, sp, bi * hw, c, p0, p1, acc.data(), dup, ap, xap);
+        for (; p < p1; ++p) {
           const int64_t q = bi * hw + p;
           const T* row = xp + q * c;
           const T* grow = gp + q * c;
