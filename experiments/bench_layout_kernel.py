@@ -1,13 +1,15 @@
 """The no-grad CBAM kernel on channels_last input (what a compiled graph hands it) against the same
 kernel on NCHW input (eager mode), at the shapes of the benchmark Unet's nine CBAMs, side by side
-in one process.
+in one process; with ``--train``, the training forward and backward kernels instead.
 
-    python experiments/bench_layout_kernel.py [--rounds 30] [--batch 4] [--size 160] [--bf16]
+    python experiments/bench_layout_kernel.py [--rounds 30] [--batch 4] [--size 160] [--bf16] [--train]
 
-Each call writes over its input (``inplace=True``, as smp's decoders build CBAM); before each call
-the input is restored and a 16 MiB buffer is written, so that ``x`` comes from the last-level
-cache rather than L1/L2, as inside a network. The table gives each layout's median time per shape and the median over
-rounds of channels_last's time over NCHW's in the same round; the last row sums the nine.
+Each no-grad call writes over its input (``inplace=True``, as smp's decoders build CBAM); before
+each call the input is restored and a 16 MiB buffer is written, so that ``x`` comes from the
+last-level cache rather than L1/L2, as inside a network. A training call runs ``cbam_train`` and
+then ``cbam_backward`` with a gradient in the same layout. The table gives each layout's median
+time per shape and the median over rounds of channels_last's time over NCHW's in the same round;
+the last row sums the nine.
 """
 
 import argparse
@@ -45,6 +47,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--bf16", action="store_true", help="bfloat16 activations, as under CPU autocast")
+    parser.add_argument("--train", action="store_true", help="the training forward and backward kernels")
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("the CPU kernels are not built")
@@ -56,10 +59,16 @@ def main() -> None:
         conv = module.spatial.conv
         params = [t.detach().float() for t in (first.weight, second.weight, conv.weight, conv.bias)]
         x = torch.randn(shape).to(dtype)
-        for layout, tensor in (("nchw", x), ("channels_last", x.contiguous(memory_format=torch.channels_last))):
+        grad = torch.randn(shape).to(dtype)
+        for layout, fmt in (("nchw", torch.contiguous_format), ("channels_last", torch.channels_last)):
+            tensor, g = x.contiguous(memory_format=fmt), grad.contiguous(memory_format=fmt)
 
-            def call(t: torch.Tensor = tensor, p: list[torch.Tensor] = params) -> None:
-                kernels.cbam_infer(t, p[0], None, p[1], None, p[2], p[3], 1.0, 0.0, False, True)
+            def call(t: torch.Tensor = tensor, g: torch.Tensor = g, p: list[torch.Tensor] = params) -> None:
+                if args.train:
+                    saved = kernels.cbam_train(t, p[0], None, p[1], None, p[2], p[3], False)
+                    kernels.cbam_backward(g, t, saved, p[0], p[1], p[2], False, True)
+                else:
+                    kernels.cbam_infer(t, p[0], None, p[1], None, p[2], p[3], 1.0, 0.0, False, True)
 
             calls[(i, shape, layout)] = (call, tensor, tensor.clone(memory_format=torch.preserve_format))
     flush = torch.empty(4 * 1024 * 1024)
@@ -75,10 +84,8 @@ def main() -> None:
             call()
             if round_ >= 2:  # two warm-up rounds
                 times[key].append(time.perf_counter() - start)
-    print(
-        f"CBAM no-grad kernel, in place, {'bf16' if args.bf16 else 'fp32'}, 1 thread, "
-        f"median of {args.rounds} interleaved rounds"
-    )
+    kind = "training forward and backward kernels" if args.train else "no-grad kernel, in place"
+    print(f"CBAM {kind}, {'bf16' if args.bf16 else 'fp32'}, 1 thread, median of {args.rounds} interleaved rounds")
     print(f"{'shape':<22}{'NCHW ms':>10}{'channels_last ms':>18}{'ratio':>8}")
     shapes = sorted({(i, shape) for i, shape, _ in calls})
     total = {"nchw": [0.0] * args.rounds, "channels_last": [0.0] * args.rounds}
