@@ -603,7 +603,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         for split, make in raw.items():
             self.datasets[split] = make(transform=transforms["train" if split == "train" else "eval"])
 
-    def _dataset(self, split: str) -> "SegmentationDataset":
+    def _dataset(self, split: str) -> SegmentationDataset:
         """A split's dataset, the splits built first if they are not (the Trainer calls setup; a loader
         asked for by hand does not need it); DatasetError, naming the fix, for a split the data lacks."""
         if not self.datasets:
@@ -746,8 +746,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         to the stored image (nearest for class indices, bilinear for probabilities or logits).
         Each is ``(..., H, W)`` as given: labels ``(H, W)``, probabilities ``(C, H, W)``."""
         split = split or self.predict_split
-        if split not in ("train", "val", "test"):
-            raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
+        if split not in ("val", "test"):  # training frames are cropped and flipped: nothing maps back
+            raise ValueError(f"split must be 'val' or 'test', got {split!r}")
         dataset = self._dataset(split)
         batches = [predictions] if isinstance(predictions, torch.Tensor) else list(predictions)
         items = [item for batch in batches for item in batch]
