@@ -289,7 +289,7 @@ def test_markdown_contents() -> None:
     # unet++ scse vs none: differences [0.01, 0.02, 0.02]: the raw CI excludes 0 (p = 0.038), but not
     # after Holm across the table's three comparisons (3 x 0.038 = 0.113): no bold
     assert "| `scse` | 3 | 63.67 ± 2.52 | +1.67 [+0.23, +3.10] † | baseline |" in text
-    assert "| `scse` − `none` | 3 | +1.67 † | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
+    assert "| `scse` − `none` | 3 | 3 of 3 | +1.67 † | [+0.23, +3.10] | 0.038 | 0.113 | — | — | — | no |" in text
     assert "| `cbam` | 2 (1 failed) |" in text
     assert f"- unetplusplus / `cbam` / seed 2 (resnet18, toy): {FAILURE}" in text
     assert "No difference in these tables holds." in text and "beyond" not in text

@@ -173,10 +173,12 @@ def paired_stats(diffs: pd.Series) -> pd.Series:
     t-test's p-value: ``n_pairs``, ``mean_diff``, ``ci_low``, ``ci_high``, ``p_value`` (NaN
     interval and p below two pairs or for identical differences)."""
     n = int(diffs.count())
+    above = int((diffs > 0).sum())  # the sign count: what a test free of the normal assumption reads
     if n < 2:
         return pd.Series(
-            {"n_pairs": n, "mean_diff": diffs.mean(), "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan}
-        )
+            {"n_pairs": n, "n_above": above, "mean_diff": diffs.mean(), "ci_low": np.nan, "ci_high": np.nan,
+             "p_value": np.nan}
+        )  # fmt: skip
     with warnings.catch_warnings():
         # identical differences (sd = 0) only trigger scipy's precision-loss warning
         warnings.simplefilter("ignore", RuntimeWarning)
@@ -187,11 +189,20 @@ def paired_stats(diffs: pd.Series) -> pd.Series:
         # identical differences (to within rounding): t = ±inf, or a huge t from float noise, and a
         # zero-width interval would claim certainty that a handful of seeds cannot give (real
         # training never repeats a difference exactly)
-        return pd.Series({"n_pairs": n, "mean_diff": mean, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan})
+        return pd.Series(
+            {"n_pairs": n, "n_above": above, "mean_diff": mean, "ci_low": np.nan, "ci_high": np.nan, "p_value": np.nan}
+        )
     # mean ± t_{0.975, n-1} · sd / sqrt(n), the t-interval of the mean paired difference
     half = stats.t.ppf(0.5 + CONFIDENCE / 2, n - 1) * sd / np.sqrt(n)
     return pd.Series(
-        {"n_pairs": n, "mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_value": test.pvalue}
+        {
+            "n_pairs": n,
+            "n_above": above,
+            "mean_diff": mean,
+            "ci_low": mean - half,
+            "ci_high": mean + half,
+            "p_value": test.pvalue,
+        }  # fmt: skip
     )
 
 
@@ -216,7 +227,8 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
 
     Runs are paired by seed within the same group (dataset, arch, encoder, placement: the columns
     present); a pair needs both runs ok with a metric value. Columns: the group keys, ``attention``,
-    ``baseline``, ``n_pairs``, ``mean_diff``, ``ci_low``/``ci_high`` (95% t-interval; NaN when
+    ``baseline``, ``n_pairs``, ``n_above`` (the pairs where the attention scored higher),
+    ``mean_diff``, ``ci_low``/``ci_high`` (95% t-interval; NaN when
     ``n_pairs < 2``) and ``p_value`` (paired t-test; NaN when ``n_pairs < 2``). Every attention other
     than ``baseline`` that appears in ``results`` gets a row, with ``n_pairs = 0`` when nothing pairs.
     """
@@ -229,15 +241,15 @@ def paired_differences(results: pd.DataFrame, baseline: str, metric: str | None 
     other = ok.loc[ok["attention"] != baseline, [*cols, "seed", metric]]
     pairs = other.merge(base, on=[*keys, "seed"], suffixes=("", "_base"))
     pairs["diff"] = pairs[metric] - pairs[f"{metric}_base"]
-    columns = ["n_pairs", "mean_diff", "ci_low", "ci_high", "p_value"]
+    columns = ["n_pairs", "n_above", "mean_diff", "ci_low", "ci_high", "p_value"]
     if pairs.empty:
         stats_df = pd.DataFrame(columns=[*cols, *columns])
     else:
         stats_df = pairs.groupby(cols)["diff"].apply(paired_stats).unstack().reset_index()
     wanted = df.loc[df["attention"] != baseline, cols].drop_duplicates()
     out = wanted.merge(stats_df, on=cols, how="left")
-    out["n_pairs"] = out["n_pairs"].fillna(0).astype(int)
-    out[columns[1:]] = out[columns[1:]].astype(float)
+    out[columns[:2]] = out[columns[:2]].fillna(0).astype(int)
+    out[columns[2:]] = out[columns[2:]].astype(float)
     out.insert(len(cols), "baseline", baseline)
     return _sort_rows(out, keys).reset_index(drop=True)
 
@@ -473,7 +485,7 @@ def comparisons(
 
 
 _COMPARISON_COLUMNS = (
-    "baseline", "n_pairs", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
+    "baseline", "n_pairs", "n_above", "mean_diff", "ci_low", "ci_high", "p_value", "p_holm",
     "boot_seeds", "boot_images", "boot_diff", "boot_low", "boot_high", "boot_p", "boot_p_floor", "boot_p_holm",
     "boot_p_bound", "holds", "not_converged", "at_floor", "failed", "incomplete", "selection_metric",
 )  # fmt: skip
@@ -483,6 +495,7 @@ def _empty_comparisons(cols: list[str]) -> pd.DataFrame:
     out = pd.DataFrame(columns=[*cols, *_COMPARISON_COLUMNS])
     types = {
         "n_pairs": int,
+        "n_above": int,
         "boot_seeds": int,
         "boot_images": int,
         "boot_p_floor": bool,

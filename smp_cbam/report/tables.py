@@ -246,8 +246,8 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
     lines = [
         f"Paired differences ({family} distinct comparison{'s' if family > 1 else ''}, Holm-adjusted together):",
         "",
-        "| comparison | seeds | Δ | seed 95% CI | p | Holm p | images | image 95% CI | image Holm p | holds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| comparison | seeds | higher in | Δ | seed 95% CI | p | Holm p | images | image 95% CI | image Holm p | holds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for _, d in distinct.iterrows():
         boot = d["boot_seeds"] > 0
@@ -261,6 +261,7 @@ def _differences_table(rows: pd.DataFrame) -> list[str]:
         cells = [
             f"{_name(d['attention'])} − {_name(d['baseline'])}",
             str(d["n_pairs"]),
+            f"{d['n_above']} of {d['n_pairs']}",
             _pp(d["mean_diff"], signed=True) + mark,
             _interval(d["ci_low"], d["ci_high"]) if d["n_pairs"] >= 2 else MISSING,
             _p(d["p_value"]),
