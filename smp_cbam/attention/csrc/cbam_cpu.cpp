@@ -1455,6 +1455,27 @@ MlpGrads mlp_backward(const at::Tensor& d_g, const at::Tensor& g, const at::Tens
   return out;
 }
 
+// The end of pass 1 of backward_channels_last for one pixel: its channels [j, c) one at a time
+// after the vector lanes (d_s, the sums of G x s per channel, the first max of x g), then its
+// d_u, max channel and x there.
+template <typename T>
+inline void gate_pixel_tail(const T* row, const T* grow, const Acc<T>* gb, Acc<T> sq, int64_t j, int64_t c, Acc<T> ds,
+                            Acc<T> best, int64_t best_ch, Acc<T>* acc, Acc<T>* du, int64_t* arg, Acc<T>* x_at) {
+  using A = Acc<T>;
+  for (; j < c; ++j) {
+    const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
+    ds += gx * gb[j];
+    acc[j] += gx * sq;
+    if (beats(y, best)) {
+      best = y;
+      best_ch = j;
+    }
+  }
+  *du = ds * sq * (A(1) - sq);
+  *arg = best_ch;
+  *x_at = static_cast<A>(row[best_ch]);
+}
+
 // Pass 1 of backward_channels_last for the pixels [p0, p1) of one image (its rows from base = image
 // times HW), 16 (8) pixels at a time: their lanes combined by one tree each (combine_pixels) for
 // d_s, the max of x g and the max's channel, since three reductions per pixel cost more than its
@@ -1510,21 +1531,8 @@ int64_t gate_pixels_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>*
         const int64_t q = base + p + k;
         const T* row = xp + q * c;
         const T* grow = gp + q * c;
-        const A sq = sp[q];
-        A d = ds[k], most = best[k];
-        int64_t best_ch = static_cast<int64_t>(channel[k]);
-        for (int64_t j = full; j < c; ++j) {
-          const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
-          d += gx * gb[j];
-          acc[j] += gx * sq;
-          if (beats(y, most)) {
-            most = y;
-            best_ch = j;
-          }
-        }
-        dup[q] = d * sq * (A(1) - sq);
-        ap[q] = best_ch;
-        xap[q] = static_cast<A>(row[best_ch]);
+        gate_pixel_tail(row, grow, gb, sp[q], full, c, ds[k], best[k], static_cast<int64_t>(channel[k]), acc, dup + q,
+                        ap + q, xap + q);
       }
     }
   }
@@ -1604,18 +1612,7 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
             const Vec channels = Vec::blendv(Vec(static_cast<A>(c)), vbase + lane, hit);
             best_ch = static_cast<int64_t>(min_lanes(channels));
           }
-          for (; j < c; ++j) {
-            const A xi = row[j], gx = static_cast<A>(grow[j]) * xi, y = xi * gb[j];
-            ds += gx * gb[j];
-            acc[j] += gx * sq;
-            if (beats(y, best)) {
-              best = y;
-              best_ch = j;
-            }
-          }
-          dup[q] = ds * sq * (A(1) - sq);
-          ap[q] = best_ch;
-          xap[q] = static_cast<A>(row[best_ch]);
+          gate_pixel_tail(row, grow, gb, sq, j, c, ds, best, best_ch, acc.data(), dup + q, ap + q, xap + q);
         }
         for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += acc[ch];
       }
