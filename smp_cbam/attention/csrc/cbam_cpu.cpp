@@ -762,6 +762,16 @@ void sigmoid_affine(T* s, int64_t len, T a, T b) {
   }
 }
 
+// Storage for N vectors, left uninitialised: Vectorized's default constructor zeroes its lanes, and
+// the arrays of a group's pixels below live in memory (indexed in a loop), where that zeroing was a
+// store of every vector before each group.
+template <typename V, int64_t N>
+struct Vectors {
+  alignas(V) unsigned char raw[sizeof(V) * N];
+  V* data() { return reinterpret_cast<V*>(raw); }
+  V& operator[](int64_t i) { return data()[i]; }
+};
+
 #if defined(CPU_CAPABILITY_AVX512)
 // Lane i of the result: v[i]'s lanes combined by op (a sum, or a NaN-propagating max), for 16
 // vectors at once. Pairs of vectors are interleaved and combined level by level (within 128-bit
@@ -837,7 +847,7 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
     // so that every pixel goes through the same tree, however the rows are split among tasks
     for (; full > 0 && i < len; i += kLanes) {
       const int64_t count = std::min(kLanes, len - i);
-      Vec vs[kLanes], vm[kLanes];
+      Vectors<Vec, kLanes> vs, vm;
       for (int64_t q = 0; q < kLanes; ++q) {
         if (q >= count) {
           vs[q] = Vec(A(0));
@@ -858,8 +868,8 @@ void pool_pixels_cl(const T* x, const Acc<T>* g, int64_t c, int64_t p0, int64_t 
       const auto add = [](const Vec& a, const Vec& b) { return a + b; };
       const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
       A total[kLanes], most[kLanes];
-      combine_pixels(vs, add).store(total);
-      combine_pixels(vm, top).store(most);
+      combine_pixels(vs.data(), add).store(total);
+      combine_pixels(vm.data(), top).store(most);
       for (int64_t q = 0; q < count; ++q) {
         const T* row = x + (p0 + i + q) * c;
         for (int64_t j = full; j < c; ++j) {
@@ -1480,9 +1490,11 @@ inline void gate_pixel_tail(const T* row, const T* grow, const Acc<T>* gb, Acc<T
 // times HW), 16 (8) pixels at a time: their lanes combined by one tree each (combine_pixels) for
 // d_s, the max of x g and the max's channel, since three reductions per pixel cost more than its
 // row at few channels. The arithmetic per lane is the per-pixel loop's; every pixel of a tile goes
-// through the same tree, the last group's missing pixels left out, whatever the thread count.
-// Returns the first pixel left to that loop (p0 where there is no tree for T).
-template <typename T>
+// through the same tree, the last group's missing pixels left out, whatever the thread count. With
+// NV > 0 the full vectors of channels number NV, and a group's sums of G x s stay in registers
+// (added to acc after the group): through acc in memory, each pixel waited for the previous one's
+// store. Returns the first pixel left to that loop (p0 where there is no tree for T).
+template <typename T, int NV = 0>
 int64_t gate_pixels_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>* sp, int64_t base, int64_t c,
                        int64_t p0, int64_t p1, Acc<T>* acc, Acc<T>* dup, int64_t* ap, Acc<T>* xap) {
   using A = Acc<T>;
@@ -1493,40 +1505,57 @@ int64_t gate_pixels_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>*
   if constexpr (std::is_same_v<A, float> && kLanes == SMP_CBAM_COMBINE_LANES) {
     const A inf = std::numeric_limits<A>::infinity();
     const Vec lane = Vec::arange(A(0), A(1));
-    const int64_t full = c - c % kLanes;
+    const int64_t full = NV > 0 ? NV * kLanes : c - c % kLanes;
     const auto add = [](const Vec& a, const Vec& b) { return a + b; };
     const auto top = [](const Vec& a, const Vec& b) { return at::vec::maximum(a, b); };
     const auto low = [](const Vec& a, const Vec& b) { return at::vec::minimum(a, b); };
     for (; full > 0 && p < p1; p += kLanes) {
       const int64_t count = std::min(kLanes, p1 - p);
-      Vec vds[kLanes], vmax[kLanes], vbase[kLanes], channels[kLanes];
+      Vectors<Vec, kLanes> vds, vmax, vbase, channels;
+      Vec sums[NV > 0 ? NV : 1];
+      for (int64_t v = 0; v < NV; ++v) sums[v] = Vec(A(0));
       for (int64_t k = 0; k < kLanes; ++k) {
-        vds[k] = Vec(A(0));
-        vmax[k] = Vec(A(0));
-        vbase[k] = Vec(A(0));
-        if (k >= count) continue;
+        if (k >= count) {
+          vds[k] = vmax[k] = vbase[k] = Vec(A(0));
+          continue;
+        }
         const int64_t q = base + p + k;
         const T* row = xp + q * c;
         const T* grow = gp + q * c;
         const Vec vsq(sp[q]);
-        vmax[k] = Vec(-inf);
-        for (int64_t j = 0; j < full; j += kLanes) {
+        prefetch_ahead<kPrefetchBytesCl, 1>(row, c);
+        prefetch_ahead<kPrefetchBytesCl, 1>(grow, c);
+        Vec pds(A(0)), pmax(-inf), pbase(A(0));  // this pixel's lanes, in registers
+        const auto channel_block = [&](int64_t j) {
           const Vec xv = load_acc(row + j), gx = load_acc(grow + j) * xv, w = Vec::loadu(gb + j);
-          vds[k] = vds[k] + gx * w;
-          (Vec::loadu(acc + j) + gx * vsq).store(acc + j);
-          const Vec y = xv * w, up = beats(y, vmax[k]);
-          vmax[k] = Vec::blendv(vmax[k], y, up);
-          vbase[k] = Vec::blendv(vbase[k], Vec(static_cast<A>(j)), up);
+          pds = pds + gx * w;
+          if constexpr (NV > 0) {
+            sums[j / kLanes] = sums[j / kLanes] + gx * vsq;
+          } else {
+            (Vec::loadu(acc + j) + gx * vsq).store(acc + j);
+          }
+          const Vec y = xv * w, up = beats(y, pmax);
+          pmax = Vec::blendv(pmax, y, up);
+          pbase = Vec::blendv(pbase, Vec(static_cast<A>(j)), up);
+        };
+        if constexpr (NV > 0) {
+          for (int64_t v = 0; v < NV; ++v) channel_block(v * kLanes);
+        } else {
+          for (int64_t j = 0; j < full; j += kLanes) channel_block(j);
         }
+        vds[k] = pds;
+        vmax[k] = pmax;
+        vbase[k] = pbase;
       }
+      for (int64_t v = 0; v < NV; ++v) (Vec::loadu(acc + v * kLanes) + sums[v]).store(acc + v * kLanes);
       A ds[kLanes], best[kLanes], channel[kLanes];
-      combine_pixels(vds, add).store(ds);
-      combine_pixels(vmax, top).store(best);  // NaN where any lane holds one
+      combine_pixels(vds.data(), add).store(ds);
+      combine_pixels(vmax.data(), top).store(best);  // NaN where any lane holds one
       for (int64_t k = 0; k < kLanes; ++k) {
         const Vec hit = best[k] != best[k] ? vmax[k] != vmax[k] : vmax[k] == Vec(best[k]);
         channels[k] = k < count ? Vec::blendv(Vec(static_cast<A>(c)), vbase[k] + lane, hit) : Vec(A(0));
       }
-      combine_pixels(channels, low).store(channel);
+      combine_pixels(channels.data(), low).store(channel);
       for (int64_t k = 0; k < count; ++k) {
         const int64_t q = base + p + k;
         const T* row = xp + q * c;
@@ -1540,13 +1569,107 @@ int64_t gate_pixels_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>*
   return p;
 }
 
+// Pass 1 of backward_channels_last for the pixels [p0, p1) of one image (base = image times HW):
+// gate_pixels_cl, then the pixels it leaves one at a time, with the same arithmetic per lane.
+template <typename T>
+void gate_span_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>* sp, int64_t base, int64_t c, int64_t p0,
+                  int64_t p1, Acc<T>* acc, Acc<T>* dup, int64_t* ap, Acc<T>* xap) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t kLanes = Vec::size();
+  const A inf = std::numeric_limits<A>::infinity();
+  // lanes hold the running max of x g over their channels (the first, NaN counting as maximal) and
+  // the block's first channel there; across lanes a tie goes to the lower channel
+  const Vec lane = Vec::arange(A(0), A(1));
+  int64_t p = p0;
+  switch (c / kLanes) {  // few full vectors of channels: gate_pixels_cl keeps their sums in registers
+    case 1: p = gate_pixels_cl<T, 1>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
+    case 2: p = gate_pixels_cl<T, 2>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
+    case 3: p = gate_pixels_cl<T, 3>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
+    case 4: p = gate_pixels_cl<T, 4>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
+    default: p = gate_pixels_cl<T>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap);
+  }
+  for (; p < p1; ++p) {
+    const int64_t q = base + p;
+    const T* row = xp + q * c;
+    const T* grow = gp + q * c;
+    const A sq = sp[q];
+    prefetch_ahead<kPrefetchBytesCl, 1>(row, c);
+    prefetch_ahead<kPrefetchBytesCl, 1>(grow, c);
+    Vec vds(A(0)), vmax(-inf), vbase(A(0));
+    int64_t j = 0;
+    for (; j + kLanes <= c; j += kLanes) {
+      const Vec xv = load_acc(row + j), gx = load_acc(grow + j) * xv, w = Vec::loadu(gb + j);
+      vds = vds + gx * w;
+      (Vec::loadu(acc + j) + gx * Vec(sq)).store(acc + j);
+      const Vec y = xv * w, up = beats(y, vmax);
+      vmax = Vec::blendv(vmax, y, up);
+      vbase = Vec::blendv(vbase, Vec(static_cast<A>(j)), up);
+    }
+    A ds = j > 0 ? sum_lanes(vds) : A(0);
+    A best = -inf;
+    int64_t best_ch = 0;
+    if (j > 0) {  // in vectors: a per-lane scalar loop here cost more than the channels at small C
+      best = max_lanes(vmax);  // NaN where any lane holds one
+      const Vec hit = best != best ? vmax != vmax : vmax == Vec(best);
+      const Vec channels = Vec::blendv(Vec(static_cast<A>(c)), vbase + lane, hit);
+      best_ch = static_cast<int64_t>(min_lanes(channels));
+    }
+    gate_pixel_tail(row, grow, gb, sq, j, c, ds, best, best_ch, acc, dup + q, ap + q, xap + q);
+  }
+}
+
+// P's share of dL/dg from the pixels [p0, p1) of one channels_last image (base = image times HW;
+// d_avg, d_max: its maps), into one row's dg: sum x d_avg / C, summed in acc first, and x_at d_max
+// at each pixel's max channel. With NV > 0 the full vectors of channels number NV and their sums
+// stay in registers, two sets for alternate pixels (through acc in memory, each pixel waited for
+// the previous one's store).
+template <typename T, int NV = 0>
+void pool_share_cl(const T* xp, const Acc<T>* d_avg, const Acc<T>* d_max, const int64_t* ap, const Acc<T>* xap,
+                   int64_t base, int64_t c, int64_t p0, int64_t p1, Acc<T>* acc, double* dg) {
+  using A = Acc<T>;
+  using Vec = AccVec<T>;
+  constexpr int64_t kLanes = Vec::size();
+  std::fill(acc, acc + c, A(0));
+  const int64_t full = NV > 0 ? NV * kLanes : c - c % kLanes;
+  const auto tail = [&](const T* row, int64_t p) {
+    for (int64_t j = full; j < c; ++j) acc[j] += static_cast<A>(row[j]) * d_avg[p];
+    dg[ap[base + p]] += xap[base + p] * d_max[p];
+  };
+  int64_t p = p0;
+  if constexpr (NV > 0) {
+    Vec even[NV], odd[NV];
+    for (int64_t v = 0; v < NV; ++v) even[v] = odd[v] = Vec(A(0));
+    for (; p + 1 < p1; p += 2) {
+      const T* row = xp + (base + p) * c;
+      const Vec da(d_avg[p]), db(d_avg[p + 1]);
+      for (int64_t v = 0; v < NV; ++v) {
+        even[v] = even[v] + load_acc(row + v * kLanes) * da;
+        odd[v] = odd[v] + load_acc(row + c + v * kLanes) * db;
+      }
+      tail(row, p);
+      tail(row + c, p + 1);
+    }
+    for (int64_t v = 0; v < NV; ++v) (even[v] + odd[v]).store(acc + v * kLanes);
+  }
+  for (; p < p1; ++p) {
+    const T* row = xp + (base + p) * c;
+    const Vec da(d_avg[p]);
+    for (int64_t j = 0; j < full; j += kLanes) (Vec::loadu(acc + j) + load_acc(row + j) * da).store(acc + j);
+    tail(row, p);
+  }
+  for (int64_t ch = 0; ch < c; ++ch) dg[ch] += static_cast<double>(acc[ch]) / c;
+}
+
 // cbam_backward for channels_last x (memory N, H, W, C), the NCHW passes' arithmetic over pixel
-// rows: (1) per pixel d_s = sum_c G x g, hence d_u = d_s s (1 - s), the channel of max_c x g with x
-// there, and per channel sum G x s; (2) the convolution's gradients from the whole d_u map; (3) P's
-// share of dL/dg, sum x d_avg / C and x_at d_max at each pixel's max channel; (4) the MLP backwards;
-// (5) dL/dx as input_grad gives it, in x's layout. The sums of dL/dg run in Acc<T> over a tile of
-// kTile pixels, then in double over the tiles in order, so they do not depend on the thread count
-// (dL/dbias, ATen's sum of d_u, may).
+// rows, streamed like gate_pass: for each block of rows, (1) per pixel d_s = sum_c G x g, hence
+// d_u = d_s s (1 - s), the channel of max_c x g with x there, and per channel sum G x s
+// (gate_span_cl); then, for the rows whose neighbourhood of d_u is complete (r = k / 2 rows behind),
+// (2) d_P by the flipped kernel and (3) P's share of dL/dg (pool_share_cl) while those rows of x are
+// still in cache; then (4) the MLP backwards and (5) dL/dx as input_grad gives it, in x's layout. A
+// separate pass for (3) read all of x a second time. The sums of dL/dg run in Acc<T> over an image
+// row, then in double over the rows in order, so they do not depend on how the rows are split among
+// threads (dL/dbias, ATen's sum of d_u, may).
 std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
                                                const at::Tensor& hidden, const at::Tensor& g, const at::Tensor& idx_c,
                                                const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
@@ -1556,12 +1679,16 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
   TORCH_CHECK(c <= (int64_t(1) << 24), "cbam_backward supports at most 2^24 channels, got ", c);
   const auto gr = grad.contiguous(at::MemoryFormat::ChannelsLast);
   const auto sc = s.contiguous(), pc = pooled.contiguous();
-  const int64_t tiles = (hw + kTile - 1) / kTile;
+  const int64_t k = weight.size(3), r = k / 2, ld = wd + 2 * r + kBlockX, plane = (h + 2 * r) * ld;
+  const Segments split(n, h, r);
+  const int64_t seg_rows = split.rows, segs = split.count;
+  auto pad = at::zeros({n, h + 2 * r, ld}, acc_options(x));  // d_u with a zero border
   auto d_u = at::empty({n, hw}, acc_options(x));
+  auto d_pooled = at::zeros({n, 2, hw}, acc_options(x));
   auto arg = at::empty({n, hw}, x.options().dtype(at::kLong));
   auto x_at = at::empty({n, hw}, acc_options(x));
-  auto d_g_tiles = at::zeros({n, tiles, c}, x.options().dtype(at::kDouble));
-  at::Tensor d_pooled, d_weight;
+  auto d_g_rows = at::zeros({n, h, c}, x.options().dtype(at::kDouble));
+  at::Tensor d_weight;
   MlpGrads mlp;
   auto dx = at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, x.scalar_type(), "backward_channels_last", [&] {
@@ -1573,76 +1700,78 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
     const T* xp = x.data_ptr<T>();
     const A* gate = g.data_ptr<A>();
     const A* sp = sc.data_ptr<A>();
+    A* pp = pad.data_ptr<A>();
     A* dup = d_u.data_ptr<A>();
+    A* dp = d_pooled.data_ptr<A>();
     int64_t* ap = arg.data_ptr<int64_t>();
     A* xap = x_at.data_ptr<A>();
-    double* dgt = d_g_tiles.data_ptr<double>();
-    const A inf = std::numeric_limits<A>::infinity();
-    // 1. lanes hold the running max of x g over their channels (the first, NaN counting as
-    // maximal) and the block's first channel there; across lanes a tie goes to the lower channel
-    const Vec lane = Vec::arange(A(0), A(1));
-    at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+    double* dgr = d_g_rows.data_ptr<double>();
+    std::vector<A> taps(2 * k * k);  // the kernel turned by 180 degrees: the adjoint
+    const A* w = weight.data_ptr<A>();
+    for (int64_t ch = 0; ch < 2; ++ch) std::reverse_copy(w + ch * k * k, w + (ch + 1) * k * k, taps.data() + ch * k * k);
+    // pass 1 over rows [y0, y1) of image bi, a row at a time (its sums into its row of d_g_rows
+    // where sums is set), with d_u into the map for the rows [own0, own1)
+    auto gate_rows = [&](int64_t bi, int64_t y0, int64_t y1, int64_t own0, int64_t own1, A* acc, bool sums) {
+      for (int64_t y = y0; y < y1; ++y) {
+        std::fill(acc, acc + c, A(0));
+        gate_span_cl<T>(xp, gp, gate + bi * c, sp, bi * hw, c, y * wd, (y + 1) * wd, acc, dup, ap, xap);
+        if (sums) {
+          double* row = dgr + (bi * h + y) * c;
+          for (int64_t ch = 0; ch < c; ++ch) row[ch] += acc[ch];
+        }
+        if (y >= own0 && y < own1) std::copy(dup + bi * hw + y * wd, dup + bi * hw + (y + 1) * wd, pp + bi * plane + (y + r) * ld + r);
+      }
+    };
+    // the rows at each segment's borders that its neighbours read
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(c);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
-        const A* gb = gate + bi * c;
-        std::fill(acc.begin(), acc.end(), A(0));
-        int64_t p = gate_pixels_cl<T>(xp, gp, gb, sp, bi * hw, c, p0, p1, acc.data(), dup, ap, xap);
-        for (; p < p1; ++p) {
-          const int64_t q = bi * hw + p;
-          const T* row = xp + q * c;
-          const T* grow = gp + q * c;
-          const A sq = sp[q];
-          Vec vds(A(0)), vmax(-inf), vbase(A(0));
-          int64_t j = 0;
-          for (; j + kLanes <= c; j += kLanes) {
-            const Vec xv = load_acc(row + j), gx = load_acc(grow + j) * xv, w = Vec::loadu(gb + j);
-            vds = vds + gx * w;
-            (Vec::loadu(acc.data() + j) + gx * Vec(sq)).store(acc.data() + j);
-            const Vec y = xv * w, up = beats(y, vmax);
-            vmax = Vec::blendv(vmax, y, up);
-            vbase = Vec::blendv(vbase, Vec(static_cast<A>(j)), up);
-          }
-          A ds = j > 0 ? sum_lanes(vds) : A(0);
-          A best = -inf;
-          int64_t best_ch = 0;
-          if (j > 0) {  // in vectors: a per-lane scalar loop here cost more than the channels at small C
-            best = max_lanes(vmax);  // NaN where any lane holds one
-            const Vec hit = best != best ? vmax != vmax : vmax == Vec(best);
-            const Vec channels = Vec::blendv(Vec(static_cast<A>(c)), vbase + lane, hit);
-            best_ch = static_cast<int64_t>(min_lanes(channels));
-          }
-          gate_pixel_tail(row, grow, gb, sq, j, c, ds, best, best_ch, acc.data(), dup + q, ap + q, xap + q);
-        }
-        for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += acc[ch];
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        const int64_t top = std::min(y0 + r, y1), bottom = std::max(y1 - r, y0);
+        if (seg > 0) gate_rows(bi, y0, top, y0, top, acc.data(), false);
+        if (seg < segs - 1) gate_rows(bi, bottom, y1, bottom, y1, acc.data(), false);
       }
     });
-    // 2. the convolution's gradients
-    std::tie(d_pooled, d_weight) = spatial_conv_backward(d_u.view({n, 1, h, wd}), pc, weight);
-    const A* dp = d_pooled.data_ptr<A>();
-    // 3. P's share of dL/dg
-    at::parallel_for(0, n * tiles, 1, [&](int64_t begin, int64_t end) {
+    // blocks of G and x of about kBlockBytes, but at least a tile of pixels
+    const int64_t block_rows = std::max(kBlockBytes / (2 * c * wd * int64_t(sizeof(T))), (kTile + wd - 1) / wd);
+    at::parallel_for(0, n * segs, 1, [&](int64_t begin, int64_t end) {
       std::vector<A> acc(c);
       for (int64_t t = begin; t < end; ++t) {
-        const int64_t bi = t / tiles, p0 = (t % tiles) * kTile, p1 = std::min(hw, p0 + kTile);
+        const int64_t bi = t / segs, seg = t % segs, y0 = seg * seg_rows, y1 = std::min(h, y0 + seg_rows);
+        const int64_t own0 = seg > 0 ? std::min(y0 + r, y1) : y0, own1 = seg < segs - 1 ? std::max(y1 - r, y0) : y1;
         const A* d_avg = dp + bi * 2 * hw;
         const A* d_max = d_avg + hw;
-        std::fill(acc.begin(), acc.end(), A(0));
-        for (int64_t p = p0; p < p1; ++p) {
-          const T* row = xp + (bi * hw + p) * c;
-          const Vec da(d_avg[p]);
-          int64_t j = 0;
-          for (; j + kLanes <= c; j += kLanes) {
-            (Vec::loadu(acc.data() + j) + load_acc(row + j) * da).store(acc.data() + j);
+        int64_t done = y0;  // rows of d_P and of P's share done
+        for (int64_t q0 = y0; q0 < y1; q0 += block_rows) {
+          const int64_t q1 = std::min(q0 + block_rows, y1);
+          gate_rows(bi, q0, q1, own0, own1, acc.data(), true);
+          const int64_t ready = q1 == y1 ? y1 : std::max(done, q1 - r);
+          if (ready == done) continue;
+          for (int64_t ch = 0; ch < 2; ++ch) {
+            correlate_rows(pp + bi * plane + done * ld, ld, taps.data() + ch * k * k, k, 0, ready - done, wd,
+                           dp + (bi * 2 + ch) * hw + done * wd);
           }
-          for (; j < c; ++j) acc[j] += static_cast<A>(row[j]) * d_avg[p];
-          dgt[t * c + ap[bi * hw + p]] += xap[bi * hw + p] * d_max[p];
+          for (int64_t y = done; y < ready; ++y) {
+            const auto share = [&](auto fn) {
+              fn(xp, d_avg + y * wd, d_max + y * wd, ap, xap, bi * hw + y * wd, c, int64_t(0), wd, acc.data(),
+                 dgr + (bi * h + y) * c);
+            };
+            switch (c / kLanes) {  // few full vectors of channels: their sums in registers
+              case 1: share(pool_share_cl<T, 1>); break;
+              case 2: share(pool_share_cl<T, 2>); break;
+              case 3: share(pool_share_cl<T, 3>); break;
+              case 4: share(pool_share_cl<T, 4>); break;
+              default: share(pool_share_cl<T>);
+            }
+          }
+          done = ready;
         }
-        for (int64_t ch = 0; ch < c; ++ch) dgt[t * c + ch] += static_cast<double>(acc[ch]) / c;
       }
     });
+    // the convolution's weight gradient, from the whole d_u map
+    d_weight = conv_weight_grad(d_u.view({n, 1, h, wd}), pc, weight);
     // 4. the MLP
-    mlp = mlp_backward(d_g_tiles.sum(1).to(d_u.scalar_type()), g, descriptors, hidden, w1, w2);
+    mlp = mlp_backward(d_g_rows.sum(1).to(d_u.scalar_type()), g, descriptors, hidden, w1, w2);
     if (!with_input_grad) return;
     // 5. dL/dx = g (G s + d_avg_s / C) + d_avg_c / HW (+ G) + g d_max_s at the pixel's max channel,
     // then d_max_c added at each channel's max pixel, rounded as input_grad rounds
@@ -1662,6 +1791,7 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
         const A* bb = bp + bi * c;
         T* orow = out + q * c;
         const A sq = sp[q], da = dp[bi * 2 * hw + p], dm = dp[(bi * 2 + 1) * hw + p];
+        prefetch_ahead<kPrefetchBytesCl, 1>(grow, c);
         const Vec sv(sq), dav(da), inv(inv_c);
         const auto value = [&](int64_t ch) {
           const A gi = grow[ch];
