@@ -266,6 +266,29 @@ def test_cbam_infer_takes_channels_last(
     assert torch.equal(y, out)
 
 
+@pytest.mark.parametrize("c", [8, 16, 32])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_channels_last_finds_each_channels_first_max_pixel(c: int, dtype: torch.dtype, ops: object) -> None:
+    # the channels_last descriptor pass keeps each channel's running max and its pixel in vector
+    # lanes, a tile of pixels at a time: the max pixel is the first (as torch.max gives it), across
+    # ties, NaNs, tiles and chunks of pixels
+    _, params = _module_and_params(c, dtype, False)
+    x = torch.randn(2, c, 40, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
+    flat = x.view(2, c, -1)
+    flat[:, 0, [7, 10]] = 9.0  # ties: an odd pixel first
+    flat[:, 1, [6, 9]] = 9.0  # an even pixel first
+    flat[:, 2, [1100, 3]] = 9.0  # the first in the second chunk of pixels, the second in the first
+    flat[:, 3, [5, 8]] = float("nan")  # the first NaN
+    flat[:, 4] = 1.0  # every pixel ties
+    flat[:, 5, 1199] = 9.0  # the last pixel
+    flat[:, 6, [1198, 1199]] = 9.0
+    expected = torch.tensor([7, 6, 3, 5, 0, 1199, 1198]).expand(2, -1)
+    cl = x.contiguous(memory_format=torch.channels_last)
+    index = kernels.cbam_train(cl, *params, False).channel_index
+    assert torch.equal(index[:, :7], expected)
+    assert torch.equal(index, kernels.cbam_train(x, *params, False).channel_index)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_channels_last_nan_like_nchw(dtype: torch.dtype, ops: object) -> None:
     # NaN in one image: it reaches every gate of that image, so every output, and the other image
