@@ -3,7 +3,8 @@ CBAMs' ``cbam_train`` and ``cbam_backward`` call timed in place, in the eager mo
 eager model moved to channels_last, and the compiled model (inductor hands the operators
 channels_last activations), with the layout each call received.
 
-    python experiments/bench_kernel_calls.py [--steps 8] [--bf16] [--modes eager channels_last compiled]
+    python experiments/bench_kernel_calls.py [--steps 8] [--batch 4] [--size 160] [--bf16]
+        [--modes eager channels_last compiled]
 
 Kernel-level benchmarks (``bench_layout_kernel.py``) call the kernels on their own, with the caches
 flushed; inside a network the activations arrive from the layer that just wrote them, and the
@@ -35,8 +36,15 @@ def layout(t: torch.Tensor) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--size", type=int, default=160)
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast, as the runner's bf16-mixed")
-    parser.add_argument("--modes", nargs="+", default=["eager", "channels_last", "compiled"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["eager", "channels_last", "compiled"],
+        choices=["eager", "channels_last", "compiled"],
+    )
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit("the CPU kernels are not built")
@@ -62,7 +70,10 @@ def main() -> None:
     # CBAM's eager path and the operators' CPU implementations look the kernels up on the module
     kernels.cbam_train, kernels.cbam_backward = timed_train, timed_backward
     amp = torch.bfloat16 if args.bf16 else None
-    print(f"CBAM's kernel calls in a Unet training step, batch 4, 160x160, {'bf16 autocast' if amp else 'fp32'}")
+    print(
+        f"CBAM's kernel calls in a Unet training step, batch {args.batch}, {args.size}x{args.size}, "
+        f"{'bf16 autocast' if amp else 'fp32'}"
+    )
     steps = {}
     for mode in args.modes:
         torch.manual_seed(0)
@@ -71,7 +82,7 @@ def main() -> None:
             model = model.to(memory_format=torch.channels_last)
         if mode == "compiled":
             model = torch.compile(model)
-        steps[mode] = train_step_fn(model, 4, 160, torch.device("cpu"), amp=amp)
+        steps[mode] = train_step_fn(model, args.batch, args.size, torch.device("cpu"), amp=amp)
         for _ in range(3):
             steps[mode]()
     times.clear()

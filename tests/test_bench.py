@@ -125,6 +125,30 @@ def test_layout_script_times_both_layouts_at_every_cbam() -> None:
     assert re.search(r"^all nine\s+[\d.]+\s+[\d.]+\s+[\d.]+$", run.stdout, re.M), run.stdout
 
 
+CALLS_SCRIPT = AB_SCRIPT.with_name("bench_kernel_calls.py")
+
+
+@pytest.mark.slow
+def test_calls_script_times_every_cbams_kernel_calls_in_each_layout() -> None:
+    from smp_cbam.attention import kernels
+
+    if not kernels.available():
+        pytest.skip("the CPU kernels are not built")
+    command = [sys.executable, str(CALLS_SCRIPT), "--steps", "1", "--batch", "2", "--size", "32"]
+    run = subprocess.run([*command, "--modes", "eager", "channels_last"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    eager, channels_last = run.stdout.split("== eager")[1].split("== channels_last")
+    # the wrapper saw the Unet's nine CBAMs each way, in the layout the model gave them (the eager
+    # model all NCHW; the channels_last model channels_last, where the shape has one)
+    for section, layouts in ((eager, "nchw"), (channels_last, "cl|nchw")):
+        calls = re.findall(rf"^(forward|backward)\s+\(2, \d+, \d+, \d+\)\s+x ({layouts})\s", section, re.M)
+        assert sorted(kind for kind, _ in calls) == ["backward"] * 9 + ["forward"] * 9, section
+        assert re.search(r"^sum\s+forward [\d.]+ ms, backward [\d.]+ ms$", section, re.M), section
+    assert re.findall(r"x (cl)\s", channels_last), channels_last
+    bad = subprocess.run([*command, "--modes", "lazy"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice: 'lazy'" in bad.stderr
+
+
 @pytest.mark.slow
 def test_ab_script_names_a_bad_ref() -> None:
     run = subprocess.run([sys.executable, str(AB_SCRIPT), "no-such-ref"], capture_output=True, text=True)
