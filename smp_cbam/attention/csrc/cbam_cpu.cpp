@@ -22,6 +22,7 @@
 #include <optional>
 #include <tuple>
 #include <type_traits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -1486,6 +1487,19 @@ inline void gate_pixel_tail(const T* row, const T* grow, const Acc<T>* gb, Acc<T
   *x_at = static_cast<A>(row[best_ch]);
 }
 
+// f(std::integral_constant<int, NV>) for nv full vectors of channels: NV = nv from one to four (the
+// passes that keep their per-channel sums in registers), else 0 (sums in memory).
+template <typename F>
+inline auto with_vectors(int64_t nv, const F& f) {
+  switch (nv) {
+    case 1: return f(std::integral_constant<int, 1>());
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    default: return f(std::integral_constant<int, 0>());
+  }
+}
+
 // Pass 1 of backward_channels_last for the pixels [p0, p1) of one image (its rows from base = image
 // times HW), 16 (8) pixels at a time: their lanes combined by one tree each (combine_pixels) for
 // d_s, the max of x g and the max's channel, since three reductions per pixel cost more than its
@@ -1581,14 +1595,9 @@ void gate_span_cl(const T* xp, const T* gp, const Acc<T>* gb, const Acc<T>* sp, 
   // lanes hold the running max of x g over their channels (the first, NaN counting as maximal) and
   // the block's first channel there; across lanes a tie goes to the lower channel
   const Vec lane = Vec::arange(A(0), A(1));
-  int64_t p = p0;
-  switch (c / kLanes) {  // few full vectors of channels: gate_pixels_cl keeps their sums in registers
-    case 1: p = gate_pixels_cl<T, 1>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
-    case 2: p = gate_pixels_cl<T, 2>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
-    case 3: p = gate_pixels_cl<T, 3>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
-    case 4: p = gate_pixels_cl<T, 4>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap); break;
-    default: p = gate_pixels_cl<T>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap);
-  }
+  int64_t p = with_vectors(c / kLanes, [&](auto nv) {
+    return gate_pixels_cl<T, decltype(nv)::value>(xp, gp, gb, sp, base, c, p0, p1, acc, dup, ap, xap);
+  });
   for (; p < p1; ++p) {
     const int64_t q = base + p;
     const T* row = xp + q * c;
@@ -1719,7 +1728,9 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
           double* row = dgr + (bi * h + y) * c;
           for (int64_t ch = 0; ch < c; ++ch) row[ch] += acc[ch];
         }
-        if (y >= own0 && y < own1) std::copy(dup + bi * hw + y * wd, dup + bi * hw + (y + 1) * wd, pp + bi * plane + (y + r) * ld + r);
+        if (y >= own0 && y < own1) {
+          std::copy(dup + bi * hw + y * wd, dup + bi * hw + (y + 1) * wd, pp + bi * plane + (y + r) * ld + r);
+        }
       }
     };
     // the rows at each segment's borders that its neighbours read
@@ -1752,17 +1763,10 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
                            dp + (bi * 2 + ch) * hw + done * wd);
           }
           for (int64_t y = done; y < ready; ++y) {
-            const auto share = [&](auto fn) {
-              fn(xp, d_avg + y * wd, d_max + y * wd, ap, xap, bi * hw + y * wd, c, int64_t(0), wd, acc.data(),
-                 dgr + (bi * h + y) * c);
-            };
-            switch (c / kLanes) {  // few full vectors of channels: their sums in registers
-              case 1: share(pool_share_cl<T, 1>); break;
-              case 2: share(pool_share_cl<T, 2>); break;
-              case 3: share(pool_share_cl<T, 3>); break;
-              case 4: share(pool_share_cl<T, 4>); break;
-              default: share(pool_share_cl<T>);
-            }
+            with_vectors(c / kLanes, [&](auto nv) {
+              pool_share_cl<T, decltype(nv)::value>(xp, d_avg + y * wd, d_max + y * wd, ap, xap, bi * hw + y * wd, c,
+                                                     0, wd, acc.data(), dgr + (bi * h + y) * c);
+            });
           }
           done = ready;
         }
