@@ -23,12 +23,13 @@ import time
 import torch
 
 from smp_cbam.attention import kernels
+from smp_cbam.attention.ops import _channels_last
 from smp_cbam.benchmarks.cbam_bench import build_bench_model, train_step_fn
 from smp_cbam.training.malloc import keep_heap
 
 
 def layout(t: torch.Tensor) -> str:
-    if t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+    if _channels_last(t):  # the kernels' own test, so that "cl" is what they took as channels_last
         return "cl"
     return "nchw" if t.is_contiguous() else "other"
 
