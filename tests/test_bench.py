@@ -1,6 +1,8 @@
 """The benchmark runs end to end and prints parseable ratios (no timing assertions)."""
 
+import math
 import platform
+import random
 import re
 import subprocess
 import sys
@@ -17,6 +19,7 @@ from smp_cbam.benchmarks.cbam_bench import (
     amp_benchmark,
     build_bench_model,
     compile_benchmark,
+    compile_gap,
     in_fresh_process,
     interleaved_times,
     main,
@@ -165,6 +168,32 @@ def test_amp_section_prints_fp32_and_autocast_rows() -> None:
         assert re.search(rf"^Unet {setting}\s+[\d.]+{cells}{speed}$", out, re.M), out
 
 
+def test_compile_gap_is_the_median_per_round_difference_of_what_the_attention_adds() -> None:
+    rng = random.Random(0)
+    rounds = 40
+    none_eager = [0.200 + rng.uniform(-0.02, 0.02) for _ in range(rounds)]
+    none_compiled = [0.100 + rng.uniform(-0.01, 0.01) for _ in range(rounds)]
+    # cbam adds 10 ms eager (5% of none) and 8 ms compiled (8%), plus noise within each round;
+    # scse adds the same 10 ms in both modes
+    times = {
+        ("none", False): none_eager,
+        ("none", True): none_compiled,
+        ("cbam", False): [t + 0.010 + rng.uniform(-1e-3, 1e-3) for t in none_eager],
+        ("cbam", True): [t + 0.008 + rng.uniform(-1e-3, 1e-3) for t in none_compiled],
+        ("scse", False): [t + 0.010 for t in none_eager],
+        ("scse", True): [t + 0.010 for t in none_compiled],
+    }
+    gap = compile_gap(times, "cbam")
+    # fewer milliseconds compiled, a larger share: the two readings disagree, as they can
+    assert gap["ms_low"] < gap["ms"] < gap["ms_high"] < 0 and gap["ms"] == pytest.approx(-2.0, abs=0.5)
+    assert 0 < gap["points_low"] < gap["points"] < gap["points_high"]
+    assert gap["points"] == pytest.approx(8 - 5, abs=1.0)
+    same = compile_gap(times, "scse")  # no noise: the interval is the point
+    assert same["ms"] == same["ms_low"] == same["ms_high"] == pytest.approx(0.0, abs=1e-9)
+    few = compile_gap({key: values[:3] for key, values in times.items()}, "cbam")
+    assert math.isnan(few["ms_low"]) and math.isnan(few["points_high"]) and few["ms"] < 0
+
+
 @pytest.mark.slow
 def test_compile_section_prints_compiled_and_eager_rows(monkeypatch: pytest.MonkeyPatch) -> None:
     # dynamo's eager backend: the section's plumbing without inductor's code generation, which
@@ -186,6 +215,9 @@ def test_compile_section_prints_compiled_and_eager_rows(monkeypatch: pytest.Monk
             for mode in ("compiled", "eager"):
                 row = rf"^{setting} {precision}\s+{mode}\s+[\d.]+(\s+[+-][\d.]+%){{2}}$"
                 assert re.search(row, out, re.M), out
+            for attention in ("scse", "cbam"):  # one round: the medians, no interval
+                gap = rf"^{setting} {precision}\s+{attention} compiled minus eager: [+-][\d.]+ ms, [+-][\d.]+ points$"
+                assert re.search(gap, out, re.M), out
         assert seen and set(seen) == {amp or torch.float32}, set(seen)
 
 

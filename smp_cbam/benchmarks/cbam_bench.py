@@ -10,6 +10,7 @@ import argparse
 import ctypes
 import functools
 import gc
+import inspect
 import math
 import random
 import statistics
@@ -18,9 +19,11 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
+from scipy import stats
 from segmentation_models_pytorch.base.modules import SCSEModule
 from timm.layers.cbam import CbamModule
 from torch import nn
@@ -285,6 +288,53 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
 
 
 COMPILE_TYPES = ("none", "scse", "cbam")
+MIN_ROUNDS_FOR_INTERVAL = 8  # below this, a bootstrap interval of a median over rounds means little
+
+
+def compile_gap(
+    times: dict[tuple[str, bool], list[float]], attention: str, confidence: float = 0.95, seed: int = 0
+) -> dict[str, float]:
+    """What ``attention`` adds compiled minus what it adds eager, per round, in two readings.
+
+    ``times[attention, compiled]`` holds one time in seconds per interleaved round for each model,
+    compiled and eager, ``none`` among them. Per round: ``ms``, the milliseconds ``attention`` adds
+    over ``none`` compiled minus those it adds eager; ``points``, its share of ``none``'s time
+    compiled minus eager, in percentage points. Each is the median over rounds, with a percentile
+    bootstrap interval of that median (``ms_low``/``ms_high``, ``points_low``/``points_high``; NaN
+    below ``MIN_ROUNDS_FOR_INTERVAL`` rounds). Positive: the attention costs more compiled than eager.
+    """
+
+    def per_round(compiled: bool) -> tuple[np.ndarray, np.ndarray]:
+        a = np.asarray(times[attention, compiled])
+        base = np.asarray(times["none", compiled])
+        return (a - base) * 1e3, (a / base - 1) * 100
+
+    ms_compiled, points_compiled = per_round(True)
+    ms_eager, points_eager = per_round(False)
+    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    out: dict[str, float] = {}
+    for name, values in (("ms", ms_compiled - ms_eager), ("points", points_compiled - points_eager)):
+        median = float(np.median(values))
+        low = high = math.nan
+        if len(values) >= MIN_ROUNDS_FOR_INTERVAL:
+            if np.ptp(values) == 0:  # scipy refuses a degenerate sample; its interval is the point
+                low = high = median
+            else:
+                result = stats.bootstrap(
+                    (values,),
+                    np.median,
+                    confidence_level=confidence,
+                    method="percentile",
+                    **{rng_arg: np.random.default_rng(seed)},
+                )
+                low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = median, low, high
+    return out
+
+
+def _gap_cell(value: float, low: float, high: float, unit: str) -> str:
+    interval = f" [{low:+.1f}, {high:+.1f}]" if not math.isnan(low) else ""
+    return f"{value:+.1f} {unit}{interval}"
 
 
 def compile_benchmark(
@@ -297,7 +347,13 @@ def compile_benchmark(
 ) -> str:
     """``torch.compile`` of the whole Unet (``backend``, inductor by default) for none, scse and
     cbam, next to the same models in eager mode, all interleaved: what each attention adds
-    compiled and eager; with ``amp``, everything under autocast to that dtype."""
+    compiled and eager; with ``amp``, everything under autocast to that dtype.
+
+    Below each setting's rows, per attention, what it adds compiled minus what it adds eager
+    (``compile_gap``): in milliseconds and in points of ``none``'s time, each the median over rounds
+    and, from ``MIN_ROUNDS_FOR_INTERVAL`` rounds, its 95% bootstrap interval; an interval above zero
+    says compiling makes the attention costlier.
+    """
     precision = f"{str(amp).removeprefix('torch.')} autocast" if amp is not None else "fp32"
     lines = [
         f"## 6. torch.compile ({backend}) of the whole Unet, {precision}: overhead over none (resnet18, "
@@ -323,6 +379,13 @@ def compile_benchmark(
             lines.append(
                 f"{label:<34}{'compiled' if compiled else 'eager':<10}{statistics.median(by_type['none']) * 1e3:9.1f}"
                 + "".join(f"{100 * (paired_ratio(by_type, t, 'none') - 1):+9.1f}%" for t in COMPILE_TYPES[1:])
+            )
+        for attention in COMPILE_TYPES[1:]:
+            gap = compile_gap(times, attention)
+            lines.append(
+                f"{label:<34}{attention} compiled minus eager: "
+                f"{_gap_cell(gap['ms'], gap['ms_low'], gap['ms_high'], 'ms')}, "
+                f"{_gap_cell(gap['points'], gap['points_low'], gap['points_high'], 'points')}"
             )
     return "\n".join(lines)
 
