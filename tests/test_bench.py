@@ -23,6 +23,7 @@ from smp_cbam.benchmarks.cbam_bench import (
     in_fresh_process,
     interleaved_times,
     main,
+    median_interval,
     paired_ratio,
 )
 from smp_cbam.training.malloc import keep_heap
@@ -166,6 +167,18 @@ def test_amp_section_prints_fp32_and_autocast_rows() -> None:
         cells = rf"(\s+[+-][\d.]+%){{{len(AMP_TYPES) - 1}}}"
         speed = r"\s+[\d.]+" if "autocast" in setting else ""
         assert re.search(rf"^Unet {setting}\s+[\d.]+{cells}{speed}$", out, re.M), out
+        # one round: the medians, no interval
+        assert re.search(rf"^Unet {setting}: scse [+-][\d.]+%; cbam [+-][\d.]+%$", out, re.M), out
+
+
+def test_median_interval_brackets_the_median_of_the_rounds() -> None:
+    values = [float(v) for v in range(100)]
+    random.Random(0).shuffle(values)
+    median, low, high = median_interval(values)
+    assert median == 49.5 and 35 < low < median < high < 65
+    assert median_interval([3.0] * 10) == (3.0, 3.0, 3.0)  # no spread: the interval is the point
+    median, low, high = median_interval([1.0, 2.0, 4.0])  # too few rounds for an interval
+    assert median == 2.0 and math.isnan(low) and math.isnan(high)
 
 
 def test_compile_gap_is_the_median_per_round_difference_of_what_the_attention_adds() -> None:

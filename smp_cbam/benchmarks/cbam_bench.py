@@ -256,6 +256,8 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
 
     ``cbam_plain`` is the formula (what CBAM ran under autocast before its fused path took
     autocast); the last column is none's autocast time over its fp32 time in the same round.
+    Below the table, SCSE's and CBAM's overheads with 95% intervals of their medians, by which
+    a target such as "CBAM adds <= 5%" holds or not beyond the rounds' noise.
     """
     dtype = amp_dtype(device)
     amp_name = str(dtype).removeprefix("torch.")
@@ -264,6 +266,7 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
         f"median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for inference)",
         f"{'setting':<30}{'none ms':>9}" + "".join(f"{t:>12}" for t in AMP_TYPES[1:]) + f"{'none amp/fp32':>15}",
     ]
+    intervals = [f"95% intervals of the median overheads (from {MIN_ROUNDS_FOR_INTERVAL} rounds):"]
     for label, make, setting_rounds in (
         ("train", train_step_fn, rounds),
         ("inference", infer_fn, INFERENCE_ROUNDS * rounds),
@@ -278,30 +281,55 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
                 fns["fp32"] = make(build_bench_model("Unet", "none"), batch, size, device)
             times = interleaved_times(fns, setting_rounds, device, warmup=1)
             speed = f"{paired_ratio(times, 'none', 'fp32'):15.2f}" if amp is not None else ""
+            setting = f"Unet {label} {amp_name + ' autocast' if amp else 'fp32'}"
             lines.append(
-                f"{'Unet ' + label + (' ' + amp_name + ' autocast' if amp else ' fp32'):<30}"
-                f"{statistics.median(times['none']) * 1e3:9.1f}"
+                f"{setting:<30}{statistics.median(times['none']) * 1e3:9.1f}"
                 + "".join(f"{100 * (paired_ratio(times, t, 'none') - 1):+11.1f}%" for t in AMP_TYPES[1:])
                 + speed
             )
-    return "\n".join(lines)
+            intervals.append(f"{setting}: {_overhead_cells(times, ('scse', 'cbam'))}")
+    return "\n".join([*lines, *intervals])
+
+
+def _overhead_cells(times: dict[str, list[float]], names: Sequence[str]) -> str:
+    """Each of ``names``' overhead over ``none`` with its 95% interval (``median_interval`` of the
+    per-round ratios), as ``cbam +5.5% [+5.0, +6.1]``."""
+    cells = []
+    for name in names:
+        ratios = [100 * (a / b - 1) for a, b in zip(times[name], times["none"], strict=True)]
+        cells.append(f"{name} {_gap_cell(*median_interval(ratios), '%').replace(' %', '%')}")
+    return "; ".join(cells)
 
 
 COMPILE_TYPES = ("none", "scse", "cbam")
 MIN_ROUNDS_FOR_INTERVAL = 8  # below this, a bootstrap interval of a median over rounds means little
 
 
-def compile_gap(
-    times: dict[tuple[str, bool], list[float]], attention: str, confidence: float = 0.95, seed: int = 0
-) -> dict[str, float]:
+def median_interval(values: Sequence[float], confidence: float = 0.95, seed: int = 0) -> tuple[float, float, float]:
+    """The median of per-round ``values`` and a percentile bootstrap interval of it, ``(median, low,
+    high)``; the interval is NaN below ``MIN_ROUNDS_FOR_INTERVAL`` values."""
+    values = np.asarray(values, dtype=float)
+    median = float(np.median(values))
+    if len(values) < MIN_ROUNDS_FOR_INTERVAL:
+        return median, math.nan, math.nan
+    if np.ptp(values) == 0:  # scipy refuses a degenerate sample; its interval is the point
+        return median, median, median
+    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    result = stats.bootstrap(
+        (values,), np.median, confidence_level=confidence, method="percentile", **{rng_arg: np.random.default_rng(seed)}
+    )
+    return median, float(result.confidence_interval.low), float(result.confidence_interval.high)
+
+
+def compile_gap(times: dict[tuple[str, bool], list[float]], attention: str) -> dict[str, float]:
     """What ``attention`` adds compiled minus what it adds eager, per round, in two readings.
 
     ``times[attention, compiled]`` holds one time in seconds per interleaved round for each model,
     compiled and eager, ``none`` among them. Per round: ``ms``, the milliseconds ``attention`` adds
     over ``none`` compiled minus those it adds eager; ``points``, its share of ``none``'s time
-    compiled minus eager, in percentage points. Each is the median over rounds, with a percentile
-    bootstrap interval of that median (``ms_low``/``ms_high``, ``points_low``/``points_high``; NaN
-    below ``MIN_ROUNDS_FOR_INTERVAL`` rounds). Positive: the attention costs more compiled than eager.
+    compiled minus eager, in percentage points. Each is the median over rounds with a 95% interval
+    (``median_interval``: ``ms_low``/``ms_high``, ``points_low``/``points_high``). Positive: the
+    attention costs more compiled than eager.
     """
 
     def per_round(compiled: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -311,24 +339,9 @@ def compile_gap(
 
     ms_compiled, points_compiled = per_round(True)
     ms_eager, points_eager = per_round(False)
-    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
     out: dict[str, float] = {}
     for name, values in (("ms", ms_compiled - ms_eager), ("points", points_compiled - points_eager)):
-        median = float(np.median(values))
-        low = high = math.nan
-        if len(values) >= MIN_ROUNDS_FOR_INTERVAL:
-            if np.ptp(values) == 0:  # scipy refuses a degenerate sample; its interval is the point
-                low = high = median
-            else:
-                result = stats.bootstrap(
-                    (values,),
-                    np.median,
-                    confidence_level=confidence,
-                    method="percentile",
-                    **{rng_arg: np.random.default_rng(seed)},
-                )
-                low, high = float(result.confidence_interval.low), float(result.confidence_interval.high)
-        out[name], out[f"{name}_low"], out[f"{name}_high"] = median, low, high
+        out[name], out[f"{name}_low"], out[f"{name}_high"] = median_interval(values)
     return out
 
 
