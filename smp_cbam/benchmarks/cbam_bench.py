@@ -266,7 +266,7 @@ def amp_benchmark(rounds: int, device: torch.device, batch: int = 4, size: int =
         f"median over {rounds} interleaved rounds, {INFERENCE_ROUNDS * rounds} for inference)",
         f"{'setting':<30}{'none ms':>9}" + "".join(f"{t:>12}" for t in AMP_TYPES[1:]) + f"{'none amp/fp32':>15}",
     ]
-    intervals = [f"95% intervals of the median overheads (from {MIN_ROUNDS_FOR_INTERVAL} rounds):"]
+    intervals = [f"95% bootstrap intervals of the median overheads (none below {MIN_ROUNDS_FOR_INTERVAL} rounds):"]
     for label, make, setting_rounds in (
         ("train", train_step_fn, rounds),
         ("inference", infer_fn, INFERENCE_ROUNDS * rounds),
@@ -297,7 +297,7 @@ def _overhead_cells(times: dict[str, list[float]], names: Sequence[str]) -> str:
     cells = []
     for name in names:
         ratios = [100 * (a / b - 1) for a, b in zip(times[name], times["none"], strict=True)]
-        cells.append(f"{name} {_gap_cell(*median_interval(ratios), '%').replace(' %', '%')}")
+        cells.append(f"{name} {_gap_cell(*median_interval(ratios), '%')}")
     return "; ".join(cells)
 
 
@@ -346,8 +346,9 @@ def compile_gap(times: dict[tuple[str, bool], list[float]], attention: str) -> d
 
 
 def _gap_cell(value: float, low: float, high: float, unit: str) -> str:
+    """``+5.5% [+5.0, +6.1]`` for unit "%" (" ms": ``+0.8 ms [...]``); no interval where it is NaN."""
     interval = f" [{low:+.1f}, {high:+.1f}]" if not math.isnan(low) else ""
-    return f"{value:+.1f} {unit}{interval}"
+    return f"{value:+.1f}{unit}{interval}"
 
 
 def compile_benchmark(
@@ -397,8 +398,8 @@ def compile_benchmark(
             gap = compile_gap(times, attention)
             lines.append(
                 f"{label:<34}{attention} compiled minus eager: "
-                f"{_gap_cell(gap['ms'], gap['ms_low'], gap['ms_high'], 'ms')}, "
-                f"{_gap_cell(gap['points'], gap['points_low'], gap['points_high'], 'points')}"
+                f"{_gap_cell(gap['ms'], gap['ms_low'], gap['ms_high'], ' ms')}, "
+                f"{_gap_cell(gap['points'], gap['points_low'], gap['points_high'], ' points')}"
             )
     return "\n".join(lines)
 
