@@ -10,7 +10,6 @@ import argparse
 import ctypes
 import functools
 import gc
-import inspect
 import math
 import random
 import statistics
@@ -31,6 +30,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..attention import CBAM
+from ..report.stats import bootstrap_rng
 from ..training.malloc import keep_heap
 
 MODULE_SHAPES = ((8, 64, 128, 128), (8, 256, 32, 32), (4, 16, 256, 256))
@@ -314,9 +314,8 @@ def median_interval(values: Sequence[float], confidence: float = 0.95, seed: int
         return median, math.nan, math.nan
     if np.ptp(values) == 0:  # scipy refuses a degenerate sample; its interval is the point
         return median, median, median
-    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
     result = stats.bootstrap(
-        (values,), np.median, confidence_level=confidence, method="percentile", **{rng_arg: np.random.default_rng(seed)}
+        (values,), np.median, confidence_level=confidence, method="percentile", **bootstrap_rng(seed)
     )
     return median, float(result.confidence_interval.low), float(result.confidence_interval.high)
 

@@ -110,6 +110,13 @@ def mean_miou_difference(counts_a: np.ndarray, counts_b: np.ndarray, weights: np
     return (diffs[0] - diffs[1]).mean(axis=-1)
 
 
+def bootstrap_rng(seed: int) -> dict[str, np.random.Generator]:
+    """``scipy.stats.bootstrap``'s generator argument for ``seed``: ``rng`` in scipy >= 1.15,
+    ``random_state`` before."""
+    name = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
+    return {name: np.random.default_rng(seed)}
+
+
 def image_bootstrap(
     counts_a: np.ndarray,
     counts_b: np.ndarray,
@@ -137,7 +144,6 @@ def image_bootstrap(
         idx = np.moveaxis(np.asarray(idx), axis, -1)
         return mean_miou_difference(counts_a, counts_b, _resample_weights(idx, n))
 
-    rng_arg = "rng" if "rng" in inspect.signature(stats.bootstrap).parameters else "random_state"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a degenerate distribution (identical arms) is a valid answer here
         result = stats.bootstrap(
@@ -148,7 +154,7 @@ def image_bootstrap(
             vectorized=True,
             confidence_level=confidence,
             method="percentile",
-            **{rng_arg: np.random.default_rng(seed)},
+            **bootstrap_rng(seed),
         )
     dist = np.asarray(result.bootstrap_distribution)
     finite = dist[np.isfinite(dist)]
