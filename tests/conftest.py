@@ -50,4 +50,5 @@ def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str
         assert kernels.available()
     else:
         monkeypatch.setattr(kernels, "available", lambda: False)
+        monkeypatch.setattr(kernels, "extension", lambda: None)
     return request.param

@@ -55,11 +55,23 @@ def _run(module: CBAM, x: torch.Tensor, grad: torch.Tensor, path: str | None = N
 
 
 def _spy_inference(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The no-grad paths a CBAM takes from now on, by name, in call order."""
+    """The no-grad paths a CBAM takes from now on, by name, in call order: "kernel_infer" for the
+    kernels (through their eager binding, ``eager_infer``, or their operator), "fused_infer"."""
     calls: list[str] = []
-    for name in ("kernel_infer", "fused_infer"):
+    for name, label in (
+        ("eager_infer", "kernel_infer"),
+        ("kernel_infer", "kernel_infer"),
+        ("fused_infer", "fused_infer"),
+    ):
         original = getattr(cbam_fused, name)
-        monkeypatch.setattr(cbam_fused, name, lambda *a, _n=name, _f=original, **k: calls.append(_n) or _f(*a, **k))
+
+        def spy(*args: object, _label: str = label, _f: object = original, **kwargs: object) -> object:
+            out = _f(*args, **kwargs)
+            if out is not None:  # eager_infer's None: it did not take the call
+                calls.append(_label)
+            return out
+
+        monkeypatch.setattr(cbam_fused, name, spy)
     return calls
 
 

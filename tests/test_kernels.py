@@ -456,3 +456,136 @@ print("ok")
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.split()[-1] == "ok"
     assert any(p.name == "smp_cbam_cpu_default" for p in tmp_path.iterdir())
+
+
+# The eager binding (cbam_infer_eager, through cbam_fused.eager_infer): CBAM's no-grad call without
+# the dispatcher. It must take exactly what CBAM's chooser sends to the kernels, and leave to the
+# operator's path whatever a mode or a transform has to see.
+
+
+def _binding_cases() -> dict[str, tuple[torch.Tensor, str | None]]:
+    """Input for an 8-channel CBAM, each with the autocast it runs under (None: none)."""
+    x = torch.randn(2, 8, 5, 6)
+    return {
+        "float32": (x, None),
+        "float64": (x.double(), None),
+        "channels_last": (x.contiguous(memory_format=torch.channels_last), None),
+        "float32 under autocast": (x, "cpu"),
+        "bfloat16 under autocast": (x.bfloat16(), "cpu"),
+        "bfloat16 outside autocast": (x.bfloat16(), None),
+        "float16": (x.half(), None),
+        "neither layout": (x.transpose(2, 3), None),
+        "empty": (x[:0], None),
+        "3-d": (x[0], None),
+        "meta": (x.to("meta"), None),
+        "other channels": (torch.randn(2, 4, 5, 6), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_binding_cases()))
+@pytest.mark.parametrize("grad", ["no_grad", "inference_mode"])
+def test_eager_binding_takes_what_the_chooser_sends_to_the_kernels(case: str, grad: str) -> None:
+    from smp_cbam.attention import cbam_fused
+
+    assert kernels.available()
+    torch.manual_seed(0)
+    module = CBAM(8, reduction=2, mlp_bias=True).eval()
+    x, autocast = _binding_cases()[case]
+    context = torch.no_grad() if grad == "no_grad" else torch.inference_mode()
+    with context, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+        x = x.clone()
+        if x.dtype == torch.float64:
+            module.double()
+        out = cbam_fused.eager_infer(module, module.channel, module.spatial, x)
+        chosen = module._choose(x, False) == "kernels" and x.dim() == 4 and x.shape[1] == 8
+        assert (out is not None) == chosen, case
+        if out is not None:
+            # the same kernels as the operator's path, bit for bit
+            torch.testing.assert_close(
+                out, kernels.cbam_infer(x, *_params(module), 1.0, 0.0, False, False), rtol=0, atol=0
+            )
+            assert out.stride() == x.stride()
+            module.impl = "fused"
+            torch.testing.assert_close(out, module(x), rtol=2e-2 if x.dtype == torch.bfloat16 else 1e-5, atol=1e-2)
+
+
+def _params(module: CBAM) -> list[torch.Tensor | None]:
+    first, _, second = module.channel.mlp
+    conv = module.spatial.conv
+    return [first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias]
+
+
+def test_eager_binding_declines_a_gradient_and_other_parameters() -> None:
+    assert kernels.available()
+    module = CBAM(8, reduction=2).eval()
+    binding = kernels.extension()
+    x = torch.randn(2, 8, 5, 6)
+    params = _params(module)
+    with torch.enable_grad():
+        assert binding.cbam_infer_eager(x, *params, 1.0, 0.0, False, False) is None  # parameters learn
+        detached = [p if p is None else p.detach() for p in params]
+        assert binding.cbam_infer_eager(x.requires_grad_(), *detached, 1.0, 0.0, False, False) is None
+        assert binding.cbam_infer_eager(x.detach(), *detached, 1.0, 0.0, False, False) is not None
+    with torch.no_grad():
+        assert (
+            binding.cbam_infer_eager(x, *[p if p is None else p.double() for p in params], 1.0, 0.0, False, False)
+            is None
+        )
+        # a channels_last spatial weight (a model moved to that layout) is taken as it is
+        cl = [*params[:4], params[4].contiguous(memory_format=torch.channels_last), params[5]]
+        torch.testing.assert_close(
+            binding.cbam_infer_eager(x, *cl, 1.0, 0.0, False, False), module.forward_reference(x)
+        )
+
+
+def test_eager_binding_writes_in_place_and_shows_in_the_profiler() -> None:
+    assert kernels.available()
+    module = CBAM(8, reduction=2, inplace=True).eval()
+    x = torch.randn(2, 8, 5, 6)
+    with torch.no_grad():
+        expected = module.forward_reference(x.clone())
+        version = x._version
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+            out = module(x)
+    assert out is x and x._version == version + 1
+    torch.testing.assert_close(out, expected)
+    assert "smp_cbam_cpu::cbam_infer" in {event.name for event in profiler.events()}
+
+
+def test_modes_and_transforms_see_the_operators_not_the_binding() -> None:
+    """A dispatch or function mode (a FLOP counter, a debug mode) sees the operator's path, and a
+    parametrized weight, computed on access, is read as such."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from smp_cbam.attention import cbam_fused
+
+    assert kernels.available()
+    torch.manual_seed(0)
+    module = CBAM(8, reduction=2).eval()
+    x = torch.randn(2, 8, 5, 6)
+    seen: list[str] = []
+
+    class Dispatch(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    class Function(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            seen.append(getattr(func, "__name__", str(func)))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad():
+        expected = module.forward_reference(x)
+        for mode in (Dispatch(), Function()):
+            seen.clear()
+            with mode:
+                assert cbam_fused.eager_infer(module, module.channel, module.spatial, x) is None
+                torch.testing.assert_close(module(x), expected)
+            assert seen, type(mode).__name__
+        torch.nn.utils.parametrizations.weight_norm(module.spatial.conv)
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-6)
+        module.spatial.conv.parametrizations.weight.original0.mul_(2)  # the magnitude: the weight doubles
+        torch.testing.assert_close(module(x), module.forward_reference(x))
+        assert not torch.allclose(module(x), expected)

@@ -72,8 +72,15 @@ def test_channels_last_inference_takes_the_kernels(autocast: bool, monkeypatch: 
     # the no-grad kernel reads channels_last as it is (training: test_channels_last_training_...)
     module = _module(residual=True).eval()
     calls = []
-    infer = cbam_fused.kernel_infer
-    monkeypatch.setattr(cbam_fused, "kernel_infer", lambda *args: calls.append(args[3].stride()) or infer(*args))
+    infer = cbam_fused.eager_infer
+
+    def spy(*args: object) -> torch.Tensor | None:
+        out = infer(*args)
+        if out is not None:
+            calls.append(args[3].stride())
+        return out
+
+    monkeypatch.setattr(cbam_fused, "eager_infer", spy)
     x = torch.randn(2, 16, 5, 4).contiguous(memory_format=torch.channels_last)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         out = module(x.bfloat16() if autocast else x)

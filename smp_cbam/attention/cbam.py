@@ -188,7 +188,7 @@ class SpatialAttention(nn.Module):
     def _affine(self) -> tuple[float, float] | None:
         """``(a, b)`` with ``bn(z) == a * z + b``; None where the BatchNorm normalizes with batch
         statistics (training mode, or no running statistics)."""
-        bn = _fetch(self, "bn")
+        bn = self._modules["bn"]
         if isinstance(bn, nn.Identity):
             return 1.0, 0.0
         if bn.training or bn.running_var is None:
@@ -307,7 +307,8 @@ class CBAM(nn.Module):
     def _forward_fused(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             return self._forward_captured(x)
-        channel, spatial = _fetch(self, "channel"), _fetch(self, "spatial")
+        modules = self._modules  # submodules are always here (nn.Module.__getattr__ is a Python call)
+        channel, spatial = modules["channel"], modules["spatial"]
         if (
             type(x) is not torch.Tensor
             or channel._forward_hooks
@@ -316,19 +317,25 @@ class CBAM(nn.Module):
             or spatial._forward_pre_hooks
         ):
             return self.forward_reference(x)
-        training = torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
+        grad = torch.is_grad_enabled()
+        if not grad and self.impl != "fused":  # the common no-grad call first, in as few steps as it takes
+            out = cbam_fused.eager_infer(self, channel, spatial, x)
+            if out is not None:
+                return out
+        training = grad and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
         impl = self._choose(x, training)
         if impl == "reference":
             return self.forward_reference(x)
-        check_channels(x, channel.in_channels)
+        if x.size(1) != channel.in_channels:  # (x is 4-D here)
+            check_channels(x, channel.in_channels)
         use_kernels = impl == "kernels"
         if training:
             return cbam_fused.training_function(self, use_kernels).apply(x, self, *self.parameters())
         if use_kernels:
+            # what eager_infer did not take: the first call (before the build), a mode or transform
             affine = spatial._affine()
             if affine is not None:  # else the BatchNorm normalizes with batch statistics
                 return cbam_fused.kernel_infer(self, channel, spatial, x, affine)
-        if use_kernels:
             with torch.no_grad():
                 return cbam_fused.kernel_forward(self, x, track=False).out
         return cbam_fused.fused_infer(self, x)
@@ -374,7 +381,8 @@ class CBAM(nn.Module):
     @torch.jit.unused
     def _choose(self, x: torch.Tensor, training: bool) -> str:
         """The implementation for ``x`` (``training``: with a gradient to record) by the class
-        docstring's table, the one place that decides.
+        docstring's table, the one place that decides (``cbam_fused.eager_infer``, tried first
+        for no-grad calls, takes only what this sends to the kernels; the tests check that).
         Each property of ``x`` is read once: in a network, with cold caches, every call into torch
         costs microseconds."""
         wanted = self.impl
@@ -433,14 +441,14 @@ def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> 
     The build is asked for last: never for input the kernels would not take."""
     if x.device.type != "cpu":
         return f"{x.device.type} input"
-    refusal = _dtype_refusal(x, _fetch(_fetch(_fetch(cbam, "spatial"), "conv"), "weight"))
+    spatial = cbam._modules["spatial"]
+    refusal = _dtype_refusal(x, _fetch(spatial._modules["conv"], "weight"))
     if refusal is not None:
         return refusal
     if not nchw:
-        spatial = _fetch(cbam, "spatial")
         # a spatial BatchNorm on batch statistics needs the whole map before its sigmoid: the
         # kernels then run as separate passes, which read NCHW
-        if (training and not isinstance(_fetch(spatial, "bn"), nn.Identity)) or (
+        if (training and not isinstance(spatial._modules["bn"], nn.Identity)) or (
             not training and spatial._affine() is None
         ):
             return "channels_last input with a spatial BatchNorm in training or on batch statistics"

@@ -3,7 +3,9 @@
 
 ``FusedCBAM`` and ``fused_forward`` use eager torch ops (any device); ``KernelCBAM``,
 ``KernelBatchNormCBAM`` and ``kernel_infer`` the compiled CPU kernels (``kernels``). ``CBAM``
-chooses among them (``CBAM._choose``); nothing here checks whether its input suits it.
+chooses among them (``CBAM._choose``); nothing here checks whether its input suits it, except
+``eager_infer``, the no-grad call that ``CBAM`` tries first, whose binding takes only what
+``CBAM._choose`` would send to the kernels (the tests check that the two agree).
 """
 
 from __future__ import annotations
@@ -265,16 +267,42 @@ def _kernel_forward(cbam: CBAM, x: torch.Tensor, track: bool) -> GateState:
 def kernel_infer(
     cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor, affine: tuple[float, float]
 ) -> torch.Tensor:
-    """The no-grad forward in one call and two passes over ``x``: its channel pool, then
-    ``attend``, which pools over channels, convolves and scales row blocks while they are in cache
-    (over ``x`` itself if inplace). ``affine``: the spatial BatchNorm as ``a z + b``
-    (``SpatialAttention._affine``)."""
-    first, _, second = fetch(channel, "mlp")
-    conv = fetch(spatial, "conv")
-    return kernels.cbam_infer(
-        x, fetch(first, "weight"), fetch(first, "bias"), fetch(second, "weight"), fetch(second, "bias"),
-        fetch(conv, "weight"), fetch(conv, "bias"), *affine, cbam.residual, cbam.inplace,
-    )  # fmt: skip
+    """The no-grad forward in one call of the kernels' operator and two passes over ``x``: its
+    channel pool, then ``attend``, which pools over channels, convolves and scales row blocks while
+    they are in cache (over ``x`` itself if inplace). ``affine``: the spatial BatchNorm as
+    ``a z + b`` (``SpatialAttention._affine``)."""
+    return kernels.cbam_infer(x, *infer_params(channel, spatial), *affine, cbam.residual, cbam.inplace)
+
+
+def eager_infer(
+    cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor
+) -> torch.Tensor | None:
+    """``kernel_infer`` through the kernels' direct binding (``cbam_infer_eager``), which skips the
+    dispatcher; None where the binding does not take the call (a gradient to record, input the
+    kernels do not take, a mode or transform that needs the dispatcher, the kernels not built yet)
+    or the spatial BatchNorm normalizes with batch statistics: CBAM then chooses as for any input.
+    Each step here runs between a network's large ops, with cold caches, hence the few of them."""
+    module = kernels.extension()
+    if module is None:
+        return None
+    bn = spatial._modules["bn"]
+    affine = (1.0, 0.0) if type(bn) is nn.Identity else spatial._affine()  # bn(z) = a z + b
+    if affine is None:
+        return None
+    return module.cbam_infer_eager(x, *infer_params(channel, spatial), *affine, cbam.residual, cbam.inplace)
+
+
+def infer_params(channel: ChannelAttention, spatial: SpatialAttention) -> tuple[torch.Tensor | None, ...]:
+    """The kernels' parameters: the MLP's weights and biases, then the spatial convolution's (None
+    for an absent bias), read from the layers' tables, or through ``getattr`` where one is computed
+    on access (a parametrization, weight norm), as ``fetch`` reads them."""
+    mlp = channel._modules["mlp"]._modules
+    first, second, conv = mlp["0"], mlp["2"], spatial._modules["conv"]
+    try:
+        p1, p2, p3 = first._parameters, second._parameters, conv._parameters
+        return p1["weight"], p1["bias"], p2["weight"], p2["bias"], p3["weight"], p3["bias"]
+    except KeyError:
+        return tuple(getattr(layer, name) for layer in (first, second, conv) for name in ("weight", "bias"))
 
 
 def training_function(cbam: CBAM, use_kernels: bool) -> type[torch.autograd.Function]:

@@ -1,7 +1,8 @@
 """Fused CPU kernels of the fast CBAM (``csrc/cbam_cpu.cpp``), built on first use.
 
 PyTorch's ``cpp_extension`` compiles them once per machine (cached under ``TORCH_EXTENSIONS_DIR``
-or ``~/.cache/torch_extensions``) and registers ``torch.ops.smp_cbam_cpu``. Without a working C++
+or ``~/.cache/torch_extensions``) into a Python module that registers ``torch.ops.smp_cbam_cpu``
+and binds one function directly, the no-grad forward for eager mode (``extension()``). Without a working C++
 compiler a warning is given and CBAM's ``impl="auto"`` runs its eager fused path instead;
 ``SMP_CBAM_KERNELS=0`` skips the build. CBAM asks for the build only for input the kernels take
 (NCHW- or channels_last-contiguous float32/float64 CPU tensors, bfloat16 ones under CPU autocast),
@@ -20,6 +21,7 @@ import shutil
 import threading
 import warnings
 from pathlib import Path
+from types import ModuleType
 from typing import NamedTuple
 
 import torch
@@ -35,10 +37,10 @@ ARCH_FLAGS = {
 
 logger = logging.getLogger(__name__)
 _lock = threading.Lock()
-_state: dict[str, bool] = {}
+_state: dict[str, object] = {}  # "ok": the build's outcome; "module": the built module
 
 
-def _build() -> None:
+def _build() -> ModuleType:
     capability = torch.backends.cpu.get_cpu_capability()
     if shutil.which("ninja") is None:  # the ninja wheel's binary, when its venv is not on PATH
         import ninja
@@ -47,11 +49,11 @@ def _build() -> None:
     logger.info("building smp_cbam's CPU kernels (once per machine)")
     from torch.utils.cpp_extension import load
 
-    load(
+    return load(
         name=f"smp_cbam_cpu_{capability.lower()}",
         sources=[str(SOURCE)],
         extra_cflags=["-O3", "-ffp-contract=off", *_capability_flags(capability)],
-        is_python_module=False,
+        is_python_module=True,
     )
 
 
@@ -70,11 +72,17 @@ def available() -> bool:
     return _state["ok"]
 
 
+def extension() -> ModuleType | None:
+    """The built kernels' module (its ``cbam_infer_eager``), or None where ``available()`` has not
+    built them (it never builds: CBAM calls it on every forward, before it knows the input's device)."""
+    return _state.get("module")
+
+
 def _load() -> bool:
     if os.environ.get("SMP_CBAM_KERNELS", "1") == "0":
         return False
     try:
-        _build()
+        module = _build()
     except Exception as error:  # noqa: BLE001 - any build failure means: use the eager path
         warnings.warn(
             f"smp_cbam: could not build the CPU kernels from {SOURCE} ({error}); "
@@ -83,6 +91,7 @@ def _load() -> bool:
             stacklevel=3,
         )
         return False
+    _state["module"] = module
     return True
 
 
@@ -187,7 +196,7 @@ def cbam_infer(
 ) -> torch.Tensor:  # fmt: skip
     """The no-grad forward with ``s = sigmoid(a (conv(P) + bias) + b)``; into ``x`` with inplace.
     ``x`` NCHW- or channels_last-contiguous; the output has its layout."""
-    return _ops().cbam_infer(x, *_small(w1, b1, w2, b2, weight, bias), a, b, residual, inplace)
+    return _ops().cbam_infer(x, w1, b1, w2, b2, weight, bias, a, b, residual, inplace)
 
 
 def cbam_train(
@@ -196,7 +205,7 @@ def cbam_train(
 ) -> TrainForward:  # fmt: skip
     """The training forward of a CBAM without spatial BatchNorm; ``x`` NCHW- or
     channels_last-contiguous, the output in its layout."""
-    return TrainForward(*_ops().cbam_train(x, *_small(w1, b1, w2, b2, weight, bias), residual))
+    return TrainForward(*_ops().cbam_train(x, w1, b1, w2, b2, weight, bias, residual))
 
 
 def cbam_backward(
@@ -205,13 +214,6 @@ def cbam_backward(
 ) -> TrainGrads:  # fmt: skip
     """``cbam_train``'s gradients for ``grad`` = dL/dout (any layout); dL/dx in ``x``'s layout."""
     return TrainGrads(*_ops().cbam_backward(
-        grad, x, *_small(saved.descriptors, saved.hidden, saved.channel_gate, saved.channel_index,
-                         saved.spatial_gate, saved.pooled, w1, w2, weight), residual, with_input_grad,
+        grad, x, saved.descriptors, saved.hidden, saved.channel_gate, saved.channel_index,
+        saved.spatial_gate, saved.pooled, w1, w2, weight, residual, with_input_grad,
     ))  # fmt: skip
-
-
-def _small(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """The parameters and gates, contiguous as the kernels read them: a model moved to channels_last
-    (``model.to(memory_format=...)``) has a channels_last spatial weight, and under ``torch.compile``
-    inductor may choose any input's strides (the operators are ``flexible_layout``)."""
-    return [t if t is None else t.contiguous() for t in tensors]

@@ -19,7 +19,9 @@ ADInplaceOrView kernel, alias checks, an autograd kernel), and a compiled Unet c
 through a Python autograd kernel.
 
 CBAM calls these where a graph is being captured (``CBAM._forward_captured``); eager code calls
-the kernels directly, which skips the dispatch to Python altogether.
+the kernels' operators (``smp_cbam_cpu``) directly, which skips the dispatch to Python altogether,
+and a no-grad forward goes through their pybind11 binding (``cbam_fused.eager_infer``), which skips
+the dispatcher too.
 """
 
 import torch

@@ -13,15 +13,20 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/PythonTorchFunctionTLS.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
+#include <ATen/record_function.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <torch/csrc/utils/pybind.h>  // pybind11 with the Tensor type casters
 #include <torch/library.h>
 
 #include <algorithm>
 #include <limits>
 #include <optional>
 #include <tuple>
-#include <type_traits>
 #include <type_traits>
 #include <vector>
 
@@ -1185,10 +1190,20 @@ ChannelGate channel_gate(const at::Tensor& x, const at::Tensor& w1, const std::o
   return {descriptors, hidden, g, idx};
 }
 
+// The small operands (parameters, gates, descriptors) as the passes read them, contiguous: a model
+// moved to channels_last has a channels_last spatial weight, and inductor may lay out a compiled
+// graph's inputs any way (the operators are flexible_layout). Done here, where it is free for
+// contiguous ones, rather than by the Python caller, where every call between a network's large ops
+// costs microseconds with cold caches.
+at::Tensor dense(const at::Tensor& t) { return t.contiguous(); }
+std::optional<at::Tensor> dense(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+
 // What cbam_infer and cbam_train take, else an error naming the function: x a non-empty
 // contiguous float32/float64/bfloat16 CPU tensor (N, C, H, W) (or channels_last-contiguous, where
 // channels_last is set) with C = w2's rows, the parameters
-// contiguous CPU tensors of x's compute type (float32 for bfloat16 x, as under autocast).
+// contiguous CPU tensors of x's compute type (float32 for bfloat16 x, as under autocast; dense).
 void check_call(const char* name, const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
                 const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
                 const std::optional<at::Tensor>& bias, bool channels_last = false) {
@@ -1368,9 +1383,11 @@ ForwardChannelsLast forward_channels_last(const at::Tensor& x, const at::Tensor&
 // into x itself with inplace (its version bumped, as by any in-place op). The caller
 // (CBAM's implementation selector) sends only what this takes (check_call); anything else is an
 // error here, never a silent other path.
-at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1,
-                      const at::Tensor& w2, const std::optional<at::Tensor>& b2, const at::Tensor& weight,
-                      const std::optional<at::Tensor>& bias, double a, double b, bool residual, bool inplace) {
+at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1_, const std::optional<at::Tensor>& b1_,
+                      const at::Tensor& w2_, const std::optional<at::Tensor>& b2_, const at::Tensor& weight_,
+                      const std::optional<at::Tensor>& bias_, double a, double b, bool residual, bool inplace) {
+  const auto w1 = dense(w1_), w2 = dense(w2_), weight = dense(weight_);
+  const auto b1 = dense(b1_), b2 = dense(b2_), bias = dense(bias_);
   check_call("cbam_infer", x, w1, b1, w2, b2, weight, bias, true);
   const double shift = a * (bias ? bias->item<double>() : 0.0) + b;
   const at::Tensor out = inplace ? x : at::empty_like(x);  // of x's layout
@@ -1383,12 +1400,66 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1, const std::opti
   return out;
 }
 
+// A dense CPU tensor and nothing else: no keys beyond an ordinary tensor's (a functorch wrapper, a
+// functional or Python subclass tensor, conjugate or negative views carry more).
+bool plain(const at::Tensor& t) {
+  static const c10::DispatchKeySet ordinary = at::empty({0}).key_set();
+  return t.device().is_cpu() && t.layout() == at::kStrided && ordinary.isSupersetOf(t.key_set());
+}
+
+// Whether cbam_infer_eager takes the call: what CBAM._choose sends to the kernels for a no-grad
+// forward (the tests check that the two agree on every kind of input), with everything a mode or a
+// transform would need the dispatcher for left to the operator's path.
+bool eager_takes(const at::Tensor& x, std::initializer_list<const at::Tensor*> params, const at::Tensor& w2) {
+  if (!x.defined() || !plain(x) || x.dim() != 4 || x.numel() == 0 || x.size(1) != w2.size(0)) return false;
+  if (!(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast))) return false;
+  // keys switched on for every call (functorch's transforms and Python modes add theirs)
+  static const c10::DispatchKeySet always{c10::DispatchKey::BackendSelect, c10::DispatchKey::ADInplaceOrView};
+  if (at::impl::torch_function_mode_enabled() || c10::impl::TorchDispatchModeTLS::any_modes_set() ||
+      !always.isSupersetOf(c10::impl::tls_local_dispatch_key_set().included_)) {
+    return false;
+  }
+  const auto type = x.scalar_type();
+  if (type == at::kBFloat16) {
+    if (!at::autocast::is_autocast_enabled(at::kCPU)) return false;  // the formula's error outside autocast
+  } else if (type != at::kFloat && type != at::kDouble) {
+    return false;
+  }
+  const bool grad = at::GradMode::is_enabled();
+  if (grad && x.requires_grad()) return false;
+  for (const at::Tensor* p : params) {
+    if (!p->defined()) continue;  // an absent bias
+    if (!plain(*p) || p->scalar_type() != at::toOpMathType(type) || (grad && p->requires_grad())) return false;
+  }
+  return true;
+}
+
+// The no-grad forward for eager mode, bound to Python directly (pybind11, below) rather than
+// through the dispatcher: CBAM calls it between a network's large ops, where with cold caches the
+// operator's path (schema matching, dispatch) and Python's own checks of the input cost tens of
+// microseconds per call. Returns nothing where it does not take the call (eager_takes); the caller
+// then chooses as for any input. The profiler still sees it under the operator's name.
+std::optional<at::Tensor> cbam_infer_eager(const at::Tensor& x, const at::Tensor& w1,
+                                           const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                           const std::optional<at::Tensor>& b2, const at::Tensor& weight,
+                                           const std::optional<at::Tensor>& bias, double a, double b, bool residual,
+                                           bool inplace) {
+  const at::Tensor none;
+  if (!eager_takes(x, {&w1, b1 ? &*b1 : &none, &w2, b2 ? &*b2 : &none, &weight, bias ? &*bias : &none}, w2)) {
+    return std::nullopt;
+  }
+  RECORD_FUNCTION("smp_cbam_cpu::cbam_infer", std::vector<c10::IValue>());
+  return cbam_infer(x, w1, b1, w2, b2, weight, bias, a, b, residual, inplace);
+}
+
 // The training forward of a CBAM without spatial BatchNorm (s = sigmoid(conv(P) + bias)): the
 // passes of cbam_infer into a new tensor, returning with it what cbam_backward needs.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> cbam_train(
-    const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-    const std::optional<at::Tensor>& b2, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+    const at::Tensor& x, const at::Tensor& w1_, const std::optional<at::Tensor>& b1_, const at::Tensor& w2_,
+    const std::optional<at::Tensor>& b2_, const at::Tensor& weight_, const std::optional<at::Tensor>& bias_,
     bool residual) {
+  const auto w1 = dense(w1_), w2 = dense(w2_), weight = dense(weight_);
+  const auto b1 = dense(b1_), b2 = dense(b2_), bias = dense(bias_);
   check_call("cbam_train", x, w1, b1, w2, b2, weight, bias, true);
   const double shift = bias ? bias->item<double>() : 0.0;
   auto out = at::empty_like(x);  // of x's layout
@@ -1833,11 +1904,13 @@ std::vector<at::Tensor> backward_channels_last(const at::Tensor& grad, const at:
 //   dL/dg += (through P)
 //   dL/dS = dL/dg g (1 - g), the same for Z_avg and Z_max; the MLP's layers backwards by hand
 //   dL/dx                                       input_grad
-std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors,
-                                      const at::Tensor& hidden, const at::Tensor& g, const at::Tensor& idx_c,
-                                      const at::Tensor& s, const at::Tensor& pooled, const at::Tensor& w1,
-                                      const at::Tensor& w2, const at::Tensor& weight, bool residual,
+std::vector<at::Tensor> cbam_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& descriptors_,
+                                      const at::Tensor& hidden_, const at::Tensor& g_, const at::Tensor& idx_c_,
+                                      const at::Tensor& s_, const at::Tensor& pooled_, const at::Tensor& w1_,
+                                      const at::Tensor& w2_, const at::Tensor& weight_, bool residual,
                                       bool with_input_grad) {
+  const auto descriptors = dense(descriptors_), hidden = dense(hidden_), g = dense(g_), idx_c = dense(idx_c_);
+  const auto s = dense(s_), pooled = dense(pooled_), w1 = dense(w1_), w2 = dense(w2_), weight = dense(weight_);
   if (x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)) {
     return backward_channels_last(grad, x, descriptors, hidden, g, idx_c, s, pooled, w1, w2, weight, residual,
                                   with_input_grad);
@@ -1876,4 +1949,11 @@ TORCH_LIBRARY(smp_cbam_cpu, m) {
   m.def("cbam_infer(Tensor(a!) x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor weight, Tensor? bias, "
         "float a, float b, bool residual, bool inplace) -> Tensor",
         &cbam_infer);
+}
+
+// The eager binding, with the GIL released while the kernels run (as the dispatcher's Python
+// binding releases it); the module also registers the operators above when imported.
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cbam_infer_eager", &cbam_infer_eager, pybind11::call_guard<pybind11::gil_scoped_release>(),
+        "CBAM's no-grad forward where the kernels take it, else None");
 }
