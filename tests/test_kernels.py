@@ -88,6 +88,25 @@ def test_spatial_pool_and_gate_grads(ops: object, shape: tuple[int, ...], dtype:
     _close(d_g, (grad * x * s[:, None]).sum(dim=2))
 
 
+@pytest.mark.parametrize("c", [3, 4, 9])  # channels one at a time, four at a time, both
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spatial_pool_max_keeps_nan_like_torch(ops: object, c: int, dtype: torch.dtype) -> None:
+    """A NaN among y = x g is the max, in a vector lane or the tail, in the first or a later
+    channel, from x itself or from inf * 0; inf and -inf without a NaN give inf."""
+    n, hw = 2, 37
+    x = torch.randn(n, c, hw).to(dtype)
+    g = torch.rand(n, c, dtype=_acc(dtype)) + 0.1
+    x[0, 0, 3] = float("nan")  # first channel, a vector lane
+    x[0, c - 1, 35] = float("nan")  # last channel, the tail
+    x[1, c // 2, 5] = float("inf")
+    g[1, c // 2] = 0  # inf * 0 = NaN in y only
+    x[1, 0, 20], x[1, c - 1, 20] = float("inf"), -float("inf")  # the sum NaN, the max inf
+    y = x.to(_acc(dtype)) * g[:, :, None]
+    pooled = ops.spatial_pool(x, g)
+    torch.testing.assert_close(pooled[:, 1], y.max(dim=1).values, equal_nan=True, rtol=0, atol=0)
+    assert pooled[1, 1, 20] == float("inf") and pooled[0, 1, 3].isnan() and pooled[1, 1, 5].isnan()
+
+
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scale_rounds_like_the_formula(ops: object, residual: bool, dtype: torch.dtype) -> None:
