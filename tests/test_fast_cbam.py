@@ -152,7 +152,8 @@ def test_gradcheck_float64(kwargs: dict, fast_mode: bool, kernel: bool, channels
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    params = tuple(module.parameters())
+    # KernelCBAM takes the weights and biases as the kernels read them (None for an absent bias)
+    params = cbam_fused.infer_params(module.channel, module.spatial) if function is KernelCBAM else module.parameters()
     assert torch.autograd.gradcheck(lambda x, *p: function.apply(x, module, *p), (x, *params), fast_mode=fast_mode)
 
 

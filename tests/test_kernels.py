@@ -608,3 +608,44 @@ def test_modes_and_transforms_see_the_operators_not_the_binding() -> None:
         module.spatial.conv.parametrizations.weight.original0.mul_(2)  # the magnitude: the weight doubles
         torch.testing.assert_close(module(x), module.forward_reference(x))
         assert not torch.allclose(module(x), expected)
+
+
+@pytest.mark.parametrize("case", list(_binding_cases()))
+def test_training_binding_takes_what_the_chooser_sends_to_the_kernels(case: str) -> None:
+    """``cbam_takes`` (CBAM's first check for a call that records a gradient) against ``_choose``."""
+    from smp_cbam.attention import cbam_fused
+
+    assert kernels.available()
+    torch.manual_seed(0)
+    module = CBAM(8, reduction=2, mlp_bias=True)
+    x, autocast = _binding_cases()[case]
+    x = x.clone()
+    if x.dtype == torch.float64:
+        module.double()
+    if x.is_floating_point() and x.device.type == "cpu":
+        x.requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast is not None):
+        takes = kernels.extension().cbam_takes(x, *cbam_fused.infer_params(module.channel, module.spatial))
+        chosen = module._choose(x, True) == "kernels" and x.dim() == 4 and x.shape[1] == 8
+        assert takes == chosen, case
+        if takes:
+            out = cbam_fused.eager_train(module, module.channel, module.spatial, x)
+            assert type(out.grad_fn).__name__ == "KernelCBAMBackward"
+
+
+def test_training_reaches_a_parametrized_weight() -> None:
+    """The kernels' training function takes the weights as computed, so that the gradient flows on
+    into a parametrization's own parameters, as the formula's does."""
+    assert kernels.available()
+    torch.manual_seed(0)
+    module = CBAM(8, reduction=2, mlp_bias=True, residual=True).double()
+    torch.nn.utils.parametrizations.weight_norm(module.spatial.conv)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for impl in ("auto", "reference"):
+        module.impl = impl
+        out = module(x)
+        assert (type(out.grad_fn).__name__ == "KernelCBAMBackward") == (impl == "auto")
+        grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
+    for fast, plain in zip(*grads, strict=True):
+        torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)

@@ -318,8 +318,8 @@ class CBAM(nn.Module):
         ):
             return self.forward_reference(x)
         grad = torch.is_grad_enabled()
-        if not grad and self.impl != "fused":  # the common no-grad call first, in as few steps as it takes
-            out = cbam_fused.eager_infer(self, channel, spatial, x)
+        if self.impl != "fused":  # the common calls first, in as few steps as they take
+            out = (cbam_fused.eager_train if grad else cbam_fused.eager_infer)(self, channel, spatial, x)
             if out is not None:
                 return out
         training = grad and (x.requires_grad or any(p.requires_grad for p in self.parameters()))
@@ -330,7 +330,7 @@ class CBAM(nn.Module):
             check_channels(x, channel.in_channels)
         use_kernels = impl == "kernels"
         if training:
-            return cbam_fused.training_function(self, use_kernels).apply(x, self, *self.parameters())
+            return cbam_fused.train(self, x, use_kernels)
         if use_kernels:
             # what eager_infer did not take: the first call (before the build), a mode or transform
             affine = spatial._affine()

@@ -292,6 +292,22 @@ def eager_infer(
     return module.cbam_infer_eager(x, *infer_params(channel, spatial), *affine, cbam.residual, cbam.inplace)
 
 
+def eager_train(cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor) -> torch.Tensor | None:
+    """``KernelCBAM`` for a call with a gradient to record, decided by the kernels' binding
+    (``cbam_takes``, in C++) rather than by Python's checks of the input; None where it does not
+    take the call (input the kernels do not take, a mode or transform, a spatial BatchNorm, the
+    kernels not built yet, nothing that records a gradient): CBAM then chooses as for any input."""
+    module = kernels.extension()
+    if module is None or type(spatial._modules["bn"]) is not nn.Identity:
+        return None
+    params = infer_params(channel, spatial)
+    if not module.cbam_takes(x, *params):
+        return None
+    if not (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+        return None
+    return KernelCBAM.apply(x, cbam, *params)
+
+
 def infer_params(channel: ChannelAttention, spatial: SpatialAttention) -> tuple[torch.Tensor | None, ...]:
     """The kernels' parameters: the MLP's weights and biases, then the spatial convolution's (None
     for an absent bias), read from the layers' tables, or through ``getattr`` where one is computed
@@ -305,29 +321,30 @@ def infer_params(channel: ChannelAttention, spatial: SpatialAttention) -> tuple[
         return tuple(getattr(layer, name) for layer in (first, second, conv) for name in ("weight", "bias"))
 
 
-def training_function(cbam: CBAM, use_kernels: bool) -> type[torch.autograd.Function]:
+def train(cbam: CBAM, x: torch.Tensor, use_kernels: bool) -> torch.Tensor:
+    """The forward that records CBAM's gradient: the kernels' or the fused eager one."""
     if not use_kernels:
-        return FusedCBAM
-    return KernelCBAM if isinstance(cbam.spatial.bn, nn.Identity) else KernelBatchNormCBAM
+        return FusedCBAM.apply(x, cbam, *cbam.parameters())
+    if isinstance(cbam.spatial.bn, nn.Identity):
+        return KernelCBAM.apply(x, cbam, *infer_params(cbam.channel, cbam.spatial))
+    return KernelBatchNormCBAM.apply(x, cbam, *cbam.parameters())
 
 
 class KernelCBAM(torch.autograd.Function):
     """Training without spatial BatchNorm: one kernel call forward (``cbam_train``), one backward
-    (``cbam_backward``, which also differentiates the MLP and the convolution by hand)."""
+    (``cbam_backward``, which also differentiates the MLP and the convolution by hand).
+
+    Its inputs after ``x`` and the module: the MLP's and the convolution's weights and biases as
+    ``infer_params`` reads them (None for an absent bias; a parametrized weight as computed, so
+    that its gradient flows on through the parametrization)."""
 
     @staticmethod
-    def forward(ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, *params: torch.Tensor) -> torch.Tensor:
-        first, _, second = cbam.channel.mlp
-        conv = cbam.spatial.conv
-        saved = kernels.cbam_train(
-            x, first.weight, first.bias, second.weight, second.bias, conv.weight, conv.bias, cbam.residual
-        )
-        ctx.save_for_backward(x, *saved[1:], first.weight, second.weight, conv.weight)
-        # the kernel's gradients (TrainGrads fields) of the parameters, in cbam.parameters() order
-        ctx.names = ["w1", "b1", "w2", "b2", "weight", "bias"]
-        for name, layer in (("b1", first), ("b2", second), ("bias", conv)):
-            if layer.bias is None:
-                ctx.names.remove(name)
+    def forward(
+        ctx: FunctionCtx, x: torch.Tensor, cbam: CBAM, w1: torch.Tensor, b1: torch.Tensor | None,
+        w2: torch.Tensor, b2: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+    ) -> torch.Tensor:  # fmt: skip
+        saved = kernels.cbam_train(x, w1, b1, w2, b2, weight, bias, cbam.residual)
+        ctx.save_for_backward(x, *saved[1:], w1, w2, weight)
         ctx.residual = cbam.residual
         return saved.out
 
@@ -338,8 +355,8 @@ class KernelCBAM(torch.autograd.Function):
         x, *rest, w1, w2, weight = ctx.saved_tensors
         saved = kernels.TrainForward(None, *rest)
         grads = kernels.cbam_backward(grad, x, saved, w1, w2, weight, ctx.residual, needs_x)
-        needs = ctx.needs_input_grad[2:]
-        d_params = (getattr(grads, name) if need else None for name, need in zip(ctx.names, needs, strict=True))
+        # TrainGrads after x: w1, b1, w2, b2, weight, bias, the inputs' order after the module
+        d_params = (d if need else None for d, need in zip(grads[1:], ctx.needs_input_grad[2:], strict=True))
         return (grads.x if needs_x else None, None, *d_params)
 
 

@@ -1434,10 +1434,12 @@ bool plain(const at::Tensor& t) {
   return t.device().is_cpu() && t.layout() == at::kStrided && ordinary.isSupersetOf(t.key_set());
 }
 
-// Whether cbam_infer_eager takes the call: what CBAM._choose sends to the kernels for a no-grad
-// forward (the tests check that the two agree on every kind of input), with everything a mode or a
-// transform would need the dispatcher for left to the operator's path.
-bool eager_takes(const at::Tensor& x, std::initializer_list<const at::Tensor*> params, const at::Tensor& w2) {
+// Whether the kernels take the call: what CBAM._choose sends to them (the tests check that the two
+// agree on every kind of input), with everything a mode or a transform would need the dispatcher
+// for left to the operators' path. With no_grad, nothing may record a gradient (cbam_infer_eager);
+// without, the caller records one (CBAM's training function around cbam_train).
+bool eager_takes(const at::Tensor& x, std::initializer_list<const at::Tensor*> params, const at::Tensor& w2,
+                 bool no_grad) {
   if (!x.defined() || !plain(x) || x.dim() != 4 || x.numel() == 0 || x.size(1) != w2.size(0)) return false;
   if (!(x.is_contiguous() || x.is_contiguous(at::MemoryFormat::ChannelsLast))) return false;
   // keys switched on for every call (functorch's transforms and Python modes add theirs)
@@ -1452,7 +1454,7 @@ bool eager_takes(const at::Tensor& x, std::initializer_list<const at::Tensor*> p
   } else if (type != at::kFloat && type != at::kDouble) {
     return false;
   }
-  const bool grad = at::GradMode::is_enabled();
+  const bool grad = no_grad && at::GradMode::is_enabled();
   if (grad && x.requires_grad()) return false;
   for (const at::Tensor* p : params) {
     if (!p->defined()) continue;  // an absent bias
@@ -1472,7 +1474,7 @@ std::optional<at::Tensor> cbam_infer_eager(const at::Tensor& x, const at::Tensor
                                            const std::optional<at::Tensor>& bias, double a, double b, bool residual,
                                            bool inplace) {
   const at::Tensor none;
-  if (!eager_takes(x, {&w1, b1 ? &*b1 : &none, &w2, b2 ? &*b2 : &none, &weight, bias ? &*bias : &none}, w2)) {
+  if (!eager_takes(x, {&w1, b1 ? &*b1 : &none, &w2, b2 ? &*b2 : &none, &weight, bias ? &*bias : &none}, w2, true)) {
     return std::nullopt;
   }
   RECORD_FUNCTION("smp_cbam_cpu::cbam_infer", std::vector<c10::IValue>());
@@ -1983,4 +1985,13 @@ TORCH_LIBRARY(smp_cbam_cpu, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cbam_infer_eager", &cbam_infer_eager, pybind11::call_guard<pybind11::gil_scoped_release>(),
         "CBAM's no-grad forward where the kernels take it, else None");
+  m.def(
+      "cbam_takes",
+      [](const at::Tensor& x, const at::Tensor& w1, const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+         const std::optional<at::Tensor>& b2, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+        const at::Tensor none;
+        return eager_takes(x, {&w1, b1 ? &*b1 : &none, &w2, b2 ? &*b2 : &none, &weight, bias ? &*bias : &none}, w2,
+                           false);
+      },
+      "Whether the kernels take a training call (CBAM records the gradient around cbam_train)");
 }
