@@ -3,6 +3,7 @@
 
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -25,6 +26,16 @@ def _grads(module: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     x = x.detach().clone().requires_grad_()
     out = module(x)
     return [out.detach(), *torch.autograd.grad(out.square().sum(), [x, *module.parameters()])]
+
+
+def _spy_kernels(monkeypatch: pytest.MonkeyPatch, **wrappers: object) -> None:
+    """Wraps the kernels' functions that the operators' implementations call (``ops._cpu()``, the
+    built module): each wrapper takes the function and returns its stand-in."""
+    assert kernels.available()
+    module = kernels.extension()
+    names = ("cbam_infer", "cbam_train", "cbam_backward")
+    spy = SimpleNamespace(**{name: wrappers.get(name, lambda f: f)(getattr(module, name)) for name in names})
+    monkeypatch.setattr(ops, "_cpu", lambda: spy)
 
 
 class _Recorder:
@@ -264,8 +275,7 @@ def test_inductor_hands_the_inference_operator_its_channels_last_activations(
     # NCHW cost a copy into NCHW before every CBAM and one back after it
     model = _conv_cbam_conv().eval()
     layouts = []
-    infer = kernels.cbam_infer
-    monkeypatch.setattr(kernels, "cbam_infer", lambda x, *a: layouts.append(x.stride()) or infer(x, *a))
+    _spy_kernels(monkeypatch, cbam_infer=lambda f: lambda x, *a: layouts.append(x.stride()) or f(x, *a))
     x = torch.randn(2, 3, 16, 12)
     # no cache: a graph compiled before an edit of the operator's layout tag would be reused
     with torch.no_grad(), torch._inductor.config.patch(force_disable_caches=True):
@@ -284,9 +294,11 @@ def test_inductor_hands_the_training_operators_their_channels_last_activations(
     # as in inference: the forward and backward kernels get inductor's layout, no copies around them
     model = _conv_cbam_conv()
     layouts = []
-    train, backward = kernels.cbam_train, kernels.cbam_backward
-    monkeypatch.setattr(kernels, "cbam_train", lambda x, *a: layouts.append(x.stride()) or train(x, *a))
-    monkeypatch.setattr(kernels, "cbam_backward", lambda g, x, *a: layouts.append(x.stride()) or backward(g, x, *a))
+    _spy_kernels(
+        monkeypatch,
+        cbam_train=lambda f: lambda x, *a: layouts.append(x.stride()) or f(x, *a),
+        cbam_backward=lambda f: lambda g, x, *a: layouts.append(x.stride()) or f(g, x, *a),
+    )
     x = torch.randn(2, 3, 16, 12)
     expected = _grads(copy.deepcopy(model), x)
     layouts.clear()
@@ -333,8 +345,7 @@ def test_compiled_inplace_cbam_writes_over_its_activations(residual: bool, monke
         torch.testing.assert_close(torch.compile(model, fullgraph=True, backend=recorder)(x), expected)
         assert [t for t in recorder.targets if "smp_cbam" in str(t)] == [torch.ops.smp_cbam.cbam_infer_.default]
         written = []
-        infer = kernels.cbam_infer
-        monkeypatch.setattr(kernels, "cbam_infer", lambda x, *a: written.append((x.stride(), a[-1])) or infer(x, *a))
+        _spy_kernels(monkeypatch, cbam_infer=lambda f: lambda x, *a: written.append((x.stride(), a[-1])) or f(x, *a))
         with torch._inductor.config.patch(force_disable_caches=True):
             torch._dynamo.reset()
             out, (code, *_) = run_and_get_code(torch.compile(model, fullgraph=True), x)

@@ -292,7 +292,9 @@ def eager_infer(
     return module.cbam_infer_eager(x, *infer_params(channel, spatial), *affine, cbam.residual, cbam.inplace)
 
 
-def eager_train(cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor) -> torch.Tensor | None:
+def eager_train(
+    cbam: CBAM, channel: ChannelAttention, spatial: SpatialAttention, x: torch.Tensor
+) -> torch.Tensor | None:
     """``KernelCBAM`` for a call with a gradient to record, decided by the kernels' binding
     (``cbam_takes``, in C++) rather than by Python's checks of the input; None where it does not
     take the call (input the kernels do not take, a mode or transform, a spatial BatchNorm, the

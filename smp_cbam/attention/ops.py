@@ -24,15 +24,21 @@ and a no-grad forward goes through their pybind11 binding (``cbam_fused.eager_in
 the dispatcher too.
 """
 
+from types import ModuleType
+
 import torch
 from torch import Tensor
 
 from . import kernels
 
 
-def _cpu() -> None:
+def _cpu() -> ModuleType:
+    """The kernels' module, whose functions these implementations call directly: they run inside
+    the dispatcher already, and a compiled graph calls them between its large ops, where a second
+    trip through it (``torch.ops.smp_cbam_cpu``) costs tens of microseconds with cold caches."""
     if not kernels.available():
         raise RuntimeError("smp_cbam's CPU kernels are not built; CBAM only calls this operator where they are")
+    return kernels.extension()
 
 
 def _train_cpu(
@@ -40,8 +46,7 @@ def _train_cpu(
     residual: bool,
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """``kernels.cbam_train``: the output and what the backward needs (``kernels.TrainForward``)."""
-    _cpu()
-    return tuple(kernels.cbam_train(_layout(x), w1, b1, w2, b2, weight, bias, residual))
+    return tuple(_cpu().cbam_train(_layout(x), w1, b1, w2, b2, weight, bias, residual))
 
 
 def _train_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202 - the op's signature
@@ -65,9 +70,10 @@ def _backward_cpu(
 ) -> tuple[Tensor, ...]:  # fmt: skip
     """``kernels.cbam_backward``: ``kernels.TrainGrads`` (dx always computed here, in ``x``'s layout;
     ``grad`` in any)."""
-    _cpu()
-    saved = kernels.TrainForward(None, descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled)
-    return tuple(kernels.cbam_backward(grad, _layout(x), saved, w1, w2, weight, residual, True))
+    return tuple(_cpu().cbam_backward(
+        grad, _layout(x), descriptors, hidden, channel_gate, channel_index, spatial_gate, pooled, w1, w2, weight,
+        residual, True,
+    ))  # fmt: skip
 
 
 def _backward_fake(
@@ -109,8 +115,7 @@ def _infer_cpu(
 ) -> Tensor:  # fmt: skip
     """``kernels.cbam_infer`` without spatial BatchNorm, into a new tensor of ``x``'s layout (NCHW or
     channels_last; any other strides are made NCHW)."""
-    _cpu()
-    return kernels.cbam_infer(_layout(x), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
+    return _cpu().cbam_infer(_layout(x), w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False)
 
 
 def _infer_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202
@@ -128,12 +133,12 @@ def _infer_inplace_cpu(
 ) -> None:  # fmt: skip
     """``cbam_infer`` over ``x``: in place where ``x`` is NCHW- or channels_last-contiguous, else
     (strides a graph may choose under ``flexible_layout``) into a dense copy written back."""
-    _cpu()
+    module = _cpu()
     dense = _layout(x)
     if dense is x:
-        kernels.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
+        module.cbam_infer(x, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, True)
     else:
-        x.copy_(kernels.cbam_infer(dense, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False))
+        x.copy_(module.cbam_infer(dense, w1, b1, w2, b2, weight, bias, 1.0, 0.0, residual, False))
 
 
 def _infer_inplace_fake(x, w1, b1, w2, b2, weight, bias, residual):  # noqa: ANN001, ANN202

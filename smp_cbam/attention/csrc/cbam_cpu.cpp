@@ -1994,4 +1994,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            false);
       },
       "Whether the kernels take a training call (CBAM records the gradient around cbam_train)");
+  // the operators' kernels for the smp_cbam:: operators' CPU implementations (attention/ops.py),
+  // which run inside the dispatcher already: a second trip through it costs as much again
+  const auto release = pybind11::call_guard<pybind11::gil_scoped_release>();
+  m.def("cbam_infer", &cbam_infer, release);
+  m.def("cbam_train", &cbam_train, release);
+  m.def("cbam_backward", &cbam_backward, release);
 }
