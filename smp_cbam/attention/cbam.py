@@ -381,8 +381,9 @@ class CBAM(nn.Module):
     @torch.jit.unused
     def _choose(self, x: torch.Tensor, training: bool) -> str:
         """The implementation for ``x`` (``training``: with a gradient to record) by the class
-        docstring's table, the one place that decides (``cbam_fused.eager_infer``, tried first
-        for no-grad calls, takes only what this sends to the kernels; the tests check that).
+        docstring's table, the one place that decides (``cbam_fused.eager_infer`` and
+        ``eager_train``, tried first, take only what this sends to the kernels; the tests check
+        that).
         Each property of ``x`` is read once: in a network, with cold caches, every call into torch
         costs microseconds."""
         wanted = self.impl
