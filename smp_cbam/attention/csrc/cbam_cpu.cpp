@@ -49,16 +49,6 @@ inline AccVec<T> load_acc(const T* p) {
   }
 }
 
-// The first count < AccVec<T>::size() elements of p, widened to the compute type; the other lanes 0
-template <typename T>
-inline AccVec<T> load_acc(const T* p, int64_t count) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    return std::get<0>(at::vec::convert_bfloat16_float(at::vec::Vectorized<T>::loadu(p, count)));
-  } else {
-    return AccVec<T>::loadu(p, count);
-  }
-}
-
 // v rounded to T (to nearest even, as c10::BFloat16's constructor rounds the scalar tails) into
 // AccVec<T>::size() elements of p
 template <typename T>
@@ -72,16 +62,6 @@ inline void store_acc(const AccVec<T>& v, T* p) {
 #endif
   } else {
     v.store(p);
-  }
-}
-
-// store_acc's first count lanes only
-template <typename T>
-inline void store_acc(const AccVec<T>& v, T* p, int64_t count) {
-  if constexpr (std::is_same_v<T, at::BFloat16>) {
-    at::vec::convert_float_bfloat16(v, v).store(p, count);
-  } else {
-    v.store(p, count);
   }
 }
 
@@ -235,17 +215,13 @@ void row_mean_max(const T* x, int64_t n, int64_t len, Acc<T>* mean, Acc<T>* max,
           m0 = at::vec::clamp_min(v0, m0);
           m1 = at::vec::clamp_min(v1, m1);
         }
-        // the rest as at most two vectors, the last one partial (its other lanes add 0 and count as
-        // -inf for the max): short rows (10 x 10, 20 x 20 pixels in a Unet's deep blocks) would
-        // otherwise spend as long on a scalar tail as on their vectors
-        for (; i < stop; i += Vec::size()) {
-          const int64_t count = std::min<int64_t>(Vec::size(), stop - i);
-          const Vec v = count == Vec::size() ? load_acc(row + i) : load_acc(row + i, count);
-          s0 = s0 + v;
-          m0 = at::vec::clamp_min(count == Vec::size() ? v : Vec::set(Vec(-std::numeric_limits<A>::infinity()), v, count), m0);
-        }
         A chunk_sum = sum_lanes(s0 + s1);
         A chunk_max = max_lanes(at::vec::maximum(m0, m1));
+        for (; i < stop; ++i) {
+          const A v = row[i];
+          chunk_sum += v;
+          chunk_max = beats(v, chunk_max) ? v : chunk_max;
+        }
         total += chunk_sum;
         if (chunk_max > best || start == 0) {
           best = chunk_max;
@@ -320,13 +296,12 @@ void pool_span(const T* x, const Acc<T>* g, int64_t c, int64_t hw, int64_t p0, i
       const Vec m01 = at::vec::maximum(at::vec::maximum(Vec::loadu(max + i), v0), v1);  // NaN-propagating
       at::vec::maximum(at::vec::maximum(m01, v2), v3).store(max + i);
     }
-    if (i < len) {  // the same for the last pixels, one partial vector
-      const int64_t rest = len - i;
-      const Vec v0 = load_acc(row + i, rest) * g0, v1 = load_acc(row + hw + i, rest) * g1;
-      const Vec v2 = load_acc(row + 2 * hw + i, rest) * g2, v3 = load_acc(row + 3 * hw + i, rest) * g3;
-      (Vec::loadu(sum + i, rest) + v0 + v1 + v2 + v3).store(sum + i, rest);
-      const Vec m01 = at::vec::maximum(at::vec::maximum(Vec::loadu(max + i, rest), v0), v1);
-      at::vec::maximum(at::vec::maximum(m01, v2), v3).store(max + i, rest);
+    for (; i < len; ++i) {
+      for (int64_t k = 0; k < 4; ++k) {
+        const A v = static_cast<A>(row[k * hw + i]) * g[ch + k];
+        sum[i] += v;
+        max[i] = beats(v, max[i]) ? v : max[i];
+      }
     }
   }
   for (; ch < c; ++ch) {
@@ -338,11 +313,10 @@ void pool_span(const T* x, const Acc<T>* g, int64_t c, int64_t hw, int64_t p0, i
       (Vec::loadu(sum + i) + v).store(sum + i);
       at::vec::maximum(Vec::loadu(max + i), v).store(max + i);
     }
-    if (i < len) {
-      const int64_t rest = len - i;
-      const Vec v = load_acc(row + i, rest) * Vec(w);
-      (Vec::loadu(sum + i, rest) + v).store(sum + i, rest);
-      at::vec::maximum(Vec::loadu(max + i, rest), v).store(max + i, rest);
+    for (; i < len; ++i) {
+      const A v = static_cast<A>(row[i]) * w;
+      sum[i] += v;
+      max[i] = beats(v, max[i]) ? v : max[i];
     }
   }
   for (int64_t i = 0; i < len; ++i) sum[i] /= static_cast<A>(c);
@@ -377,10 +351,9 @@ void scale_span(const T* x, Acc<T> g, const Acc<T>* s, int64_t len, bool residua
     const Vec v = load_acc(x + i), y = v * Vec(g) * Vec::loadu(s + i);
     store_acc(residual ? y + v : y, out + i);
   }
-  if (i < len) {  // the last elements as one partial vector, rounded alike
-    const int64_t rest = len - i;
-    const Vec v = load_acc(x + i, rest), y = v * Vec(g) * Vec::loadu(s + i, rest);
-    store_acc(residual ? y + v : y, out + i, rest);
+  for (; i < len; ++i) {
+    const A v = x[i];
+    out[i] = static_cast<T>(residual ? v * g * s[i] + v : v * g * s[i]);
   }
 }
 
@@ -1184,9 +1157,9 @@ void mlp_gate(const A* d, int64_t n, int64_t c, const at::Tensor& w1, const std:
   for (int64_t i = 0; i < n; ++i) {
     for (int64_t j = 0; j < hid; ++j) sum[j] = hp[i * hid + j] + hp[(n + i) * hid + j];
     for (int64_t ch = 0; ch < c; ++ch) {
-      gp[i * c + ch] = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : A(0));
+      const A z = dot_short(w2p + ch * hid, sum.data(), hid) + (b2p ? 2 * b2p[ch] : A(0));
+      gp[i * c + ch] = A(1) / (A(1) + std::exp(-z));
     }
-    sigmoid_affine(gp + i * c, c, A(1), A(0));  // the vector exp: a scalar one per channel adds up
   }
 }
 
