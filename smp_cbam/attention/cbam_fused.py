@@ -4,8 +4,9 @@
 ``FusedCBAM`` and ``fused_forward`` use eager torch ops (any device); ``KernelCBAM``,
 ``KernelBatchNormCBAM`` and ``kernel_infer`` the compiled CPU kernels (``kernels``). ``CBAM``
 chooses among them (``CBAM._choose``); nothing here checks whether its input suits it, except
-``eager_infer``, the no-grad call that ``CBAM`` tries first, whose binding takes only what
-``CBAM._choose`` would send to the kernels (the tests check that the two agree).
+``eager_infer`` and ``eager_train``, which ``CBAM`` tries first: the kernels' binding checks
+their input in C++ and takes only what ``CBAM._choose`` would send to the kernels (the tests
+check that the two agree).
 """
 
 from __future__ import annotations
@@ -286,7 +287,8 @@ def eager_infer(
     if module is None:
         return None
     bn = spatial._modules["bn"]
-    affine = (1.0, 0.0) if type(bn) is nn.Identity else spatial._affine()  # bn(z) = a z + b
+    # bn(z) = a z + b; _affine gives (1, 0) for Identity too, a call this hot path skips
+    affine = (1.0, 0.0) if type(bn) is nn.Identity else spatial._affine()
     if affine is None:
         return None
     return module.cbam_infer_eager(x, *infer_params(channel, spatial), *affine, cbam.residual, cbam.inplace)
