@@ -649,3 +649,21 @@ def test_training_reaches_a_parametrized_weight() -> None:
         grads.append(torch.autograd.grad(out.square().sum(), [x, *module.parameters()]))
     for fast, plain in zip(*grads, strict=True):
         torch.testing.assert_close(fast, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_eager_binding_first_called_under_inference_mode_takes_ordinary_tensors_after() -> None:
+    """The binding's notion of an ordinary tensor does not depend on where it is first called (a
+    tensor made under inference_mode lacks the autograd keys), in a fresh process."""
+    code = """
+import torch
+from smp_cbam import CBAM
+from smp_cbam.attention import cbam_fused, kernels
+assert kernels.available()
+m = CBAM(8).eval()
+with torch.inference_mode():
+    assert cbam_fused.eager_infer(m, m.channel, m.spatial, torch.randn(2, 8, 4, 4)) is not None
+with torch.no_grad():
+    assert cbam_fused.eager_infer(m, m.channel, m.spatial, torch.randn(2, 8, 4, 4)) is not None
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr

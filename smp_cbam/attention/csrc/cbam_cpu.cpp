@@ -1403,7 +1403,9 @@ at::Tensor cbam_infer(const at::Tensor& x, const at::Tensor& w1_, const std::opt
 // A dense CPU tensor and nothing else: no keys beyond an ordinary tensor's (a functorch wrapper, a
 // functional or Python subclass tensor, conjugate or negative views carry more).
 bool plain(const at::Tensor& t) {
-  static const c10::DispatchKeySet ordinary = at::empty({0}).key_set();
+  // spelled out: a tensor made here would lack the autograd keys under inference_mode
+  static const c10::DispatchKeySet ordinary{c10::DispatchKey::CPU, c10::DispatchKey::ADInplaceOrView,
+                                            c10::DispatchKey::AutogradCPU, c10::DispatchKey::AutocastCPU};
   return t.device().is_cpu() && t.layout() == at::kStrided && ordinary.isSupersetOf(t.key_set());
 }
 
