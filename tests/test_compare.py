@@ -102,7 +102,14 @@ def test_compare_writes_results_per_contract(finished: Path) -> None:
         assert row["train_seconds"] == pytest.approx(history["seconds"].sum())
         assert set(history["threads"]) == {row["threads"]} == {torch.get_num_threads()}
         # the stopping rule: Lightning's EarlyStopping, and the same rule recomputed from the history
-        plateau = plateau_reached(history["val_miou"], patience=2, min_delta=0.001, floor=row["floor_miou"] + 0.01)
+        plateau = plateau_reached(
+            history["val_miou"],
+            patience=2,
+            min_delta=0.001,
+            floor=row["floor_miou"] + 0.01,
+            losses=history["val_loss"],
+            loss_min_delta=0.01,
+        )
         assert row["stop_reason"] == ("plateau" if plateau else "max_epochs") and row["converged"] == plateau
         assert len(history) == 3 or plateau
         # the trivial floor: the most frequent val class everywhere
@@ -362,7 +369,9 @@ def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
     assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
     history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
     floor = fixed["floor_miou"].iloc[0] + 0.01
-    assert bool(fixed["converged"].iloc[0]) == plateau_reached(history["val_miou"], 2, 0.001, floor)
+    assert bool(fixed["converged"].iloc[0]) == plateau_reached(
+        history["val_miou"], 2, 0.001, floor, losses=history["val_loss"], loss_min_delta=0.01
+    )
     steps = compare(
         tiny_config(
             tmp_path / "steps",
@@ -462,6 +471,72 @@ def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:
         early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005)
         stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
         assert plateau_reached(values, patience, 0.005, floor) == stopped
+
+
+# val mIoU and val loss of a plain-CBAM run of the main job (seed 0, bf16, one thread, on a Zen 4
+# CPU), epochs 0-30: the floor (0.23) until epoch 7, a saddle at 0.33 whose loss keeps falling,
+# then the climb; with 60 epochs it reached 0.92. The metric alone stopped it at epoch 18.
+SADDLE_MIOU = [0.2326] * 8 + [0.3235, 0.3273, 0.3259, 0.3257, 0.3282, 0.3287, 0.3306, 0.3303, 0.3320, 0.3306,
+                             0.3367, 0.3324, 0.3385, 0.3387, 0.3389, 0.3490, 0.3869, 0.4264, 0.4498, 0.5662,
+                             0.5594, 0.6857, 0.5980]  # fmt: skip
+SADDLE_LOSS = [1.1384, 0.7759, 0.7194, 0.7078, 0.7026, 0.7020, 0.6978, 0.6967, 0.6904, 0.6909, 0.6873, 0.6814,
+               0.6767, 0.6744, 0.6710, 0.6684, 0.6637, 0.6686, 0.6653, 0.6596, 0.6581, 0.6537, 0.6535, 0.6380,
+               0.6199, 0.5896, 0.5850, 0.5106, 0.4832, 0.3732, 0.4126]  # fmt: skip
+
+
+def _decisions(early: PlateauStopping, values, losses) -> list[bool]:
+    out = []
+    for value, loss in zip(values, losses, strict=True):
+        early.observe_loss(float(loss))
+        out.append(early._evaluate_stopping_criteria(torch.tensor(value))[0])
+    return out
+
+
+def test_plateau_rule_does_not_stop_a_run_whose_loss_still_falls() -> None:
+    floor = 0.2326 + 0.01
+    # the metric alone: ten validations on the saddle without a 2-point gain end the run at epoch 18
+    metric_only = PlateauStopping("m", floor=floor, patience=10, min_delta=0.02)
+    assert _decisions(metric_only, SADDLE_MIOU, SADDLE_LOSS).index(True) == 18
+    assert plateau_reached(SADDLE_MIOU[:19], 10, 0.02, floor)
+    # with the loss: it fell by more than 0.01 below its best every few epochs, so the run goes on
+    early = PlateauStopping("m", floor=floor, patience=10, min_delta=0.02, loss_min_delta=0.01)
+    assert not any(_decisions(early, SADDLE_MIOU, SADDLE_LOSS))
+    assert not plateau_reached(SADDLE_MIOU, 10, 0.02, floor, losses=SADDLE_LOSS, loss_min_delta=0.01)
+    assert early.best_loss == pytest.approx(0.3732)
+    # a loss that falls by less than the step counts as flat: both flat, the patience runs out
+    flat = PlateauStopping("m", floor=0.0, patience=3, min_delta=0.01, loss_min_delta=0.01)
+    assert _decisions(flat, [0.5] * 5, [1.0, 0.995, 0.991, 0.9905, 0.99]) == [False] * 3 + [True] * 2
+    assert flat.stopping_reason == EarlyStoppingReason.PATIENCE_EXHAUSTED
+    # a loss that rises while the metric gains does not hold the metric back
+    gains = PlateauStopping("m", floor=0.0, patience=2, min_delta=0.0, loss_min_delta=0.01)
+    assert _decisions(gains, [0.1, 0.2, 0.3, 0.3, 0.3], [1.0, 1.1, 1.2, 1.3, 1.4]) == [False] * 4 + [True]
+    # the best loss is part of the callback's state, so a resumed run keeps it
+    resumed = PlateauStopping("m", floor=floor, patience=10, min_delta=0.02, loss_min_delta=0.01)
+    resumed.load_state_dict(early.state_dict())
+    assert resumed.best_loss == early.best_loss and resumed.wait_count == early.wait_count
+    old = {k: v for k, v in early.state_dict().items() if k != "best_loss"}  # a checkpoint from before
+    resumed.load_state_dict(old)
+    assert resumed.best_loss == math.inf
+
+
+def test_plateau_rule_with_the_loss_agrees_with_the_history() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(300):
+        n = int(rng.integers(1, 20))
+        values = rng.uniform(0, 1, size=n).round(2)
+        losses = np.exp(np.cumsum(rng.normal(-0.01, 0.03, size=n)))
+        floor, patience = float(rng.uniform(0, 0.5)), int(rng.integers(1, 5))
+        loss_min_delta = [None, 0.0, 0.01, 0.05][int(rng.integers(0, 4))]
+        early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005, loss_min_delta=loss_min_delta)
+        stopped = False
+        for value, loss in zip(values, losses, strict=True):
+            if loss_min_delta is not None:  # as the callback does: the loss only where it is configured
+                early.observe_loss(float(loss))
+            stopped = early._evaluate_stopping_criteria(torch.tensor(value))[0] or stopped
+        expected = plateau_reached(values, patience, 0.005, floor, losses=losses, loss_min_delta=loss_min_delta)
+        assert expected == stopped
+        if loss_min_delta is None:  # without the loss: the metric's rule alone
+            assert expected == plateau_reached(values, patience, 0.005, floor)
 
 
 def test_a_moved_run_keeps_its_best_checkpoint_score(tmp_path: Path) -> None:

@@ -47,6 +47,9 @@ def test_a_yaml_file_as_a_user_writes_it_is_typed(tmp_path: Path) -> None:
     assert config.data["batch_size"] == 4 and config.data["crop"] == [64, 64]
     assert config.grid.attentions[0] == "none"
     assert config.train.patience == 3
+    assert config.train.loss_min_delta == 0.01  # the default: a falling validation loss is no plateau
+    off = load_config(write(tmp_path, "train:\n  loss_min_delta: null\n"), {"output": str(tmp_path / "out")})
+    assert off.train.loss_min_delta is None
     # every data module argument is recorded with its default
     assert config.data["num_workers"] == 0 and config.data["eval_mode"] == "pad"
 
@@ -75,6 +78,8 @@ def test_a_yaml_file_as_a_user_writes_it_is_typed(tmp_path: Path) -> None:
         ("grid:\n  seeds: ['0']\n", r"grid.seeds\[0\] must be an integer"),
         ("train:\n  stop: forever\n", r"train.stop must be one of 'plateau', 'fixed', got 'forever'"),
         ("train:\n  max_epochs: 0\n", r"train.max_epochs must be >= 1"),
+        ("train:\n  loss_min_delta: -0.1\n", r"train.loss_min_delta must be >= 0 or null, got -0.1"),
+        ("train:\n  loss_min_delta: some\n", r"train.loss_min_delta must be a number"),
         ("train:\n  epochs: 5\n  max_epochs: 7\n", r"train.epochs \(5\) and train.max_epochs \(7\) disagree"),
         ("data:\n  eval_mode: crop\n", r"data: eval_mode must be .*'pad'.*'resize'"),
         ("data:\n  dataset: folder\n", r"data: dataset='folder' needs root="),

@@ -111,7 +111,11 @@ class TrainConfig:
     ``stop="plateau"``: Lightning's ``EarlyStopping`` on ``val_miou`` (mode max) ends a run once
     ``patience`` validations in a row have not improved on the best by more than ``min_delta``,
     counting only validations above the trivial floor (``run.PlateauStopping``: a run still at
-    the all-most-frequent-class mIoU has not started learning, so it has not converged either);
+    the all-most-frequent-class mIoU has not started learning, so it has not converged either)
+    and only those where the validation loss did not fall below its best by more than
+    ``loss_min_delta`` either (in the loss's units: cross-entropy, in nats per pixel, plus Dice
+    loss; a run whose mIoU sits on a saddle while its loss still falls is still learning; ``None``
+    leaves the loss out, the metric alone decides);
     ``max_epochs`` and ``max_steps`` (``None``: no step limit) bound every run. ``stop="fixed"``
     trains every run for the whole budget. The same rule applies to every arm. ``epochs`` is the
     older name of ``max_epochs``. (No ``min_epochs``: Lightning keeps a stop signal raised before
@@ -124,6 +128,7 @@ class TrainConfig:
     stop: Literal["plateau", "fixed"] = "plateau"
     patience: int = 5
     min_delta: float = 0.001
+    loss_min_delta: float | None = 0.01
     max_epochs: int = 50
     max_steps: int | None = None
 
@@ -657,6 +662,8 @@ def _check_train(train: TrainConfig) -> None:
         raise ConfigError(f"train.patience must be >= 1, got {train.patience}")
     if train.min_delta < 0:
         raise ConfigError(f"train.min_delta must be >= 0, got {train.min_delta}")
+    if train.loss_min_delta is not None and not train.loss_min_delta >= 0:
+        raise ConfigError(f"train.loss_min_delta must be >= 0 or null, got {train.loss_min_delta}")
     if not train.lr > 0:
         raise ConfigError(f"train.lr must be > 0, got {train.lr}")
     from .module import SCHEDULERS

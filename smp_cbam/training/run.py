@@ -167,16 +167,41 @@ def epoch_threads(rows: Sequence[dict], current: int) -> int | str:
     return ",".join(str(c) for c in counts)
 
 
-def plateau_reached(values: Sequence[float], patience: int, min_delta: float, floor: float = -math.inf) -> bool:
+def loss_gain(loss: float, best: float, loss_min_delta: float) -> bool:
+    """Whether ``loss`` beats ``best`` by more than ``loss_min_delta``, in the loss's own units as
+    EarlyStopping's ``min_delta``. Not a fraction of the best: under a cosine schedule a converged
+    run's small loss keeps falling by a percent an epoch while its metric stays flat, which a
+    relative step would take for learning; an absolute one lets it stop."""
+    if not math.isfinite(loss):
+        return False
+    return not math.isfinite(best) or loss < best - loss_min_delta
+
+
+def plateau_reached(
+    values: Sequence[float],
+    patience: int,
+    min_delta: float,
+    floor: float = -math.inf,
+    losses: Sequence[float] | None = None,
+    loss_min_delta: float | None = None,
+) -> bool:
     """Whether ``values`` (one per validation) reach a plateau by :class:`PlateauStopping`'s rule:
     ``patience`` values in a row above ``floor`` that do not beat the best so far by more than
-    ``min_delta`` (EarlyStopping's rule, mode max, counted only once a value has left the floor)."""
-    best, wait = -math.inf, 0
-    for value in values:
+    ``min_delta`` (EarlyStopping's rule, mode max, counted only once a value has left the floor)
+    while, with ``losses`` and ``loss_min_delta``, the validation loss does not fall below its best
+    by more than ``loss_min_delta`` either."""
+    use_loss = losses is not None and loss_min_delta is not None
+    best, best_loss, wait = -math.inf, math.inf, 0
+    for i, value in enumerate(values):
+        loss_fell = False
+        if use_loss and loss_gain(float(losses[i]), best_loss, loss_min_delta):
+            best_loss, loss_fell = float(losses[i]), True
         if value <= floor:
             wait = 0
         elif value - min_delta > best:
             best, wait = value, 0
+        elif loss_fell:
+            wait = 0
         else:
             wait += 1
             if wait >= patience:
@@ -267,23 +292,73 @@ class RunCheckpoint(ModelCheckpoint):
 
 
 class PlateauStopping(EarlyStopping):
-    """Lightning's EarlyStopping (mode max) whose patience counts only validations above ``floor``.
+    """Lightning's EarlyStopping (mode max) whose patience counts only validations above ``floor``
+    that improve neither the metric nor, with ``loss_min_delta``, the validation loss.
 
     A run whose metric still sits at the trivial floor (every pixel the most frequent class) has
     not started learning; it has not converged either. Without this, a patience long enough for
     the arm that leaves the floor last would be the only fair setting, and it would be tuned on
     the arms. With it, every arm gets the same rule: patience starts once the run has left the
     floor, and a run that never leaves it ends at the budget, flagged ``at_floor``.
+
+    The loss guards against the same mistake one step later. A run can sit on a saddle above the
+    floor, its mIoU flat for many epochs while its validation loss keeps falling, and then leave
+    it (CBAM without a residual path does this on the main job: about 0.33 mIoU for 10-15
+    epochs, then 0.92). The metric alone called that a plateau and tested the saddle's model as
+    converged, so whether an arm "won" depended on which side of the patience its escape fell. A
+    validation whose loss falls below its best so far by more than ``loss_min_delta`` resets the
+    patience like a gain of the metric.
     """
 
-    def __init__(self, monitor: str, *, floor: float, patience: int, min_delta: float) -> None:
+    def __init__(
+        self,
+        monitor: str,
+        *,
+        floor: float,
+        patience: int,
+        min_delta: float,
+        loss_monitor: str = "val_loss",
+        loss_min_delta: float | None = None,
+    ) -> None:
         super().__init__(monitor, mode="max", patience=patience, min_delta=min_delta, check_finite=False)
         self.floor = floor
+        self.loss_monitor = loss_monitor
+        self.loss_min_delta = loss_min_delta
+        self.best_loss = math.inf
+        self._loss_fell = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "best_loss": self.best_loss}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        self.best_loss = float(state_dict.get("best_loss", math.inf))  # checkpoints written before it
+
+    def _run_early_stopping_check(self, trainer: pl.Trainer) -> None:
+        self._loss_fell = False
+        loss = trainer.callback_metrics.get(self.loss_monitor)
+        if loss is not None and not trainer.fast_dev_run:
+            self.observe_loss(float(loss))
+        super()._run_early_stopping_check(trainer)
+
+    def observe_loss(self, loss: float) -> None:
+        """Takes the validation's loss before its metric (``_evaluate_stopping_criteria``); without
+        ``loss_min_delta`` the loss plays no part."""
+        if self.loss_min_delta is None:
+            return
+        self._loss_fell = loss_gain(loss, self.best_loss, self.loss_min_delta)
+        if self._loss_fell:
+            self.best_loss = loss
 
     def _evaluate_stopping_criteria(self, current: torch.Tensor) -> tuple[bool, str | None]:
+        loss_fell, self._loss_fell = self._loss_fell, False
         if float(current) <= self.floor:
             self.wait_count = 0
             return False, None
+        gained = self.monitor_op(current - self.min_delta, self.best_score.to(current.device))
+        if loss_fell and not gained:
+            self.wait_count = 0
+            return False, f"{self.loss_monitor} fell to {self.best_loss:.4f}: no plateau yet"
         return super()._evaluate_stopping_criteria(current)
 
 
@@ -480,7 +555,11 @@ def run_one(
     stuck = floor + FLOOR_MARGIN if math.isfinite(floor) else -math.inf
     if config.train.stop == "plateau":
         early = PlateauStopping(
-            "val_miou", floor=stuck, patience=config.train.patience, min_delta=config.train.min_delta
+            "val_miou",
+            floor=stuck,
+            patience=config.train.patience,
+            min_delta=config.train.min_delta,
+            loss_min_delta=config.train.loss_min_delta,
         )
         callbacks.append(early)
     if "log_every_n_steps" not in config.trainer:
@@ -543,7 +622,12 @@ def run_one(
             "'?': not recorded); a call with one count would not give exactly these numbers"
         )
     converged = fit["stop_reason"] == "plateau" or plateau_reached(
-        values, config.train.patience, config.train.min_delta, stuck
+        values,
+        config.train.patience,
+        config.train.min_delta,
+        stuck,
+        losses=[r["val_loss"] for r in rows],
+        loss_min_delta=config.train.loss_min_delta,
     )
     row = {
         "status": "ok",
