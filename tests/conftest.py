@@ -10,7 +10,7 @@ import torch
 # not built the kernels yet one process builds them in the background meanwhile (a single compiler
 # process for about a minute), instead of every worker waiting for the build in its first CBAM test.
 KERNEL_FREE = {"test_config.py", "test_data.py", "test_readers.py", "test_report.py", "test_stats.py",
-               "test_precision_parity.py"}  # fmt: skip
+               "test_precision_parity.py", "test_cuda.py"}  # fmt: skip
 _builder: subprocess.Popen | None = None
 
 

@@ -221,7 +221,10 @@ class CBAM(nn.Module):
                      kernels are built
     ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
                      any device and floating dtype; under autocast with autocast's numerics
-                     (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype)
+                     (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype).
+                     ``"auto"`` takes it on the CPU only: on CUDA it saves memory (a fifth of a Unet
+                     step's peak) but runs slower than the formula, whose fewer, larger kernels
+                     suit a GPU
     ``"reference"``  the formula with ordinary autograd (``forward_reference``): anything
     ``"auto"``       the first row that takes the input (the default)
     ===============  ============================================================================
@@ -399,7 +402,10 @@ class CBAM(nn.Module):
                 if refusal is None:
                     return "kernels"
                 if wanted == "auto":
-                    return "fused"
+                    # off the CPU the formula's ops beat the fused path's (on CUDA at the bench's
+                    # sizes, forward and backward; docs/performance.md), which pays for its fewer
+                    # passes with more, smaller kernel launches
+                    return "fused" if x.device.type == "cpu" else "reference"
         if refusal is None:
             return "fused"
         if wanted == "auto":
