@@ -303,7 +303,7 @@ class PlateauStopping(EarlyStopping):
 
     The loss guards against the same mistake one step later. A run can sit on a saddle above the
     floor, its mIoU flat for many epochs while its validation loss keeps falling, and then leave
-    it (CBAM without a residual path does this on the main job: about 0.33 mIoU for 10-15
+    it (CBAM without a residual path does this on the main job: about 0.33 mIoU for 4-16
     epochs, then 0.92). The metric alone called that a plateau and tested the saddle's model as
     converged, so whether an arm "won" depended on which side of the patience its escape fell. A
     validation whose loss falls below its best so far by more than ``loss_min_delta`` resets the
