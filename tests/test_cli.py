@@ -1,5 +1,6 @@
 """The ``smp-cbam`` command: fast help, LightningCLI ``train``, and one-line errors (status 2)."""
 
+import dataclasses
 import subprocess
 import sys
 from pathlib import Path
@@ -134,6 +135,26 @@ def test_output_holding_other_files_is_refused(tmp_path: Path, capsys: pytest.Ca
     kept.mkdir()
     (kept / ".gitkeep").write_text("")
     assert check_resumable(load_config(overrides={"output": str(kept)}), kept)
+
+
+def test_runs_of_an_older_version_name_the_key_it_did_not_write(tmp_path: Path) -> None:
+    # an output directory written before train.loss_min_delta existed: its config.yaml lacks the key
+    import yaml
+
+    from smp_cbam.training.runner import ConfigError, check_resumable, load_config
+
+    out = tmp_path / "old"
+    config = load_config(overrides={"output": str(out)})
+    saved = config.to_dict()
+    del saved["train"]["loss_min_delta"]
+    (out / "runs" / "unet-none-s0").mkdir(parents=True)
+    (out / "runs" / "unet-none-s0" / "result.json").write_text("{}")
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    with pytest.raises(ConfigError, match=r"train.loss_min_delta: absent -> 0.01.*train.loss_min_delta: null"):
+        check_resumable(config, out)
+    # with the old rule asked for, the runs resume
+    old_rule = dataclasses.replace(config, train=dataclasses.replace(config.train, loss_min_delta=None))
+    assert check_resumable(old_rule, out) is False
 
 
 @pytest.mark.parametrize(

@@ -519,6 +519,40 @@ def test_plateau_rule_does_not_stop_a_run_whose_loss_still_falls() -> None:
     assert resumed.best_loss == math.inf
 
 
+def test_plateau_callback_reads_the_loss_from_the_trainer() -> None:
+    # what Lightning calls after each validation: the loss comes from callback_metrics
+    def trainer(miou: float, loss: float | None) -> SimpleNamespace:
+        metrics = {"val_miou": torch.tensor(miou)} | ({} if loss is None else {"val_loss": torch.tensor(loss)})
+        return SimpleNamespace(
+            callback_metrics=metrics,
+            fast_dev_run=False,
+            should_stop=False,
+            current_epoch=0,
+            strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        )
+
+    early = PlateauStopping("val_miou", floor=0.0, patience=2, min_delta=0.01, loss_min_delta=0.01)
+    steps = [trainer(0.5, 1.0), trainer(0.5, 0.9), trainer(0.5, 0.8), trainer(0.5, 0.8), trainer(0.5, 0.8)]
+    stops = []
+    for t in steps:
+        early._run_early_stopping_check(t)
+        stops.append(t.should_stop)
+    assert stops == [False, False, False, False, True] and early.best_loss == pytest.approx(0.8)
+    # fast_dev_run: Lightning's EarlyStopping does nothing, and neither does the loss
+    quick = PlateauStopping("val_miou", floor=0.0, patience=1, min_delta=0.01, loss_min_delta=0.01)
+    t = trainer(0.5, 1.0)
+    t.fast_dev_run = True
+    quick._run_early_stopping_check(t)
+    assert quick.best_loss == math.inf and quick.wait_count == 0
+    # a module that logs no val_loss: the metric alone decides
+    alone = PlateauStopping("val_miou", floor=0.0, patience=1, min_delta=0.01, loss_min_delta=0.01)
+    flags = []
+    for t in (trainer(0.5, None), trainer(0.5, None)):
+        alone._run_early_stopping_check(t)
+        flags.append(t.should_stop)
+    assert flags == [False, True]
+
+
 def test_plateau_rule_with_the_loss_agrees_with_the_history() -> None:
     rng = np.random.default_rng(2)
     for _ in range(300):

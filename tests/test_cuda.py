@@ -52,6 +52,7 @@ def _train(module: CBAM, x: torch.Tensor, grad: torch.Tensor, dtype: torch.dtype
 
 
 def test_auto_runs_the_formula_on_cuda() -> None:
+    """What impl="auto" runs on CUDA is the formula itself; the comparisons below test the fused path."""
     module = CBAM(16, reduction=4).cuda()
     x = torch.randn(2, 16, 8, 8, device="cuda")
     assert module._choose(x, training=True) == module._choose(x, training=False) == "reference"
@@ -60,7 +61,7 @@ def test_auto_runs_the_formula_on_cuda() -> None:
     assert type(CBAM(16, reduction=4, impl="fused").cuda()(x.requires_grad_()).grad_fn).__name__ == "FusedCBAMBackward"
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("impl", ["fused"])
 @pytest.mark.parametrize("kwargs", [{}, {"mlp_bias": True, "residual": True}, {"spatial_bn": True}])
 def test_fp32_on_cuda_matches_the_formula(impl: str, kwargs: dict) -> None:
     module, reference = _pair(impl, **kwargs)
@@ -72,7 +73,7 @@ def test_fp32_on_cuda_matches_the_formula(impl: str, kwargs: dict) -> None:
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("impl", ["fused"])
 @pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("kwargs", [{}, {"mlp_bias": True, "residual": True}, {"spatial_bn": True}])
 def test_autocast_on_cuda_matches_the_fp32_formula(impl: str, dtype: torch.dtype, kwargs: dict) -> None:
@@ -94,7 +95,7 @@ def test_autocast_on_cuda_matches_the_fp32_formula(impl: str, dtype: torch.dtype
         assert _relative(a, b) <= max(floor, 2 * _relative(c, b))
 
 
-@pytest.mark.parametrize("impl", ["auto", "fused"])
+@pytest.mark.parametrize("impl", ["fused"])
 @pytest.mark.parametrize("dtype", HALF)
 def test_autocast_inference_on_cuda(impl: str, dtype: torch.dtype) -> None:
     module, reference = (m.eval() for m in _pair(impl, inplace=True))

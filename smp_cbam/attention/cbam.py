@@ -222,7 +222,7 @@ class CBAM(nn.Module):
     ``"fused"``      eager fused ops (``cbam_fused.FusedCBAM``): 4-D NCHW or channels_last tensors on
                      any device and floating dtype; under autocast with autocast's numerics
                      (descriptors, MLP, convolution and gates in float32, output in ``x``'s dtype).
-                     ``"auto"`` takes it on the CPU only: on CUDA it saves memory (a fifth of a Unet
+                     ``"auto"`` takes it on the CPU only: on CUDA it saves memory (a sixth of a Unet
                      step's peak) but runs slower than the formula, whose fewer, larger kernels
                      suit a GPU
     ``"reference"``  the formula with ordinary autograd (``forward_reference``): anything

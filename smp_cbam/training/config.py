@@ -110,10 +110,10 @@ class TrainConfig:
 
     ``stop="plateau"``: Lightning's ``EarlyStopping`` on ``val_miou`` (mode max) ends a run once
     ``patience`` validations in a row have not improved on the best by more than ``min_delta``,
-    counting only validations above the trivial floor (``run.PlateauStopping``: a run still at
-    the all-most-frequent-class mIoU has not started learning, so it has not converged either)
-    and only those where the validation loss did not fall below its best by more than
-    ``loss_min_delta`` either (in the loss's units: cross-entropy, in nats per pixel, plus Dice
+    where a validation at the trivial floor resets the patience (``run.PlateauStopping``: a run
+    still at the all-most-frequent-class mIoU has not started learning, so it has not converged
+    either), and so does one whose validation loss falls below its best by more than
+    ``loss_min_delta`` (in the loss's units: cross-entropy, in nats per pixel, plus Dice
     loss; a run whose mIoU sits on a saddle while its loss still falls is still learning; ``None``
     leaves the loss out, the metric alone decides);
     ``max_epochs`` and ``max_steps`` (``None``: no step limit) bound every run. ``stop="fixed"``

@@ -3,7 +3,8 @@
 Paired design: for one seed, every run sees the same data order and augmentations (the data
 module derives them from the seed and the epoch) and starts from the same encoder and decoder
 weights (:func:`smp_cbam.training.module.build_model`). Every run trains until its validation
-mIoU reaches a plateau (or for a fixed budget: ``train.stop``), keeps its best epoch on the
+mIoU reaches a plateau while its validation loss has stopped falling (or for a fixed budget:
+``train.stop``), keeps its best epoch on the
 validation split and evaluates that checkpoint on the test split, when there is one.
 
 Layout of the output directory::
@@ -94,7 +95,9 @@ def configuration_changes(saved: dict, config: Config) -> list[str]:
 
     old, new = run_defining(saved), run_defining(config.to_dict())
     return [
-        f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)
+        f"{k}: {'absent' if k not in old else repr(old[k])} -> {new.get(k)!r}"
+        for k in sorted(old.keys() | new.keys())
+        if old.get(k) != new.get(k)
     ]
 
 
@@ -133,8 +136,15 @@ def check_resumable(config: Config, output: Path) -> bool:
         return False
     if not _started_runs(output):
         return True
+    older = (
+        "; a key absent there is one that an older smp-cbam did not write: set it to what that version did "
+        "(train.loss_min_delta: null, the stopping rule on val mIoU alone) to resume those runs"
+        if any(": absent ->" in change for change in changes)
+        else ""
+    )
     raise ConfigError(
-        f"{output} holds runs of another configuration ({'; '.join(changes)}); use another --output or remove that directory"
+        f"{output} holds runs of another configuration ({'; '.join(changes)}){older}; use another --output or "
+        "remove that directory"
     )
 
 
@@ -411,8 +421,9 @@ def convergence_notes(results: pd.DataFrame) -> list[str]:
     if len(unconverged):
         notes.append(
             f"{len(unconverged)} of {len(ok)} runs did not converge (their budget ended while val mIoU was still "
-            f"improving): {', '.join(unconverged['run_dir'].str.removeprefix('runs/'))}. A comparison of such runs "
-            "measures learning speed, not final accuracy; raise train.max_epochs or lower train.patience."
+            f"improving or val loss still falling): {', '.join(unconverged['run_dir'].str.removeprefix('runs/'))}. "
+            "A comparison of such runs measures learning speed, not final accuracy; raise train.max_epochs, or "
+            "lower train.patience or raise train.loss_min_delta."
         )
     floor = ok[ok["at_floor"].astype(bool)]
     if len(floor):
