@@ -398,14 +398,15 @@ class CBAM(nn.Module):
             if not (nchw or x.is_contiguous(memory_format=torch.channels_last)):
                 refusal = "input that is neither NCHW- nor channels_last-contiguous"
             elif wanted in ("auto", "kernels"):
-                refusal = _kernel_refusal(self, x, nchw, training)
+                device = x.device.type
+                refusal = _kernel_refusal(self, x, device, nchw, training)
                 if refusal is None:
                     return "kernels"
                 if wanted == "auto":
                     # off the CPU the formula's ops beat the fused path's (on CUDA at the bench's
                     # sizes, forward and backward; docs/performance.md), which pays for its fewer
                     # passes with more, smaller kernel launches
-                    return "fused" if x.device.type == "cpu" else "reference"
+                    return "fused" if device == "cpu" else "reference"
         if refusal is None:
             return "fused"
         if wanted == "auto":
@@ -443,11 +444,12 @@ def _kernels_ready() -> bool:
     return kernels.available()
 
 
-def _kernel_refusal(cbam: CBAM, x: torch.Tensor, nchw: bool, training: bool) -> str | None:
-    """Why the kernels do not take ``x`` (4-D, NCHW or channels_last), or None where they do.
-    The build is asked for last: never for input the kernels would not take."""
-    if x.device.type != "cpu":
-        return f"{x.device.type} input"
+def _kernel_refusal(cbam: CBAM, x: torch.Tensor, device: str, nchw: bool, training: bool) -> str | None:
+    """Why the kernels do not take ``x`` (4-D, NCHW or channels_last; ``device``: its device type,
+    which the caller reads once), or None where they do. The build is asked for last: never for
+    input the kernels would not take."""
+    if device != "cpu":
+        return f"{device} input"
     spatial = cbam._modules["spatial"]
     refusal = _dtype_refusal(x, _fetch(spatial._modules["conv"], "weight"))
     if refusal is not None:
