@@ -31,6 +31,7 @@ from smp_cbam.training.run import (
     RunCSVLogger,
     epoch_threads,
     floor_miou,
+    plateau_at_end,
     plateau_reached,
     write_per_image,
 )
@@ -361,7 +362,7 @@ def test_failed_runs_are_kept_until_retried(tmp_path: Path, monkeypatch, capsys)
 
 
 @pytest.mark.slow
-def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
+def test_fixed_budget_and_step_budget(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     grid = {"archs": ["unet"], "attentions": ["none"], "seeds": [0]}
     fixed = compare(
         tiny_config(tmp_path / "fixed", grid=grid, train={"stop": "fixed", "max_epochs": 2}, costs={"enabled": False})
@@ -369,7 +370,7 @@ def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
     assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
     history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
     floor = fixed["floor_miou"].iloc[0] + 0.01
-    assert bool(fixed["converged"].iloc[0]) == plateau_reached(
+    assert bool(fixed["converged"].iloc[0]) == plateau_at_end(
         history["val_miou"], 2, 0.001, floor, losses=history["val_loss"], loss_min_delta=0.01
     )
     steps = compare(
@@ -382,6 +383,8 @@ def test_fixed_budget_and_step_budget(tmp_path: Path) -> None:
     )
     assert steps["stop_reason"].iloc[0] == "max_steps" and steps["steps"].iloc[0] == 3
     assert not steps["converged"].iloc[0]
+    out = capsys.readouterr().out
+    assert "unet-none-s0 not converged: stopped at the max_steps budget while val mIoU was still improving" in out
 
 
 def test_plateau_rule_is_lightnings_early_stopping() -> None:
@@ -471,6 +474,28 @@ def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:
         early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005)
         stopped = any(early._evaluate_stopping_criteria(torch.tensor(v))[0] for v in values)
         assert plateau_reached(values, patience, 0.005, floor) == stopped
+
+
+def test_a_fixed_budget_run_has_converged_only_if_its_history_ends_flat() -> None:
+    # a plateau half-way (epochs 2-5), then a climb until the budget: the run was still learning
+    climbing = [0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.6, 0.7, 0.8]
+    assert plateau_reached(climbing, 3, 0.01) and not plateau_at_end(climbing, 3, 0.01)
+    flat = [*climbing, 0.8, 0.8, 0.8]
+    assert plateau_at_end(flat, 3, 0.01) and not plateau_at_end(flat[:-1], 3, 0.01)
+    # a falling loss at the end keeps it learning; validations at the floor never count
+    assert not plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.9], loss_min_delta=0.01)
+    assert plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.995], loss_min_delta=0.01)
+    assert not plateau_at_end([0.25] * 20, 2, 0.0, floor=0.3) and not plateau_at_end([], 2, 0.0)
+    rng = np.random.default_rng(2)
+    for _ in range(300):  # the callback, fed the whole history without stopping, ends as the history's rule
+        n = int(rng.integers(1, 15))
+        values, losses = rng.uniform(0, 1, size=n).round(2), rng.uniform(0, 1, size=n).round(2)
+        floor, patience = float(rng.uniform(0, 0.5)), int(rng.integers(1, 4))
+        early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005, loss_min_delta=0.05)
+        _decisions(early, values, losses)
+        at_end = plateau_at_end(values, patience, 0.005, floor, losses=losses, loss_min_delta=0.05)
+        assert at_end == (early.wait_count >= patience)
+        assert not at_end or plateau_reached(values, patience, 0.005, floor, losses=losses, loss_min_delta=0.05)
 
 
 # val mIoU and val loss of a plain-CBAM run of the main job (seed 0, bf16, one thread, on a Zen 4

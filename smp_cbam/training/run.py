@@ -177,6 +177,33 @@ def loss_gain(loss: float, best: float, loss_min_delta: float) -> bool:
     return not math.isfinite(best) or loss < best - loss_min_delta
 
 
+def _plateau_waits(
+    values: Sequence[float],
+    patience: int,
+    min_delta: float,
+    floor: float,
+    losses: Sequence[float] | None,
+    loss_min_delta: float | None,
+) -> list[int]:
+    """:class:`PlateauStopping`'s patience count after each of ``values``, the rule never stopping."""
+    use_loss = losses is not None and loss_min_delta is not None
+    best, best_loss, wait, waits = -math.inf, math.inf, 0, []
+    for i, value in enumerate(values):
+        loss_fell = False
+        if use_loss and loss_gain(float(losses[i]), best_loss, loss_min_delta):
+            best_loss, loss_fell = float(losses[i]), True
+        if value <= floor:
+            wait = 0
+        elif value - min_delta > best:
+            best, wait = value, 0
+        elif loss_fell:
+            wait = 0
+        else:
+            wait += 1
+        waits.append(wait)
+    return waits
+
+
 def plateau_reached(
     values: Sequence[float],
     patience: int,
@@ -190,23 +217,25 @@ def plateau_reached(
     ``min_delta`` (EarlyStopping's rule, mode max, counted only once a value has left the floor)
     while, with ``losses`` and ``loss_min_delta``, the validation loss does not fall below its best
     by more than ``loss_min_delta`` either."""
-    use_loss = losses is not None and loss_min_delta is not None
-    best, best_loss, wait = -math.inf, math.inf, 0
-    for i, value in enumerate(values):
-        loss_fell = False
-        if use_loss and loss_gain(float(losses[i]), best_loss, loss_min_delta):
-            best_loss, loss_fell = float(losses[i]), True
-        if value <= floor:
-            wait = 0
-        elif value - min_delta > best:
-            best, wait = value, 0
-        elif loss_fell:
-            wait = 0
-        else:
-            wait += 1
-            if wait >= patience:
-                return True
-    return False
+    waits = _plateau_waits(values, patience, min_delta, floor, losses, loss_min_delta)
+    return any(wait >= patience for wait in waits)
+
+
+def plateau_at_end(
+    values: Sequence[float],
+    patience: int,
+    min_delta: float,
+    floor: float = -math.inf,
+    losses: Sequence[float] | None = None,
+    loss_min_delta: float | None = None,
+) -> bool:
+    """Whether a run's history *ends* on a plateau by :func:`plateau_reached`'s rule: its last
+    ``patience`` validations, above ``floor``, neither beat the best before them nor came with a
+    falling loss. What ``converged`` means for a run trained to a fixed budget: one that reached a
+    plateau half-way and then improved again until the budget was still learning when it ended,
+    which :func:`plateau_reached` alone would call converged."""
+    waits = _plateau_waits(values, patience, min_delta, floor, losses, loss_min_delta)
+    return bool(waits) and waits[-1] >= patience
 
 
 def quiet_lightning_warnings() -> None:
@@ -621,7 +650,8 @@ def run_one(
             f"  note: the epochs trained on {threads} threads in turn (resumed under another count; "
             "'?': not recorded); a call with one count would not give exactly these numbers"
         )
-    converged = fit["stop_reason"] == "plateau" or plateau_reached(
+    # a run the rule stopped has converged; one trained to its budget has if its history ends flat
+    converged = fit["stop_reason"] == "plateau" or plateau_at_end(
         values,
         config.train.patience,
         config.train.min_delta,

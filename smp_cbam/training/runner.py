@@ -292,6 +292,7 @@ def _grid_step(
     if row["status"] == "ok" and not row["converged"]:
         log(
             f"  {run.name} not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving"
+            " or val loss still falling"
         )
     if row["status"] == "ok" and row["at_floor"]:
         log(f"  {run.name} stuck at the trivial floor: best val mIoU {row['val_miou']:.4f} vs {row['floor_miou']:.4f}")
