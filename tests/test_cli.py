@@ -150,8 +150,15 @@ def test_runs_of_an_older_version_name_the_key_it_did_not_write(tmp_path: Path) 
     (out / "runs" / "unet-none-s0").mkdir(parents=True)
     (out / "runs" / "unet-none-s0" / "result.json").write_text("{}")
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
-    with pytest.raises(ConfigError, match=r"train.loss_min_delta: absent -> 0.01.*train.loss_min_delta: null"):
+    with pytest.raises(ConfigError) as raised:
         check_resumable(config, out)
+    assert "train.loss_min_delta: absent (an older smp-cbam: None) -> 0.01" in str(raised.value)
+    assert "to resume them, set train.loss_min_delta: null (the stopping rule on val mIoU alone)" in str(raised.value)
+    # a change of another key is named as such, without the older version's hint
+    other = dataclasses.replace(config, train=dataclasses.replace(config.train, loss_min_delta=None, lr=0.5))
+    with pytest.raises(ConfigError) as raised:
+        check_resumable(other, out)
+    assert "train.lr: 0.003 -> 0.5" in str(raised.value) and "older smp-cbam" not in str(raised.value)
     # with the old rule asked for, the runs resume
     old_rule = dataclasses.replace(config, train=dataclasses.replace(config.train, loss_min_delta=None))
     assert check_resumable(old_rule, out) is False

@@ -87,18 +87,41 @@ def _flatten(config: dict) -> dict[str, Any]:
     return flat
 
 
+# Run-defining keys that older versions of smp-cbam did not write to config.yaml: the value each of
+# those versions ran under (a saved configuration without the key ran under it), and what it means.
+ADDED_KEYS: dict[str, tuple[Any, str]] = {
+    "train.loss_min_delta": (None, "the stopping rule on val mIoU alone"),
+}
+
+
+def _run_defining(config: dict) -> dict[str, Any]:
+    return {k: v for k, v in _flatten(config).items() if not k.startswith(RESUMABLE_KEYS)}
+
+
 def configuration_changes(saved: dict, config: Config) -> list[str]:
-    """The run-defining keys that differ between a saved ``config.yaml`` and ``config``."""
+    """The run-defining keys that differ between a saved ``config.yaml`` and ``config``. A key of
+    :data:`ADDED_KEYS` absent from the saved file stands for the value its older version ran under."""
+    old, new = _run_defining(saved), _run_defining(config.to_dict())
+    changes = []
+    for k in sorted(old.keys() | new.keys()):
+        before = old.get(k, ADDED_KEYS.get(k, (None,))[0])
+        if before != new.get(k):
+            shown = "absent" if k not in old else repr(before)
+            if k not in old and k in ADDED_KEYS:
+                shown = f"absent (an older smp-cbam: {ADDED_KEYS[k][0]!r})"
+            changes.append(f"{k}: {shown} -> {new.get(k)!r}")
+    return changes
 
-    def run_defining(c: dict) -> dict:
-        return {k: v for k, v in _flatten(c).items() if not k.startswith(RESUMABLE_KEYS)}
 
-    old, new = run_defining(saved), run_defining(config.to_dict())
-    return [
-        f"{k}: {'absent' if k not in old else repr(old[k])} -> {new.get(k)!r}"
-        for k in sorted(old.keys() | new.keys())
-        if old.get(k) != new.get(k)
-    ]
+def _older_version_hint(saved: dict, config: Config) -> str:
+    """How to resume runs whose ``config.yaml`` an older smp-cbam wrote without some of
+    :data:`ADDED_KEYS`: set each to the value that version ran under."""
+    old, new = _run_defining(saved), _run_defining(config.to_dict())
+    missing = [k for k in sorted(ADDED_KEYS) if k not in old and new.get(k) != ADDED_KEYS[k][0]]
+    if not missing:
+        return ""
+    values = ", ".join(f"{k}: {yaml.safe_dump(ADDED_KEYS[k][0]).splitlines()[0]} ({ADDED_KEYS[k][1]})" for k in missing)
+    return f"; they were written by an older smp-cbam: to resume them, set {values}"
 
 
 def _started_runs(output: Path) -> list[Path]:
@@ -136,15 +159,9 @@ def check_resumable(config: Config, output: Path) -> bool:
         return False
     if not _started_runs(output):
         return True
-    older = (
-        "; a key absent there is one that an older smp-cbam did not write: set it to what that version did "
-        "(train.loss_min_delta: null, the stopping rule on val mIoU alone) to resume those runs"
-        if any(": absent ->" in change for change in changes)
-        else ""
-    )
     raise ConfigError(
-        f"{output} holds runs of another configuration ({'; '.join(changes)}){older}; use another --output or "
-        "remove that directory"
+        f"{output} holds runs of another configuration ({'; '.join(changes)}){_older_version_hint(saved, config)}; "
+        "use another --output or remove that directory"
     )
 
 
