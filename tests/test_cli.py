@@ -1,6 +1,7 @@
 """The ``smp-cbam`` command: fast help, LightningCLI ``train``, and one-line errors (status 2)."""
 
 import dataclasses
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -141,7 +142,7 @@ def test_runs_of_an_older_version_name_the_key_it_did_not_write(tmp_path: Path) 
     # an output directory written before train.loss_min_delta existed: its config.yaml lacks the key
     import yaml
 
-    from smp_cbam.training.runner import ConfigError, check_resumable, load_config
+    from smp_cbam.training.runner import ConfigError, check_resumable, configuration_changes, load_config
 
     out = tmp_path / "old"
     config = load_config(overrides={"output": str(out)})
@@ -152,13 +153,28 @@ def test_runs_of_an_older_version_name_the_key_it_did_not_write(tmp_path: Path) 
     (out / "config.yaml").write_text(yaml.safe_dump(saved))
     with pytest.raises(ConfigError) as raised:
         check_resumable(config, out)
-    assert "train.loss_min_delta: absent (an older smp-cbam: None) -> 0.01" in str(raised.value)
-    assert "to resume them, set train.loss_min_delta: null (the stopping rule on val mIoU alone)" in str(raised.value)
-    # a change of another key is named as such, without the older version's hint
+    assert "train.loss_min_delta: absent (an older smp-cbam: null) -> 0.01" in str(raised.value)
+    assert str(raised.value).endswith(
+        "to resume them, set train.loss_min_delta: null (the stopping rule on val mIoU alone); "
+        "use another --output or remove that directory"
+    )
+    # with another key changed too, setting the old one is not enough, and the hint says so
+    both = dataclasses.replace(config, train=dataclasses.replace(config.train, lr=0.5))
+    with pytest.raises(
+        ConfigError, match=r"train.lr: 0.003 -> 0.5.*null \(the stopping rule on val mIoU alone\) and undo"
+    ):
+        check_resumable(both, out)
+    # a change of another key alone is named as such, without the older version's hint
     other = dataclasses.replace(config, train=dataclasses.replace(config.train, loss_min_delta=None, lr=0.5))
     with pytest.raises(ConfigError) as raised:
         check_resumable(other, out)
     assert "train.lr: 0.003 -> 0.5" in str(raised.value) and "older smp-cbam" not in str(raised.value)
+    # values as the YAML file takes them; a key the saved file has and this version lacks is "absent"
+    saved["model"]["decoder_channels"] = [64, 32]
+    saved["train"]["obsolete"] = "x"
+    changes = configuration_changes(saved, config)
+    assert f"model.decoder_channels: [64, 32] -> {json.dumps(list(config.model.decoder_channels))}" in changes
+    assert 'train.obsolete: "x" -> absent' in changes
     # with the old rule asked for, the runs resume
     old_rule = dataclasses.replace(config, train=dataclasses.replace(config.train, loss_min_delta=None))
     assert check_resumable(old_rule, out) is False

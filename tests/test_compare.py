@@ -25,6 +25,7 @@ from pytorch_lightning.loggers import CSVLogger
 import smp_cbam
 from smp_cbam.cli import main
 from smp_cbam.training import run as run_module
+from smp_cbam.training.config import TrainConfig
 from smp_cbam.training.run import (
     PlateauStopping,
     RunCheckpoint,
@@ -33,6 +34,7 @@ from smp_cbam.training.run import (
     floor_miou,
     plateau_at_end,
     plateau_reached,
+    run_converged,
     write_per_image,
 )
 from smp_cbam.training.runner import RESULT_COLUMNS, ConfigError, compare, convergence_notes, load_config
@@ -368,11 +370,8 @@ def test_fixed_budget_and_step_budget(tmp_path: Path, capsys: pytest.CaptureFixt
         tiny_config(tmp_path / "fixed", grid=grid, train={"stop": "fixed", "max_epochs": 2}, costs={"enabled": False})
     )
     assert fixed["stop_reason"].iloc[0] == "fixed" and fixed["epochs"].iloc[0] == 2 and fixed["steps"].iloc[0] == 4
-    history = pd.read_csv(tmp_path / "fixed" / "runs" / "unet-none-s0" / "history.csv")
-    floor = fixed["floor_miou"].iloc[0] + 0.01
-    assert bool(fixed["converged"].iloc[0]) == plateau_at_end(
-        history["val_miou"], 2, 0.001, floor, losses=history["val_loss"], loss_min_delta=0.01
-    )
+    # two validations, patience 2: the first is a new best (or at the floor), so no plateau can end it
+    assert not fixed["converged"].iloc[0]
     steps = compare(
         tiny_config(
             tmp_path / "steps",
@@ -384,7 +383,11 @@ def test_fixed_budget_and_step_budget(tmp_path: Path, capsys: pytest.CaptureFixt
     assert steps["stop_reason"].iloc[0] == "max_steps" and steps["steps"].iloc[0] == 3
     assert not steps["converged"].iloc[0]
     out = capsys.readouterr().out
-    assert "unet-none-s0 not converged: stopped at the max_steps budget while val mIoU was still improving" in out
+    line = "unet-none-s0 not converged: its max_steps budget ended before its last 5 validations were a plateau"
+    if steps["at_floor"].iloc[0]:  # a run stuck at the floor gets that line instead
+        assert "unet-none-s0 stuck at the trivial floor" in out and line not in out
+    else:
+        assert line in out
 
 
 def test_plateau_rule_is_lightnings_early_stopping() -> None:
@@ -486,10 +489,18 @@ def test_a_fixed_budget_run_has_converged_only_if_its_history_ends_flat() -> Non
     assert not plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.9], loss_min_delta=0.01)
     assert plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.995], loss_min_delta=0.01)
     assert not plateau_at_end([0.25] * 20, 2, 0.0, floor=0.3) and not plateau_at_end([], 2, 0.0)
+    # what results.csv records: the rule's stop, or a budget that ended on a plateau
+    train = TrainConfig(lr=1e-3, weight_decay=0.0, scheduler="cosine", patience=3, min_delta=0.01, loss_min_delta=0.01)
+    rows = [{"val_miou": v, "val_loss": 1.0} for v in climbing]
+    assert not run_converged("fixed", rows, train, floor=0.0) and run_converged("plateau", rows, train, floor=0.0)
+    flat_rows = [{"val_miou": v, "val_loss": 1.0} for v in flat]
+    assert run_converged("fixed", flat_rows, train, floor=0.0) and run_converged("max_epochs", flat_rows, train, 0.0)
+    assert not run_converged("fixed", flat_rows, train, floor=0.9)  # never left the floor
     rng = np.random.default_rng(2)
     for _ in range(300):  # the callback, fed the whole history without stopping, ends as the history's rule
         n = int(rng.integers(1, 15))
         values, losses = rng.uniform(0, 1, size=n).round(2), rng.uniform(0, 1, size=n).round(2)
+        values[rng.uniform(size=n) < 0.1], losses[rng.uniform(size=n) < 0.1] = np.nan, np.nan  # both count as flat
         floor, patience = float(rng.uniform(0, 0.5)), int(rng.integers(1, 4))
         early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005, loss_min_delta=0.05)
         _decisions(early, values, losses)

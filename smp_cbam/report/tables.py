@@ -400,7 +400,7 @@ def _flag_lines(df: pd.DataFrame, keys: list[str]) -> list[str]:
                 lines.append(f"- {_run_label(row, keys)}" + (f": {', '.join(why)}" if why else ""))
             lines += [
                 "",
-                "They ended before their validation metric reached a plateau by the stopping rule: a "
+                "Their budget ended before their last validations were a plateau by the stopping rule: a "
                 "comparison that includes them measures learning speed, not final accuracy.",
                 "",
             ]

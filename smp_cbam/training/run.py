@@ -238,6 +238,24 @@ def plateau_at_end(
     return bool(waits) and waits[-1] >= patience
 
 
+def run_converged(stop_reason: str, rows: Sequence[dict], train: Any, floor: float) -> bool:
+    """``converged`` of a run with history ``rows`` (``val_miou`` and ``val_loss`` per validation):
+    the rule stopped it, or it trained to its budget (``max_epochs``, ``max_steps``, ``fixed``) and
+    its history ends on a plateau by the rule of ``train`` (:func:`plateau_at_end`), so that more
+    epochs would not have moved it. ``floor``: the value at or below which a run has not left the
+    trivial solution."""
+    if stop_reason == "plateau":
+        return True
+    return plateau_at_end(
+        [r["val_miou"] for r in rows],
+        train.patience,
+        train.min_delta,
+        floor,
+        losses=[r["val_loss"] for r in rows],
+        loss_min_delta=train.loss_min_delta,
+    )
+
+
 def quiet_lightning_warnings() -> None:
     """Warnings the runner's user cannot act on: a deprecation that Lightning itself triggers
     with this torch, and the note on the checkpoint folder that a resumed run expects. Called in
@@ -622,7 +640,6 @@ def run_one(
             atomic_write_text(fit_done, json.dumps(fit))
 
     rows = list(history.rows)  # evaluating a checkpoint restores the callbacks' state of that epoch
-    values = [r["val_miou"] for r in rows]
     best = max(rows, key=lambda r: r["val_miou"])  # the first best, as ModelCheckpoint keeps
     stage = "test" if datamodule.has_test else "val"
     evaluate = trainer.test if stage == "test" else trainer.validate
@@ -650,15 +667,7 @@ def run_one(
             f"  note: the epochs trained on {threads} threads in turn (resumed under another count; "
             "'?': not recorded); a call with one count would not give exactly these numbers"
         )
-    # a run the rule stopped has converged; one trained to its budget has if its history ends flat
-    converged = fit["stop_reason"] == "plateau" or plateau_at_end(
-        values,
-        config.train.patience,
-        config.train.min_delta,
-        stuck,
-        losses=[r["val_loss"] for r in rows],
-        loss_min_delta=config.train.loss_min_delta,
-    )
+    converged = run_converged(fit["stop_reason"], rows, config.train, stuck)
     row = {
         "status": "ok",
         "precision": str(trainer.precision),

@@ -89,39 +89,60 @@ def _flatten(config: dict) -> dict[str, Any]:
 
 # Run-defining keys that older versions of smp-cbam did not write to config.yaml: the value each of
 # those versions ran under (a saved configuration without the key ran under it), and what it means.
+# A key missing from a saved file and not listed here counts as null, what a key added as an option
+# that is off by default ran under.
 ADDED_KEYS: dict[str, tuple[Any, str]] = {
     "train.loss_min_delta": (None, "the stopping rule on val mIoU alone"),
 }
+_ABSENT = object()
 
 
 def _run_defining(config: dict) -> dict[str, Any]:
     return {k: v for k, v in _flatten(config).items() if not k.startswith(RESUMABLE_KEYS)}
 
 
-def configuration_changes(saved: dict, config: Config) -> list[str]:
-    """The run-defining keys that differ between a saved ``config.yaml`` and ``config``. A key of
-    :data:`ADDED_KEYS` absent from the saved file stands for the value its older version ran under."""
+def _yaml_value(value: Any) -> str:
+    """``value`` as a user writes it in the YAML file (JSON is YAML): null, 0.01, [32, 16], "x"."""
+    return json.dumps(value, default=str)
+
+
+def _changed_keys(saved: dict, config: Config) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, new value) of every run-defining key that differs; ``_ABSENT`` for a key
+    one side lacks. A key missing from the saved file stands for its :data:`ADDED_KEYS` value, or null."""
     old, new = _run_defining(saved), _run_defining(config.to_dict())
-    changes = []
+    changed = []
     for k in sorted(old.keys() | new.keys()):
-        before = old.get(k, ADDED_KEYS.get(k, (None,))[0])
-        if before != new.get(k):
-            shown = "absent" if k not in old else repr(before)
-            if k not in old and k in ADDED_KEYS:
-                shown = f"absent (an older smp-cbam: {ADDED_KEYS[k][0]!r})"
-            changes.append(f"{k}: {shown} -> {new.get(k)!r}")
-    return changes
+        before = old.get(k, ADDED_KEYS[k][0] if k in ADDED_KEYS else None)
+        after = new.get(k)
+        if before != after:
+            changed.append((k, old.get(k, _ABSENT), new.get(k, _ABSENT)))
+    return changed
+
+
+def configuration_changes(saved: dict, config: Config) -> list[str]:
+    """The run-defining keys that differ between a saved ``config.yaml`` and ``config``, each as
+    ``key: saved -> new``."""
+
+    def shown(key: str, value: Any) -> str:
+        if value is not _ABSENT:
+            return _yaml_value(value)
+        if key in ADDED_KEYS:
+            return f"absent (an older smp-cbam: {_yaml_value(ADDED_KEYS[key][0])})"
+        return "absent"
+
+    return [f"{k}: {shown(k, before)} -> {shown(k, after)}" for k, before, after in _changed_keys(saved, config)]
 
 
 def _older_version_hint(saved: dict, config: Config) -> str:
     """How to resume runs whose ``config.yaml`` an older smp-cbam wrote without some of
-    :data:`ADDED_KEYS`: set each to the value that version ran under."""
-    old, new = _run_defining(saved), _run_defining(config.to_dict())
-    missing = [k for k in sorted(ADDED_KEYS) if k not in old and new.get(k) != ADDED_KEYS[k][0]]
+    :data:`ADDED_KEYS`: set each to the value that version ran under (and undo any other change)."""
+    changed = _changed_keys(saved, config)
+    missing = [k for k, before, _ in changed if before is _ABSENT and k in ADDED_KEYS]
     if not missing:
         return ""
-    values = ", ".join(f"{k}: {yaml.safe_dump(ADDED_KEYS[k][0]).splitlines()[0]} ({ADDED_KEYS[k][1]})" for k in missing)
-    return f"; they were written by an older smp-cbam: to resume them, set {values}"
+    values = ", ".join(f"{k}: {_yaml_value(ADDED_KEYS[k][0])} ({ADDED_KEYS[k][1]})" for k in missing)
+    rest = " and undo the other changes" if len(missing) < len(changed) else ""
+    return f"; they were written by an older smp-cbam: to resume them, set {values}{rest}"
 
 
 def _started_runs(output: Path) -> list[Path]:
@@ -306,10 +327,13 @@ def _grid_step(
     except Exception as err:  # a failed run is recorded and the grid goes on
         row = {"status": "failed", "failure": f"{type(err).__name__}: {err}"}
         log(f"  {run.name} failed: {row['failure']}")
-    if row["status"] == "ok" and not row["converged"]:
+    if row["status"] == "ok" and not row["converged"] and not row["at_floor"]:  # stuck: its own line below
+        still = "val mIoU still rising" + (
+            " or val loss still falling" if config.train.loss_min_delta is not None else ""
+        )
         log(
-            f"  {run.name} not converged: stopped at the {row['stop_reason']} budget while val mIoU was still improving"
-            " or val loss still falling"
+            f"  {run.name} not converged: its {row['stop_reason']} budget ended before its last "
+            f"{config.train.patience} validations were a plateau ({still})"
         )
     if row["status"] == "ok" and row["at_floor"]:
         log(f"  {run.name} stuck at the trivial floor: best val mIoU {row['val_miou']:.4f} vs {row['floor_miou']:.4f}")
@@ -438,8 +462,9 @@ def convergence_notes(results: pd.DataFrame) -> list[str]:
     unconverged = ok[~ok["converged"].astype(bool)]
     if len(unconverged):
         notes.append(
-            f"{len(unconverged)} of {len(ok)} runs did not converge (their budget ended while val mIoU was still "
-            f"improving or val loss still falling): {', '.join(unconverged['run_dir'].str.removeprefix('runs/'))}. "
+            f"{len(unconverged)} of {len(ok)} runs did not converge (their budget ended before their last "
+            "validations were a plateau by the stopping rule): "
+            f"{', '.join(unconverged['run_dir'].str.removeprefix('runs/'))}. "
             "A comparison of such runs measures learning speed, not final accuracy; raise train.max_epochs, or "
             "lower train.patience or raise train.loss_min_delta."
         )
