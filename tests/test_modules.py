@@ -5,6 +5,7 @@ weight matrix = first MLP layer, 4-D weight = spatial convolution, the ``BatchNo
 they do not depend on how a module names or stores its parameters.
 """
 
+import copy
 import re
 
 import numpy as np
@@ -381,6 +382,51 @@ def test_cbam_grad_modes_and_layouts(grad_mode: type, layout: str, kwargs: dict)
         out = module(x)
     _assert_close(out, expected)
     assert torch.equal(x, before)  # the input is not modified in place
+
+
+@pytest.mark.parametrize("impl", ["auto", "kernels", "fused", "reference"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_cbam_under_torch_func_transforms(impl: str, residual: bool) -> None:
+    # vmap over a stack of batches, and torch.func.grad, as for per-sample gradients or ensembles
+    module = _randomize(CBAM(12, reduction=2, residual=residual, impl=impl)).eval()
+    x = torch.randn(3, 2, 12, 6, 10)
+    expected = torch.stack([ref_cbam(xi, module, residual=residual) for xi in x]).detach()
+    with torch.no_grad():
+        _assert_close(torch.func.vmap(module)(x), expected)
+    _assert_close(torch.func.vmap(module)(x), expected)
+
+    def loss(xi: torch.Tensor) -> torch.Tensor:
+        return (module(xi) ** 2).sum()
+
+    xr = x[0].clone().requires_grad_()
+    (autograd,) = torch.autograd.grad((ref_cbam(xr, module, residual=residual) ** 2).sum(), xr)
+    _assert_close(torch.func.grad(loss)(x[0]), autograd)
+    _assert_close(torch.func.vmap(torch.func.grad(loss))(x)[0], autograd)
+
+
+def test_an_ensemble_of_unets_with_cbam_under_vmap() -> None:
+    # torch.func's model ensembling: the stacked parameters of two models, one vmapped call
+    import segmentation_models_pytorch as smp
+
+    import smp_cbam  # noqa: F401  (registers decoder_attention_type="cbam")
+
+    torch.manual_seed(0)
+    models = [
+        smp.Unet("resnet18", encoder_weights=None, encoder_depth=3, decoder_channels=(32, 16, 8),
+                 decoder_attention_type="cbam", classes=2).eval()
+        for _ in range(2)
+    ]  # fmt: skip
+    params, buffers = torch.func.stack_module_state(models)
+    base = copy.deepcopy(models[0]).to("meta")
+    x = torch.randn(2, 3, 32, 32)
+
+    def call(p: dict, b: dict, xi: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(base, (p, b), (xi,))
+
+    with torch.no_grad():
+        out = torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+        for i, model in enumerate(models):
+            _assert_close(out[i], model(x))
 
 
 def test_cbam_bn_running_stats_follow_one_update() -> None:

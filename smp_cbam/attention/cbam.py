@@ -13,6 +13,8 @@ BatchNorm after the spatial convolution), ``residual`` (``output + input``) and 
 implementations.
 """
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -230,8 +232,10 @@ class CBAM(nn.Module):
     ===============  ============================================================================
 
     Every ``impl`` runs the reference where a fused path would hide what the caller wants to
-    see: under TorchScript and tracing, for tensor subclasses, and while hooks sit on ``channel``
-    or ``spatial`` (which only the reference calls). Under ``torch.compile`` and
+    see: under TorchScript and tracing, for tensor subclasses, under ``torch.func`` transforms
+    (``vmap``, ``grad``, ``jacrev``: the kernels have no batching rule and the autograd functions
+    no ``vmap`` staticmethod), and while hooks sit on ``channel`` or ``spatial`` (which only the
+    reference calls). Under ``torch.compile`` and
     ``torch.export``, ``"auto"`` and ``"kernels"`` put the kernels into the graph as custom
     operators (``ops``) where they take the input and the spatial gate has no BatchNorm, under
     CPU autocast too (its bfloat16 activations with float32 parameters, as in eager mode), and
@@ -314,6 +318,7 @@ class CBAM(nn.Module):
         channel, spatial = modules["channel"], modules["spatial"]
         if (
             type(x) is not torch.Tensor
+            or _functorch_active()
             or channel._forward_hooks
             or channel._forward_pre_hooks
             or spatial._forward_hooks
@@ -412,6 +417,10 @@ class CBAM(nn.Module):
         if wanted == "auto":
             return "reference"
         raise ValueError(f"impl={wanted!r} does not take {refusal} (impl='auto' takes anything)")
+
+
+# torch.autograd.Function asks the same question before it applies a function; no public API asks it
+_functorch_active: Callable[[], bool] = getattr(torch._C, "_are_functorch_transforms_active", lambda: False)
 
 
 def _autocast(device: str) -> bool:
