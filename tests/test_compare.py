@@ -32,7 +32,6 @@ from smp_cbam.training.run import (
     RunCSVLogger,
     epoch_threads,
     floor_miou,
-    plateau_at_end,
     plateau_reached,
     run_converged,
     write_per_image,
@@ -482,13 +481,14 @@ def test_plateau_rule_waits_for_the_run_to_leave_the_floor() -> None:
 def test_a_fixed_budget_run_has_converged_only_if_its_history_ends_flat() -> None:
     # a plateau half-way (epochs 2-5), then a climb until the budget: the run was still learning
     climbing = [0.4, 0.5, 0.5, 0.5, 0.5, 0.5, 0.6, 0.7, 0.8]
-    assert plateau_reached(climbing, 3, 0.01) and not plateau_at_end(climbing, 3, 0.01)
+    assert plateau_reached(climbing, 3, 0.01) and not plateau_reached(climbing, 3, 0.01, at_end=True)
     flat = [*climbing, 0.8, 0.8, 0.8]
-    assert plateau_at_end(flat, 3, 0.01) and not plateau_at_end(flat[:-1], 3, 0.01)
+    assert plateau_reached(flat, 3, 0.01, at_end=True) and not plateau_reached(flat[:-1], 3, 0.01, at_end=True)
     # a falling loss at the end keeps it learning; validations at the floor never count
-    assert not plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.9], loss_min_delta=0.01)
-    assert plateau_at_end(flat, 3, 0.01, losses=[1.0] * 11 + [0.995], loss_min_delta=0.01)
-    assert not plateau_at_end([0.25] * 20, 2, 0.0, floor=0.3) and not plateau_at_end([], 2, 0.0)
+    assert not plateau_reached(flat, 3, 0.01, losses=[1.0] * 11 + [0.9], loss_min_delta=0.01, at_end=True)
+    assert plateau_reached(flat, 3, 0.01, losses=[1.0] * 11 + [0.995], loss_min_delta=0.01, at_end=True)
+    assert not plateau_reached([0.25] * 20, 2, 0.0, floor=0.3, at_end=True)
+    assert not plateau_reached([], 2, 0.0, at_end=True)
     # what results.csv records: the rule's stop, or a budget that ended on a plateau
     train = TrainConfig(lr=1e-3, weight_decay=0.0, scheduler="cosine", patience=3, min_delta=0.01, loss_min_delta=0.01)
     rows = [{"val_miou": v, "val_loss": 1.0} for v in climbing]
@@ -504,7 +504,7 @@ def test_a_fixed_budget_run_has_converged_only_if_its_history_ends_flat() -> Non
         floor, patience = float(rng.uniform(0, 0.5)), int(rng.integers(1, 4))
         early = PlateauStopping("m", floor=floor, patience=patience, min_delta=0.005, loss_min_delta=0.05)
         _decisions(early, values, losses)
-        at_end = plateau_at_end(values, patience, 0.005, floor, losses=losses, loss_min_delta=0.05)
+        at_end = plateau_reached(values, patience, 0.005, floor, losses=losses, loss_min_delta=0.05, at_end=True)
         assert at_end == (early.wait_count >= patience)
         assert not at_end or plateau_reached(values, patience, 0.005, floor, losses=losses, loss_min_delta=0.05)
 

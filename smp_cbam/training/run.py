@@ -211,48 +211,40 @@ def plateau_reached(
     floor: float = -math.inf,
     losses: Sequence[float] | None = None,
     loss_min_delta: float | None = None,
+    *,
+    at_end: bool = False,
 ) -> bool:
     """Whether ``values`` (one per validation) reach a plateau by :class:`PlateauStopping`'s rule:
     ``patience`` values in a row above ``floor`` that do not beat the best so far by more than
     ``min_delta`` (EarlyStopping's rule, mode max, counted only once a value has left the floor)
     while, with ``losses`` and ``loss_min_delta``, the validation loss does not fall below its best
-    by more than ``loss_min_delta`` either."""
+    by more than ``loss_min_delta`` either.
+
+    ``at_end``: whether the history *ends* on such a plateau, its last ``patience`` values among
+    them. What ``converged`` means for a run trained to its budget: one that reached a plateau
+    half-way and then improved again until the budget was still learning when it ended."""
     waits = _plateau_waits(values, patience, min_delta, floor, losses, loss_min_delta)
+    if at_end:
+        return bool(waits) and waits[-1] >= patience
     return any(wait >= patience for wait in waits)
-
-
-def plateau_at_end(
-    values: Sequence[float],
-    patience: int,
-    min_delta: float,
-    floor: float = -math.inf,
-    losses: Sequence[float] | None = None,
-    loss_min_delta: float | None = None,
-) -> bool:
-    """Whether a run's history *ends* on a plateau by :func:`plateau_reached`'s rule: its last
-    ``patience`` validations, above ``floor``, neither beat the best before them nor came with a
-    falling loss. What ``converged`` means for a run trained to a fixed budget: one that reached a
-    plateau half-way and then improved again until the budget was still learning when it ended,
-    which :func:`plateau_reached` alone would call converged."""
-    waits = _plateau_waits(values, patience, min_delta, floor, losses, loss_min_delta)
-    return bool(waits) and waits[-1] >= patience
 
 
 def run_converged(stop_reason: str, rows: Sequence[dict], train: Any, floor: float) -> bool:
     """``converged`` of a run with history ``rows`` (``val_miou`` and ``val_loss`` per validation):
     the rule stopped it, or it trained to its budget (``max_epochs``, ``max_steps``, ``fixed``) and
-    its history ends on a plateau by the rule of ``train`` (:func:`plateau_at_end`), so that more
+    its history ends on a plateau by the rule of ``train`` (:func:`plateau_reached` ``at_end``), so that more
     epochs would not have moved it. ``floor``: the value at or below which a run has not left the
     trivial solution."""
     if stop_reason == "plateau":
         return True
-    return plateau_at_end(
+    return plateau_reached(
         [r["val_miou"] for r in rows],
         train.patience,
         train.min_delta,
         floor,
         losses=[r["val_loss"] for r in rows],
         loss_min_delta=train.loss_min_delta,
+        at_end=True,
     )
 
 
