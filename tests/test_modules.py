@@ -389,7 +389,7 @@ def test_cbam_grad_modes_and_layouts(grad_mode: type, layout: str, kwargs: dict)
 def test_cbam_under_torch_func_transforms(impl: str, residual: bool) -> None:
     # vmap over a stack of batches, and torch.func.grad, as for per-sample gradients or ensembles
     module = _randomize(CBAM(12, reduction=2, residual=residual, impl=impl)).eval()
-    x = torch.randn(3, 2, 12, 6, 10)
+    x = _untied(3, 2, 12, 6, 10)  # no ties in a max: the gradient goes to one element either way
     expected = torch.stack([ref_cbam(xi, module, residual=residual) for xi in x]).detach()
     with torch.no_grad():
         _assert_close(torch.func.vmap(module)(x), expected)
@@ -400,8 +400,10 @@ def test_cbam_under_torch_func_transforms(impl: str, residual: bool) -> None:
 
     xr = x[0].clone().requires_grad_()
     (autograd,) = torch.autograd.grad((ref_cbam(xr, module, residual=residual) ** 2).sum(), xr)
-    _assert_close(torch.func.grad(loss)(x[0]), autograd)
-    _assert_close(torch.func.vmap(torch.func.grad(loss))(x)[0], autograd)
+    # float32 sums in another order, as in test_backward_matches_formula_gradients
+    tolerance = {"rtol": 1e-4, "atol": 1e-5 * max(1.0, autograd.abs().max().item())}
+    torch.testing.assert_close(torch.func.grad(loss)(x[0]), autograd, **tolerance)
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(x)[0], autograd, **tolerance)
 
 
 def test_an_ensemble_of_unets_with_cbam_under_vmap() -> None:
@@ -426,7 +428,9 @@ def test_an_ensemble_of_unets_with_cbam_under_vmap() -> None:
     with torch.no_grad():
         out = torch.func.vmap(call, in_dims=(0, 0, None))(params, buffers, x)
         for i, model in enumerate(models):
-            _assert_close(out[i], model(x))
+            # the vmapped call runs CBAM's formula, the model's own call its kernels: float32
+            # sums in another order, through a whole network
+            torch.testing.assert_close(out[i], model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_cbam_bn_running_stats_follow_one_update() -> None:
