@@ -43,7 +43,7 @@ from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.utilities import rank_zero_only
 
 from ..report import atomic_write_csv, atomic_write_text
-from .config import LOGGERS, Config, ConfigError
+from .config import LOGGERS, Config, ConfigError, TrainConfig
 from .data import DatasetError, SegmentationDataModule
 from .module import SegmentationModule
 
@@ -229,7 +229,7 @@ def plateau_reached(
     return any(wait >= patience for wait in waits)
 
 
-def run_converged(stop_reason: str, rows: Sequence[dict], train: Any, floor: float) -> bool:
+def run_converged(stop_reason: str, rows: Sequence[dict], train: TrainConfig, floor: float) -> bool:
     """``converged`` of a run with history ``rows`` (``val_miou`` and ``val_loss`` per validation):
     the rule stopped it, or it trained to its budget (``max_epochs``, ``max_steps``, ``fixed``) and
     its history ends on a plateau by the rule of ``train`` (:func:`plateau_reached` ``at_end``), so that more

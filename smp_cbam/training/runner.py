@@ -122,7 +122,10 @@ def _changed_keys(saved: dict, config: Config) -> list[tuple[str, Any, Any]]:
 def configuration_changes(saved: dict, config: Config) -> list[str]:
     """The run-defining keys that differ between a saved ``config.yaml`` and ``config``, each as
     ``key: saved -> new``."""
+    return _describe(_changed_keys(saved, config))
 
+
+def _describe(changed: list[tuple[str, Any, Any]]) -> list[str]:
     def shown(key: str, value: Any) -> str:
         if value is not _ABSENT:
             return _yaml_value(value)
@@ -130,13 +133,13 @@ def configuration_changes(saved: dict, config: Config) -> list[str]:
             return f"absent (an older smp-cbam: {_yaml_value(ADDED_KEYS[key][0])})"
         return "absent"
 
-    return [f"{k}: {shown(k, before)} -> {shown(k, after)}" for k, before, after in _changed_keys(saved, config)]
+    return [f"{k}: {shown(k, before)} -> {shown(k, after)}" for k, before, after in changed]
 
 
-def _older_version_hint(saved: dict, config: Config) -> str:
+def _older_version_hint(changed: list[tuple[str, Any, Any]]) -> str:
     """How to resume runs whose ``config.yaml`` an older smp-cbam wrote without some of
-    :data:`ADDED_KEYS`: set each to the value that version ran under (and undo any other change)."""
-    changed = _changed_keys(saved, config)
+    :data:`ADDED_KEYS` (``changed``: :func:`_changed_keys`): set each to the value that version ran
+    under (and undo any other change)."""
     missing = [k for k, before, _ in changed if before is _ABSENT and k in ADDED_KEYS]
     if not missing:
         return ""
@@ -175,13 +178,13 @@ def check_resumable(config: Config, output: Path) -> bool:
         if _started_runs(output):
             raise ConfigError(f"{path} {problem}; it holds runs: restore it or use another --output")
         return True
-    changes = configuration_changes(saved, config)
-    if not changes:
+    changed = _changed_keys(saved, config)
+    if not changed:
         return False
     if not _started_runs(output):
         return True
     raise ConfigError(
-        f"{output} holds runs of another configuration ({'; '.join(changes)}){_older_version_hint(saved, config)}; "
+        f"{output} holds runs of another configuration ({'; '.join(_describe(changed))}){_older_version_hint(changed)}; "
         "use another --output or remove that directory"
     )
 
