@@ -185,22 +185,21 @@ def _plateau_waits(
     losses: Sequence[float] | None,
     loss_min_delta: float | None,
 ) -> list[int]:
-    """:class:`PlateauStopping`'s patience count after each of ``values``, the rule never stopping."""
-    use_loss = losses is not None and loss_min_delta is not None
-    best, best_loss, wait, waits = -math.inf, math.inf, 0, []
+    """:class:`PlateauStopping`'s patience count after each of ``values``, the rule never stopping:
+    the callback itself, fed the history, so that a replayed history and a run follow one rule."""
+    rule = PlateauStopping(
+        "val_miou",
+        floor=floor,
+        patience=patience,
+        min_delta=min_delta,
+        loss_min_delta=loss_min_delta if losses is not None else None,
+    )
+    waits = []
     for i, value in enumerate(values):
-        loss_fell = False
-        if use_loss and loss_gain(float(losses[i]), best_loss, loss_min_delta):
-            best_loss, loss_fell = float(losses[i]), True
-        if value <= floor:
-            wait = 0
-        elif value - min_delta > best:
-            best, wait = value, 0
-        elif loss_fell:
-            wait = 0
-        else:
-            wait += 1
-        waits.append(wait)
+        if losses is not None:
+            rule.observe_loss(float(losses[i]))
+        rule._evaluate_stopping_criteria(torch.tensor(float(value)))
+        waits.append(rule.wait_count)
     return waits
 
 
